@@ -1,0 +1,27 @@
+"""flaxlazy: deferred (lazy) parameter initialization for Flax.
+
+Zero-cost shapes with ``abstract_init``, compiled materialization equal to
+``module.init`` with ``materialize``, and initializer trees keyed by module path.
+"""
+
+from flaxlazy._src.abstract import abstract_init
+from flaxlazy._src.lazy import Lazy
+from flaxlazy._src.lazy import lazy
+from flaxlazy._src.materialize import materialize
+from flaxlazy._src.specs import spec
+from flaxlazy._src.summary import nbytes
+from flaxlazy._src.summary import num_params
+from flaxlazy._src.summary import summary
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "Lazy",
+    "abstract_init",
+    "lazy",
+    "materialize",
+    "nbytes",
+    "num_params",
+    "spec",
+    "summary",
+)

@@ -1,0 +1,222 @@
+"""Abstract init: every variable's shape and dtype from ``jax.eval_shape``, nothing computed."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import flax.linen as nn
+from flax.core.scope import DenyList
+
+from flaxlazy._src import recorder as recorder_lib
+from flaxlazy._src import specs
+
+DEFAULT_MUTABLE = DenyList("intermediates")
+
+
+@dataclasses.dataclass(frozen=True)
+class InitCall:
+    """One ``module.init`` call with its array inputs split from its static ones.
+
+    Array-like leaves of the inputs (arrays and ShapeDtypeStructs) are "dynamic": they
+    count only by shape and dtype. Every other leaf (Python flags, strings, modules) is
+    static and passed through as is, exactly as ``module.init`` would see it.
+    """
+
+    module: nn.Module
+    method: Any
+    mutable: Any
+    init_kwargs: tuple  # extra Module.init options, e.g. capture_intermediates
+    treedef: Any  # of (args, kwargs)
+    static: tuple  # leaves, with None where a dynamic leaf goes
+    rngs: Any  # the abstract rngs (a ShapeDtypeStruct or a dict of them)
+    inputs: tuple  # the abstract dynamic leaves
+
+    def rebuild(self, dyn: list) -> tuple[tuple, dict]:
+        it = iter(dyn)
+        leaves = [next(it) if s is _DYNAMIC else s for s in self.static]
+        args, kwargs = jax.tree_util.tree_unflatten(self.treedef, leaves)
+        return args, kwargs
+
+    def run(self, rngs: Any, dyn: list) -> Any:
+        """Calls ``module.init`` with the given rngs and dynamic inputs."""
+        args, kwargs = self.rebuild(dyn)
+        return self.module.init(
+            rngs, *args, method=self.method, mutable=self.mutable,
+            **dict(self.init_kwargs), **kwargs,
+        )
+
+    def cache_key(self) -> Any:
+        """A hashable identity of the call, or None when some part is unhashable."""
+        key = (
+            self.module, self.method, _freeze(self.mutable), self.init_kwargs, self.treedef,
+            self.static, jax.tree_util.tree_structure(self.rngs),
+            tuple(jax.tree_util.tree_leaves(self.rngs)), self.inputs,
+        )
+        try:
+            hash(key)
+        except TypeError:
+            return None
+        return key
+
+
+class _Dynamic:
+    def __repr__(self):
+        return "<dynamic>"
+
+
+_DYNAMIC = _Dynamic()
+
+
+def _freeze(x: Any) -> Any:
+    if isinstance(x, (list, set)):
+        return tuple(sorted(map(str, x)))
+    return x
+
+
+def dynamic_inputs(args: tuple, kwargs: dict) -> list:
+    """The array-like leaves of a call's inputs, in the order ``InitCall.inputs`` uses."""
+    leaves = jax.tree_util.tree_leaves((tuple(args), dict(kwargs)))
+    return [x for x in leaves if specs.is_array_like(x)]
+
+
+def root_params_key(rngs: Any) -> Any:
+    """The key Flax derives parameter keys from: ``rngs`` or ``rngs["params"]``."""
+    if isinstance(rngs, Mapping):
+        return rngs.get("params")
+    return rngs
+
+
+def _check_rngs(rngs: Any) -> None:
+    leaves = rngs.values() if isinstance(rngs, Mapping) else [rngs]
+    for leaf in leaves:
+        if not specs.is_array_like(leaf):
+            raise TypeError(
+                "`rngs` must be a PRNG key (jax.random.key(0) or jax.random.PRNGKey(0)) or a "
+                f"dict of them such as {{'params': k1, 'dropout': k2}}, got {rngs!r}."
+            )
+
+
+def make_call(
+    module: nn.Module,
+    rngs: Any,
+    args: tuple,
+    kwargs: dict,
+    *,
+    method: Any = None,
+    mutable: Any = DEFAULT_MUTABLE,
+    init_kwargs: Mapping[str, Any] | None = None,
+) -> InitCall:
+    """Splits a ``module.init`` call into its abstract inputs and static parts."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"Expected a flax.linen.Module, got {type(module).__name__}: {module!r}.")
+    _check_rngs(rngs)
+    leaves, treedef = jax.tree_util.tree_flatten((tuple(args), dict(kwargs)))
+    static = tuple(_DYNAMIC if specs.is_array_like(x) else x for x in leaves)
+    inputs = tuple(specs.to_spec(x) for x in dynamic_inputs(args, kwargs))
+    abstract_rngs = jax.tree_util.tree_map(specs.to_spec, rngs)
+    if isinstance(abstract_rngs, Mapping):
+        abstract_rngs = dict(abstract_rngs)
+    return InitCall(
+        module, method, mutable, tuple(sorted((init_kwargs or {}).items())), treedef,
+        static, abstract_rngs, inputs,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Traced:
+    """The result of tracing ``module.init`` abstractly.
+
+    Attributes:
+      call: the traced call.
+      variables: the variables tree with ``jax.ShapeDtypeStruct`` leaves (boxes kept).
+      records: how each variable was created, keyed by ``(collection, path)``.
+    """
+
+    call: InitCall
+    variables: Any
+    records: Mapping[tuple[str, tuple[str, ...]], recorder_lib.Record]
+
+
+_CACHE: collections.OrderedDict = collections.OrderedDict()
+_CACHE_SIZE = 64
+
+
+def trace(call: InitCall) -> Traced:
+    """Runs ``module.init`` under ``jax.eval_shape`` and records variable creation.
+
+    Results are cached per call (module, method, input specs, static inputs), so that
+    abstract init and materializing the same model again cost no second trace.
+    """
+    key = call.cache_key()
+    if key is not None and key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+
+    found = {}
+
+    def fn(rngs, dyn):
+        with recorder_lib.recording(root_params_key(rngs)) as rec:
+            variables = call.run(rngs, dyn)
+        rec.mark_final(variables)
+        found["records"] = rec.records
+        return variables
+
+    variables = jax.eval_shape(fn, call.rngs, list(call.inputs))
+    traced = Traced(call, variables, found["records"])
+    if key is not None:
+        _CACHE[key] = traced
+        if len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return traced
+
+
+def abstract_init(
+    module: nn.Module,
+    rngs: Any,
+    *inputs: Any,
+    method: Callable[..., Any] | str | None = None,
+    mutable: Any = DEFAULT_MUTABLE,
+    capture_intermediates: bool | Callable[..., bool] = False,
+    **kwargs: Any,
+) -> Any:
+    """Returns the variables ``module.init`` would create, as shapes and dtypes only.
+
+    Same signature and same returned tree as ``flax.linen.Module.init``, but each leaf is
+    a ``jax.ShapeDtypeStruct`` and nothing is computed or allocated: the init is traced
+    with ``jax.eval_shape``. Flax partitioning boxes (``nn.Partitioned``,
+    ``nn.LogicallyPartitioned``) are kept around their abstract values.
+
+    Args:
+      module: a Flax Linen module.
+      rngs: a PRNG key, or a dict of keys such as ``{"params": k1, "dropout": k2}``; a
+        ``jax.ShapeDtypeStruct`` of a key works too.
+      *inputs: the positional inputs, any pytrees mixing arrays, ``ShapeDtypeStruct``s
+        (e.g. ``flaxlazy.spec("f32[8,784]")``) and Python values. Arrays count only by
+        shape and dtype; other values are passed through unchanged.
+      method: as in ``Module.init``: the method to call (default ``__call__``).
+      mutable: as in ``Module.init``: the collections to create.
+      capture_intermediates: as in ``Module.init``.
+      **kwargs: keyword inputs, treated like ``inputs``.
+
+    Returns:
+      The variables tree (a dict of collections) with ``ShapeDtypeStruct`` leaves.
+
+    Examples:
+      >>> import jax, flax.linen as nn, flaxlazy
+      >>> shapes = flaxlazy.abstract_init(nn.Dense(3), jax.random.key(0), flaxlazy.spec("f32[8,5]"))
+      >>> shapes["params"]["kernel"]
+      ShapeDtypeStruct(shape=(5, 3), dtype=float32)
+    """
+    call = make_call(
+        module, rngs, inputs, kwargs, method=method, mutable=mutable,
+        init_kwargs=init_options(capture_intermediates),
+    )
+    return trace(call).variables
+
+
+def init_options(capture_intermediates: Any) -> dict:
+    return {"capture_intermediates": capture_intermediates} if capture_intermediates else {}

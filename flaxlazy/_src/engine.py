@@ -1,0 +1,181 @@
+"""Executing a plan: compiled once per signature, placed where the plan says.
+
+Two kinds of work, one mechanism:
+
+* Leaves with a static recipe (``"flax"`` and ``"initializer"`` sources) each run a small
+  jit-compiled initializer, cached by *signature* (the initializer's code and captured
+  values, its arguments and the leaf's sharding), so a 48-layer model compiles about as
+  many functions as a 2-layer one. Their keys come from one compiled function that folds
+  every leaf's static hash into the root ``params`` key, exactly as Flax does.
+* The rest (``"traced"``: lifted transforms, data-dependent init) come from one compiled
+  run of ``module.init`` that returns only those leaves. Its jaxpr is pruned to what
+  those leaves need (dead-code elimination drops the forward pass), which also tells
+  whether any of them depends on an input given only as a spec: that is an error, not a
+  silent init from zeros.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax._src import core as jax_core
+from jax._src.interpreters import partial_eval as pe
+
+from flaxlazy._src import abstract as abstract_lib
+from flaxlazy._src import paths
+from flaxlazy._src import plan as plan_lib
+from flaxlazy._src import specs
+
+_COMPILED: collections.OrderedDict = collections.OrderedDict()
+_CACHE_SIZE = 4096
+
+DATA_DEPENDENT = (
+    "{paths} depend{s} on the values of input(s) {inputs}, which were given as specs "
+    "(shape and dtype only). Pass concrete arrays for those inputs so that data-dependent "
+    "initialization sees real data."
+)
+
+
+def _cache_get(key: Any, make):
+    if key is None:
+        return make()
+    fn = _COMPILED.get(key)
+    if fn is None:
+        fn = _COMPILED[key] = make()
+        if len(_COMPILED) > _CACHE_SIZE:
+            _COMPILED.popitem(last=False)
+    else:
+        _COMPILED.move_to_end(key)
+    return fn
+
+
+def clear_cache() -> None:
+    """Forgets every compiled initializer (mainly for tests and benchmarks)."""
+    _COMPILED.clear()
+    abstract_lib._CACHE.clear()
+
+
+@jax.jit
+def _fold_keys(root: jax.Array, hashes: jax.Array) -> list[jax.Array]:
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(root, hashes)
+    return list(keys)
+
+
+def derive_keys(root: jax.Array, hashes: Sequence[int]) -> list[jax.Array]:
+    """``[jax.random.fold_in(root, h) for h in hashes]`` in one compiled call."""
+    if not hashes:
+        return []
+    return _fold_keys(root, np.asarray(hashes, dtype=np.uint32))
+
+
+def _leaf_fn(leaf: plan_lib.Leaf):
+    key = None if leaf.signature is None else (leaf.signature, leaf.sharding)
+    return _cache_get(key, lambda: jax.jit(leaf.fn, out_shardings=leaf.sharding))
+
+
+def _place(value: Any, sharding: Any) -> jax.Array:
+    if sharding is None:
+        return jnp.asarray(value)
+    return jax.device_put(value, sharding)
+
+
+def _dependency_error(call, names, used_inputs, n_rng, concrete) -> str | None:
+    spec_inputs = [
+        i for i, used in enumerate(used_inputs[n_rng:]) if used and not concrete[i]
+    ]
+    if not spec_inputs:
+        return None
+    return DATA_DEPENDENT.format(
+        paths=", ".join(repr(n) for n in names),
+        s="s" if len(names) == 1 else "",
+        inputs=", ".join(f"#{i} {specs.to_spec(call.inputs[i])}" for i in spec_inputs),
+    )
+
+
+def _traced_runner(plan: plan_lib.Plan, leaves: Sequence[plan_lib.Leaf], concrete: tuple):
+    """A compiled ``(rngs, concrete_inputs) -> [values]`` for the traced leaves."""
+    call = plan.traced.call
+    names = tuple(leaf.path for leaf in leaves)
+    shardings = tuple(leaf.sharding for leaf in leaves)
+    call_key = call.cache_key()
+    key = None if call_key is None else ("traced", call_key, names, shardings, concrete)
+
+    def make():
+        def run(rngs, dyn):
+            flat = dict(paths.flatten(call.run(rngs, dyn))[0])
+            return [plan_lib.unbox(flat[n]) for n in names]
+
+        closed = jax.make_jaxpr(run)(call.rngs, list(call.inputs))
+        jaxpr = pe.convert_constvars_jaxpr(closed.jaxpr)
+        n_const = len(closed.consts)
+        n_rng = len(jax.tree_util.tree_leaves(call.rngs))
+        pruned, used = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
+        used_consts, used_inputs = used[:n_const], used[n_const:]
+        if _dependency_error(call, names, used_inputs, n_rng, concrete):
+            # Name exactly the leaves that depend on spec inputs.
+            bad = [
+                n for i, n in enumerate(names)
+                if _dependency_error(
+                    call, [n],
+                    pe.dce_jaxpr(jaxpr, [j == i for j in range(len(names))])[1][n_const:],
+                    n_rng, concrete,
+                )
+            ]
+            raise ValueError(_dependency_error(call, bad, used_inputs, n_rng, concrete))
+        consts = [c for c, u in zip(closed.consts, used_consts, strict=True) if u]
+        compiled = jax.jit(
+            lambda *args: jax_core.eval_jaxpr(pruned, [], *args),
+            out_shardings=list(shardings) if any(s is not None for s in shardings) else None,
+        )
+
+        def runner(rngs, dyn):
+            flat_in = jax.tree_util.tree_leaves(rngs) + list(dyn)
+            args = [x for x, u in zip(flat_in, used_inputs, strict=True) if u]
+            return compiled(*consts, *args)
+
+        return runner
+
+    return _cache_get(key, make)
+
+
+def execute(plan: plan_lib.Plan, rngs: Any, inputs: Sequence[Any]) -> Any:
+    """Creates every leaf of ``plan`` and returns the variables tree.
+
+    Args:
+      plan: the plan (see ``plan.build``).
+      rngs: the concrete (or traced) rngs of the init call.
+      inputs: the dynamic inputs of the call, concrete arrays or specs, in the order of
+        ``plan.traced.call.inputs``.
+
+    Returns:
+      The variables tree, with Flax boxes around their arrays where the module has them.
+    """
+    root = abstract_lib.root_params_key(rngs)
+    keyed = [leaf.key for leaf in plan.leaves if leaf.key is not None]
+    keys = iter(derive_keys(root, keyed)) if keyed else iter(())
+    values: list[Any] = [None] * len(plan.leaves)
+    traced = []
+    for i, leaf in enumerate(plan.leaves):
+        if leaf.source == plan_lib.ARRAY:
+            values[i] = _place(leaf.value, leaf.sharding)
+        elif leaf.source == plan_lib.TRACED:
+            traced.append(i)
+        else:
+            key = next(keys) if leaf.key is not None else None
+            values[i] = _leaf_fn(leaf)(key)
+    if traced:
+        concrete = tuple(not isinstance(x, jax.ShapeDtypeStruct) for x in inputs)
+        runner = _traced_runner(plan, [plan.leaves[i] for i in traced], concrete)
+        dyn = [x if c else None for x, c in zip(inputs, concrete, strict=True)]
+        for i, value in zip(traced, runner(rngs, dyn), strict=True):
+            values[i] = value
+    boxed = [
+        box.replace_boxed(v) if paths.is_box(box) else v
+        for box, v in zip(plan.abstract, values, strict=True)
+    ]
+    return jax.tree_util.tree_unflatten(plan.treedef, boxed)

@@ -1,0 +1,57 @@
+"""``Lazy``: a module's shapes, init and apply as a bundle of pure functions."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+
+from flaxlazy._src import abstract as abstract_lib
+from flaxlazy._src import materialize as materialize_lib
+
+
+class Lazy(NamedTuple):
+    """A Linen module's lazy-init functions.
+
+    A drop-in for code that calls ``model.init`` / ``model.apply``.
+
+    Attributes:
+      shapes: ``shapes(rngs, *inputs, **kwargs)``: ``flaxlazy.abstract_init``; the
+        variables as ``jax.ShapeDtypeStruct``s, nothing computed.
+      init: ``init(rngs, *inputs, **kwargs)``: ``flaxlazy.materialize`` with the
+        bundle's initializer tree; compiled, and callable inside ``jax.jit`` too.
+      apply: ``apply(variables, *args, **kwargs)``: ``module.apply``.
+    """
+
+    shapes: Callable[..., Any]
+    init: Callable[..., Any]
+    apply: Callable[..., Any]
+
+
+def lazy(module: nn.Module, *, initializers: Any = None) -> Lazy:
+    """Wraps ``module`` in a ``Lazy`` bundle.
+
+    Args:
+      module: a Flax Linen module (no input sizes needed).
+      initializers: an initializer tree applied by ``init`` (see ``materialize``).
+
+    Returns:
+      A ``Lazy`` of ``shapes``, ``init`` and ``apply``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, flaxlazy
+      >>> net = flaxlazy.lazy(nn.Dense(4), initializers={"bias": nn.initializers.ones})
+      >>> net.shapes(jax.random.key(0), flaxlazy.spec("f32[2,3]"))["params"]["kernel"].shape
+      (3, 4)
+      >>> variables = net.init(jax.random.key(0), flaxlazy.spec("f32[2,3]"))
+      >>> net.apply(variables, jnp.zeros((2, 3)))
+      Array([[1., 1., 1., 1.],
+             [1., 1., 1., 1.]], dtype=float32)
+    """
+    return Lazy(
+        shapes=functools.partial(abstract_lib.abstract_init, module),
+        init=functools.partial(materialize_lib.materialize, module, initializers=initializers),
+        apply=module.apply,
+    )

@@ -1,0 +1,328 @@
+"""The plan: for every variable leaf, where its value comes from, its key and placement.
+
+A plan is plain data built from an abstract trace and the user's initializer tree; it
+runs nothing. ``engine.execute`` turns it into arrays.
+
+Sources of a leaf's value:
+
+* ``"flax"``: the module's own initializer, replayed alone from its recorded recipe
+  (identical to ``module.init``);
+* ``"initializer"``: an override from ``initializers=``, drawn with a key derived from the
+  root ``params`` key and the leaf's path;
+* ``"array"``: an array given in ``initializers=``, used as is;
+* ``"traced"``: everything whose recipe is not static (lifted transforms such as
+  ``nn.scan``, data-dependent init, variables changed after creation): computed by one
+  compiled run of ``module.init`` that returns only these leaves.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.core import meta
+
+from flaxlazy._src import abstract as abstract_lib
+from flaxlazy._src import paths
+from flaxlazy._src import recorder as recorder_lib
+from flaxlazy._src import rules as rules_lib
+
+FLAX = "flax"
+INITIALIZER = "initializer"
+ARRAY = "array"
+TRACED = "traced"
+
+PARAMS = "params"
+# Domain separation: override keys never coincide with the keys Flax derives itself.
+_OVERRIDE_KEY_PREFIX = "flaxlazy.initializer"
+
+
+class Leaf(NamedTuple):
+    """The plan for one leaf of the variables tree.
+
+    Attributes:
+      path: the collection-qualified path, e.g. ``"params/Dense_0/kernel"``.
+      shape: the leaf's shape.
+      dtype: the leaf's dtype.
+      source: ``"flax"``, ``"initializer"``, ``"array"`` or ``"traced"`` (module doc).
+      key: the uint32 folded into the root ``params`` key to make this leaf's key, or
+        None where the leaf needs no key (or gets it inside the traced run).
+      sharding: where the leaf is placed (None: JAX's default device).
+      fn: for ``"flax"`` and ``"initializer"``, ``fn(key) -> array`` (key may be None).
+      signature: a hashable identity of ``fn`` for the compilation cache, or None.
+      value: for ``"array"``, the array.
+      rule: the label of the initializer rule that matched, if any.
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: Any
+    source: str
+    key: int | None
+    sharding: Any
+    fn: Callable[[Any], jax.Array] | None
+    signature: Any
+    value: Any
+    rule: str | None
+
+
+class Plan(NamedTuple):
+    """A whole materialization plan.
+
+    Attributes:
+      traced: the abstract trace it was built from.
+      leaves: one ``Leaf`` per leaf of the variables tree, in tree order.
+      treedef: the tree structure (Flax boxes are leaves of it).
+      abstract: the abstract leaves (ShapeDtypeStructs or boxes around them).
+    """
+
+    traced: abstract_lib.Traced
+    leaves: tuple[Leaf, ...]
+    treedef: Any
+    abstract: tuple
+
+    def counts(self) -> dict[str, int]:
+        """How many leaves each source produces."""
+        out: dict[str, int] = {}
+        for leaf in self.leaves:
+            out[leaf.source] = out.get(leaf.source, 0) + 1
+        return out
+
+
+def unbox(x: Any) -> Any:
+    return x.unbox() if isinstance(x, meta.AxisMetadata) else x
+
+
+def structural_key(obj: Any, depth: int = 0) -> Any:
+    """A hashable identity of a function that is equal for equal closures.
+
+    ``jax.nn.initializers.normal(0.02)`` returns a new closure each call; two of them with
+    the same code and captured values get one compiled function, not two.
+    Returns None when part of it is unhashable.
+    """
+    if depth > 6:
+        return None
+    if isinstance(obj, functools.partial):
+        parts = (
+            "partial", structural_key(obj.func, depth + 1),
+            tuple(structural_key(a, depth + 1) for a in obj.args),
+            tuple(sorted((k, structural_key(v, depth + 1)) for k, v in obj.keywords.items())),
+        )
+    elif hasattr(obj, "__code__") and not isinstance(obj, type):
+        cells = tuple(structural_key(c.cell_contents, depth + 1) for c in obj.__closure__ or ())
+        defaults = tuple(structural_key(d, depth + 1) for d in obj.__defaults__ or ())
+        kwdefaults = tuple(sorted((obj.__kwdefaults__ or {}).items()))
+        parts = ("fn", obj.__code__, cells, defaults, kwdefaults)
+    elif isinstance(obj, (list, tuple)):
+        parts = (type(obj).__name__, tuple(structural_key(x, depth + 1) for x in obj))
+    elif isinstance(obj, dict):
+        parts = ("dict", tuple(sorted((k, structural_key(v, depth + 1)) for k, v in obj.items())))
+    else:
+        parts = obj
+    try:
+        hash(parts)
+    except TypeError:
+        return None
+    if isinstance(obj, (jax.Array, np.ndarray, jax.core.Tracer)):
+        return None
+    return parts
+
+
+def override_key(path: str) -> int:
+    """The uint32 folded into the root params key for an overridden leaf at ``path``.
+
+    A pure function of the path string: stable across processes and unchanged when other
+    layers are added or removed.
+    """
+    return recorder_lib.static_hash((_OVERRIDE_KEY_PREFIX, path))
+
+
+def _record_index(traced: abstract_lib.Traced) -> dict[str, recorder_lib.Record]:
+    return {
+        paths.SEP.join((col,) + path): rec for (col, path), rec in traced.records.items()
+    }
+
+
+def _find_record(index: Mapping[str, Any], path: str) -> tuple[Any, str]:
+    """The record whose variable contains leaf ``path``, and the leaf's path inside it."""
+    prefix = path
+    while prefix:
+        if prefix in index:
+            return index[prefix], path[len(prefix) + 1 :]
+        if paths.SEP not in prefix:
+            break
+        prefix = prefix.rsplit(paths.SEP, 1)[0]
+    return None, ""
+
+
+def _select(tree: Any, sub: str) -> Any:
+    if not sub:
+        return unbox(tree)
+    flat, _ = paths.flatten(tree)
+    return unbox(dict(flat)[sub])
+
+
+def _replay(rec: recorder_lib.Record, sub: str) -> tuple[Callable, Any]:
+    """``fn(key)`` recreating one leaf of a recorded variable, and its signature."""
+    init_fn, args, kwargs = rec.init_fn, rec.init_args, rec.init_kwargs
+    if rec.takes_key:
+        def fn(key):
+            return _select(init_fn(key, *args, **kwargs), sub)
+    else:
+        def fn(key):
+            del key
+            return _select(init_fn(*args, **kwargs), sub)
+    parts = (
+        structural_key(init_fn), structural_key(args), structural_key(kwargs), sub, rec.takes_key
+    )
+    signature = None if any(p is None for p in parts[:3]) else ("flax",) + parts
+    return fn, signature
+
+
+def _layer_axes(full: tuple[int, ...], layer: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The axes that stacking (``nn.scan``/``nn.vmap``) added to a per-layer shape."""
+    extra = len(full) - len(layer)
+    if extra <= 0:
+        return None
+    if full[extra:] == layer:
+        return tuple(range(extra))
+    if extra == 1:
+        for axis in range(len(full)):
+            if full[:axis] + full[axis + 1 :] == layer:
+                return (axis,)
+    return None
+
+
+def _override_fn(init: Callable, shape, dtype, layer_shape) -> Callable:
+    """``fn(key)`` drawing a leaf from a user initializer, one layer at a time if stacked."""
+    if layer_shape is None:
+        return lambda key: init(key, shape, dtype)
+    axes = _layer_axes(shape, layer_shape)
+    counts = [shape[a] for a in axes]
+
+    def fn(key):
+        keys = jax.random.split(key, int(np.prod(counts))).reshape(*counts, *key.shape)
+        draw = lambda k: init(k, layer_shape, dtype)
+        for _ in axes:
+            draw = jax.vmap(draw)
+        out = draw(keys)
+        return jnp.moveaxis(out, tuple(range(len(axes))), axes)
+
+    return fn
+
+
+def _check_abstract(path: str, got: Any, shape, dtype, what: str) -> None:
+    got_shape, got_dtype = tuple(np.shape(got)), getattr(got, "dtype", None)
+    if got_shape != tuple(shape) or got_dtype != dtype:
+        raise ValueError(
+            f"initializers: {what} for {path!r} gives {_fmt(got_shape, got_dtype)}, "
+            f"but the parameter is {_fmt(shape, dtype)}."
+            + (
+                " Cast it with .astype(...) first."
+                if got_shape == tuple(shape)
+                else ""
+            )
+        )
+
+
+def _fmt(shape, dtype) -> str:
+    name = jnp.dtype(dtype).name if dtype is not None else "?"
+    return f"{name}[{','.join(map(str, shape))}]"
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray))
+
+
+def _override(
+    rule: rules_lib.Rule, path: str, shape, dtype, layer_shape, root_key
+) -> tuple[str, Callable | None, Any, Any, int | None]:
+    """(source, fn, signature, value, key) for a leaf that ``rule`` overrides."""
+    value = rule.value
+    if _is_array(value):
+        _check_abstract(path, value, shape, dtype, f"the array from {rule.label}")
+        return ARRAY, None, None, value, None
+    if not callable(value):
+        raise TypeError(
+            f"initializers: {rule.label} maps {path!r} to {value!r}; expected an initializer "
+            "`(key, shape, dtype) -> Array`, an array of the parameter's shape, or None."
+        )
+    fn = _override_fn(value, shape, dtype, layer_shape)
+    try:
+        got = jax.eval_shape(fn, root_key)
+    except Exception as e:  # noqa: BLE001 - re-raised with the path that caused it
+        raise ValueError(
+            f"initializers: {rule.label} failed for {path!r} ({_fmt(shape, dtype)}"
+            + (f", one layer {_fmt(layer_shape, dtype)}" if layer_shape else "")
+            + f"): {type(e).__name__}: {e}"
+        ) from e
+    _check_abstract(path, got, shape, dtype, f"the initializer from {rule.label}")
+    sk = structural_key(value)
+    signature = None if sk is None else ("override", sk, tuple(shape), jnp.dtype(dtype).name,
+                                          layer_shape)
+    return INITIALIZER, fn, signature, None, override_key(path)
+
+
+def build(
+    traced: abstract_lib.Traced,
+    *,
+    initializers: Any = None,
+    shardings: Callable[[str, Any], Any] | None = None,
+) -> Plan:
+    """Builds the plan for a traced init.
+
+    Args:
+      traced: the result of ``abstract.trace``.
+      initializers: the user's initializer tree (patterns over paths in ``params``).
+      shardings: ``shardings(path, abstract_leaf) -> Sharding | None`` per leaf.
+
+    Returns:
+      The ``Plan``.
+
+    Raises:
+      ValueError: an initializer rule that matches nothing, or a value of the wrong
+        shape or dtype, naming the path.
+    """
+    flat, treedef = paths.flatten(traced.variables)
+    rules = rules_lib.normalize(initializers, what="initializers")
+    prefix = PARAMS + paths.SEP
+    param_paths = [p[len(prefix):] for p, _ in flat if p.startswith(prefix)]
+    if rules and not param_paths:
+        raise ValueError("initializers: the model has no parameters in the 'params' collection.")
+    chosen = rules_lib.assign(rules, param_paths, what="initializers")
+    index = _record_index(traced)
+    root_key = abstract_lib.root_params_key(traced.call.rngs)
+    if chosen and root_key is None:
+        raise ValueError("initializers: overriding parameters needs a 'params' key in `rngs`.")
+
+    leaves = []
+    for path, abstract_leaf in flat:
+        value = unbox(abstract_leaf)
+        shape, dtype = tuple(value.shape), value.dtype
+        sharding = shardings(path, abstract_leaf) if shardings else None
+        rec, sub = _find_record(index, path)
+        rule = chosen.get(path[len(prefix):]) if path.startswith(prefix) else None
+        if rule is not None and rule.value is not None:
+            layer_shape = None
+            if rec is not None and not sub:
+                layer_shape = tuple(np.shape(unbox(rec.output)))
+                if layer_shape == shape or _layer_axes(shape, layer_shape) is None:
+                    layer_shape = None
+            source, fn, signature, array, key = _override(
+                rule, path, shape, dtype, layer_shape, root_key
+            )
+        elif rec is not None and rec.replayable:
+            fn, signature = _replay(rec, sub)
+            source, array = FLAX, None
+            key = recorder_lib.static_hash(rec.key_data) if rec.takes_key else None
+        else:
+            source, fn, signature, array, key = TRACED, None, None, None, None
+        leaves.append(
+            Leaf(path, shape, dtype, source, key, sharding, fn, signature, array,
+                 rule.label if rule is not None else None)
+        )
+    return Plan(traced, tuple(leaves), treedef, tuple(leaf for _, leaf in flat))

@@ -1,0 +1,183 @@
+"""Recording how Flax creates each variable while a Linen init is traced abstractly.
+
+Flax creates a parameter with ``init_fn(scope.make_rng("params"), *init_args)``, where
+the key is the root ``params`` key with a SHA-1 of static path data folded in (see
+``LazyRng`` and ``_fold_in_static`` in ``flax.core.scope``). While ``abstract_init`` traces
+``module.init`` under ``jax.eval_shape``, this module watches ``Scope.param``,
+``Scope.variable`` and ``_fold_in_static`` and keeps, per variable, the initializer, its
+arguments and the static data of its key. A variable whose whole recipe is static
+(``Record.replayable``) can later be created alone, by a small compiled function, with a
+value identical to ``module.init``'s; anything else (lifted transforms such as
+``nn.scan``, initializers fed traced values, variables changed after creation) is left
+to the traced fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import threading
+from typing import Any
+
+import jax
+from flax import config as flax_config
+from flax.core import scope as flax_scope
+
+_LOCK = threading.RLock()
+
+
+def static_hash(data: tuple[str | int, ...]) -> int:
+    """The uint32 that Flax's ``_fold_in_static`` folds into a key for ``data``."""
+    m = hashlib.sha1()
+    for x in data:
+        if flax_config.flax_fix_rng_separator:
+            m.update(b"\00")
+        if isinstance(x, str):
+            m.update(x.encode("utf-8"))
+        elif isinstance(x, int):
+            m.update(x.to_bytes((x.bit_length() + 7) // 8, byteorder="big"))
+        else:
+            raise ValueError(f"Expected int or string, got: {x}")
+    return int.from_bytes(m.digest()[:4], byteorder="big")
+
+
+@dataclasses.dataclass
+class Record:
+    """How one variable was created during the abstract trace.
+
+    Attributes:
+      collection: the variable collection (``"params"``, ``"batch_stats"``...).
+      path: the module path and variable name.
+      init_fn: the initializer Flax called.
+      init_args: its positional arguments after the key (for params) or all of them.
+      init_kwargs: its keyword arguments.
+      takes_key: whether ``init_fn`` received a PRNG key first (``Scope.param``).
+      key_data: the static data folded into the root ``params`` key to make that key,
+        or None when the key did not come straight from the root key.
+      output: the (abstract) value ``init_fn`` returned: for stacked (``nn.scan``) layers,
+        one layer's value.
+      final: whether ``output`` is exactly the variable's final value in the tree.
+    """
+
+    collection: str
+    path: tuple[str, ...]
+    init_fn: Any
+    init_args: tuple
+    init_kwargs: dict
+    takes_key: bool
+    key_data: tuple | None
+    output: Any
+    final: bool = False
+
+    @property
+    def static_args(self) -> bool:
+        leaves = jax.tree_util.tree_leaves((self.init_args, self.init_kwargs))
+        return not any(isinstance(x, jax.core.Tracer) for x in leaves)
+
+    @property
+    def replayable(self) -> bool:
+        """True if the value can be recreated from static data and the root key alone."""
+        return (
+            self.final
+            and self.static_args
+            and (not self.takes_key or self.key_data is not None)
+        )
+
+
+class Recorder:
+    """Collects ``Record``s while active; see ``recording``."""
+
+    def __init__(self, root_key: Any):
+        self.root_key = root_key
+        self.records: dict[tuple[str, tuple[str, ...]], Record] = {}
+        self._folds: dict[int, tuple[Any, Any, tuple]] = {}
+
+    def key_data(self, key: Any) -> tuple | None:
+        entry = self._folds.get(id(key))
+        if entry is None or entry[0] is not key or entry[1] is not self.root_key:
+            return None
+        return entry[2] or None  # no data folded in: the root key itself; left to tracing
+
+    def mark_final(self, variables: Any) -> None:
+        """Marks the records whose output is exactly the final variable value."""
+        for (col, path), rec in self.records.items():
+            node = variables.get(col, {}) if hasattr(variables, "get") else {}
+            for name in path:
+                node = node.get(name) if hasattr(node, "get") else None
+                if node is None:
+                    break
+            rec.final = node is rec.output
+
+
+@contextlib.contextmanager
+def recording(root_key: Any):
+    """Records variable creation by Flax Linen scopes inside the ``with`` block.
+
+    Args:
+      root_key: the (traced) root ``params`` key that ``module.init`` receives.
+
+    Yields:
+      A ``Recorder``; its ``records`` fill in as the model is traced.
+    """
+    rec = Recorder(root_key)
+    orig_fold = flax_scope._fold_in_static
+    orig_param = flax_scope.Scope.param
+    orig_variable = flax_scope.Scope.variable
+
+    def fold(rng, data):
+        out = orig_fold(rng, data)
+        rec._folds[id(out)] = (out, rng, tuple(data))
+        return out
+
+    def param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
+        if self.has_variable("params", name) or not self.is_mutable_collection("params"):
+            return orig_param(self, name, init_fn, *init_args, unbox=unbox, **init_kwargs)
+        seen = {}
+
+        def spy(key, *args, **kwargs):
+            out = init_fn(key, *args, **kwargs)
+            seen.update(key=key, out=out)
+            return out
+
+        value = orig_param(self, name, spy, *init_args, unbox=unbox, **init_kwargs)
+        if seen:
+            path = tuple(self.path) + (name,)
+            rec.records[("params", path)] = Record(
+                "params", path, init_fn, init_args, init_kwargs, True,
+                rec.key_data(seen["key"]), seen["out"],
+            )
+        return value
+
+    def variable(self, col, name, init_fn=None, *init_args, unbox=True, **init_kwargs):
+        if (
+            init_fn is None
+            or self.has_variable(col, name)
+            or not self.is_mutable_collection(col)
+        ):
+            return orig_variable(self, col, name, init_fn, *init_args, unbox=unbox, **init_kwargs)
+        seen = {}
+
+        def spy(*args, **kwargs):
+            out = init_fn(*args, **kwargs)
+            seen.update(out=out)
+            return out
+
+        value = orig_variable(self, col, name, spy, *init_args, unbox=unbox, **init_kwargs)
+        if seen:
+            path = tuple(self.path) + (name,)
+            rec.records[(col, path)] = Record(
+                col, path, init_fn, init_args, init_kwargs, False, None, seen["out"]
+            )
+        return value
+
+    with _LOCK:
+        flax_scope._fold_in_static = fold
+        flax_scope.Scope.param = param
+        flax_scope.Scope.variable = variable
+        try:
+            yield rec
+        finally:
+            flax_scope._fold_in_static = orig_fold
+            flax_scope.Scope.param = orig_param
+            flax_scope.Scope.variable = orig_variable
