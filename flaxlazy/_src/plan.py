@@ -30,6 +30,7 @@ from flaxlazy._src import abstract as abstract_lib
 from flaxlazy._src import paths
 from flaxlazy._src import recorder as recorder_lib
 from flaxlazy._src import rules as rules_lib
+from flaxlazy._src import specs
 
 FLAX = "flax"
 INITIALIZER = "initializer"
@@ -183,6 +184,32 @@ def _replay(rec: recorder_lib.Record, sub: str) -> tuple[Callable, Any]:
     return fn, signature
 
 
+_CHECKED: dict[Any, bool] = {}
+
+
+def _replays_alone(fn: Callable, signature: Any, root_key: Any, shape, dtype) -> bool:
+    """Whether ``fn`` traces on its own (no leaked tracers, no scope access) to the leaf.
+
+    An initializer can close over values of the traced forward pass (data-dependent init)
+    or call back into its module; such a leaf is left to the traced run.
+    """
+    key_spec = None if root_key is None else specs.to_spec(root_key)
+    cache_key = None if signature is None else (signature, key_spec)
+    if cache_key is not None and cache_key in _CHECKED:
+        return _CHECKED[cache_key]
+    try:
+        closed = jax.make_jaxpr(fn)(key_spec)
+    except Exception:  # noqa: BLE001 - any failure means "not replayable alone"
+        return False
+    # A tracer of the finished abstract trace shows up as a constant: data-dependent.
+    leaked = any(isinstance(c, jax.core.Tracer) for c in closed.consts)
+    (out,) = closed.out_avals
+    ok = not leaked and tuple(out.shape) == tuple(shape) and out.dtype == dtype
+    if cache_key is not None:
+        _CHECKED[cache_key] = ok
+    return ok
+
+
 def _layer_axes(full: tuple[int, ...], layer: tuple[int, ...]) -> tuple[int, ...] | None:
     """The axes that stacking (``nn.scan``/``nn.vmap``) added to a per-layer shape."""
     extra = len(full) - len(layer)
@@ -315,9 +342,10 @@ def build(
             source, fn, signature, array, key = _override(
                 rule, path, shape, dtype, layer_shape, root_key
             )
-        elif rec is not None and rec.replayable:
-            fn, signature = _replay(rec, sub)
-            source, array = FLAX, None
+        elif rec is not None and rec.replayable and _replays_alone(
+            *(replay := _replay(rec, sub)), root_key, shape, dtype
+        ):
+            (fn, signature), source, array = replay, FLAX, None
             key = recorder_lib.static_hash(rec.key_data) if rec.takes_key else None
         else:
             source, fn, signature, array, key = TRACED, None, None, None, None

@@ -1,0 +1,302 @@
+"""materialize / lazy: values equal module.init, overrides, keys, placement, errors."""
+
+import re
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flaxlazy
+from flaxlazy._src import abstract as abstract_lib
+from flaxlazy._src import materialize as materialize_lib
+from flaxlazy._src import plan as plan_lib
+from flaxlazy._src import recorder
+from flaxlazy._src.compiles import count_compiles
+
+X = flaxlazy.spec("f32[4,16]")
+
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Dense(32)(x)
+        x = nn.BatchNorm(use_running_average=not train)(x)
+        x = nn.Dense(8, kernel_init=nn.initializers.normal(0.02))(nn.relu(x))
+        return nn.Dense(2, name="head")(x)
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, carry, _):
+        return nn.relu(nn.Dense(16)(carry)), None
+
+
+class Scanned(nn.Module):
+    layers: int = 3
+
+    @nn.compact
+    def __call__(self, x):
+        stack = nn.scan(
+            Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.layers
+        )
+        x, _ = stack(name="stack")(x, None)
+        return nn.Dense(4, name="head")(x)
+
+
+def _plan(module, *inputs, initializers=None, rngs=None, **kwargs):
+    rngs = jax.random.key(0) if rngs is None else rngs
+    call = abstract_lib.make_call(module, rngs, inputs, kwargs)
+    return materialize_lib.make_plan(call, initializers=initializers)
+
+
+def test_flax_static_hash_matches_flax():
+    from flax.core import scope
+
+    root = jax.random.key(3)
+    for data in [("Dense_0", 1), ("a", "b", 7), ("x" * 40, 2**40)]:
+        want = scope._fold_in_static(root, data)
+        got = jax.random.fold_in(root, recorder.static_hash(data))
+        chex.assert_trees_all_equal(jax.random.key_data(want), jax.random.key_data(got))
+
+
+@pytest.mark.parametrize("make_key", [jax.random.key, jax.random.PRNGKey], ids=["typed", "raw"])
+def test_equals_jit_init_and_eager_init(make_key):
+    key = make_key(0)
+    x = jnp.ones(X.shape)
+    got = flaxlazy.materialize(Net(), key, X, train=True)
+    jit_init = jax.jit(lambda k: Net().init(k, x, train=True))
+    chex.assert_trees_all_equal(got, jit_init(key))
+    # Eager init rounds some initializers differently from compiled code (<= 1 ulp).
+    chex.assert_trees_all_close(got, Net().init(key, x, train=True), rtol=1e-6, atol=1e-7)
+    for leaf in jax.tree.leaves(got):
+        assert isinstance(leaf, jax.Array)
+
+
+def test_static_recipes_replayed_and_scan_traced():
+    counts = _plan(Scanned(), X).counts()
+    assert counts == {"flax": 2, "traced": 2}  # head kernel/bias; stacked kernel/bias
+    got = flaxlazy.materialize(Scanned(), jax.random.key(1), X)
+    want = jax.jit(Scanned().init)(jax.random.key(1), jnp.ones(X.shape))
+    chex.assert_trees_all_equal(got, want)
+
+
+def test_concrete_inputs_equal_spec_inputs():
+    x = jax.random.normal(jax.random.key(5), X.shape)
+    a = flaxlazy.materialize(Net(), jax.random.key(0), x)
+    b = flaxlazy.materialize(Net(), jax.random.key(0), X)
+    chex.assert_trees_all_equal(a, b)
+
+
+def test_device_placement():
+    device = jax.devices()[-1]
+    got = flaxlazy.materialize(Net(), jax.random.key(0), X, device=device)
+    for leaf in jax.tree.leaves(got):
+        assert leaf.devices() == {device}
+    with pytest.raises(TypeError, match="`device` must be a jax.Device"):
+        flaxlazy.materialize(Net(), jax.random.key(0), X, device="cpu:0")
+
+
+def test_warm_materialize_compiles_nothing():
+    flaxlazy.materialize(Scanned(), jax.random.key(0), X)
+    with count_compiles() as c:
+        flaxlazy.materialize(Scanned(), jax.random.key(1), X)
+        flaxlazy.materialize(Scanned(), jax.random.key(2), X)
+    assert c.count == 0
+
+
+def test_compiles_once_per_signature_not_per_layer():
+    class Deep(nn.Module):
+        depth: int
+
+        @nn.compact
+        def __call__(self, x):
+            for _ in range(self.depth):
+                x = nn.Dense(16)(x)
+            return x
+
+    flaxlazy.materialize(Deep(2), jax.random.key(0), X)  # warms the shared signatures
+    with count_compiles() as c:
+        flaxlazy.materialize(Deep(12), jax.random.key(0), X)
+    assert c.count <= 1  # only the key derivation for the new number of keys
+
+
+def test_overrides_change_only_matched_leaves():
+    key = jax.random.key(0)
+    base = flaxlazy.materialize(Net(), key, X)
+    got = flaxlazy.materialize(
+        Net(), key, X, initializers={"**/bias": nn.initializers.ones, "head/kernel": None}
+    )
+    flat_base = dict(plan_lib.paths.flatten(base)[0])
+    for path, leaf in plan_lib.paths.flatten(got)[0]:
+        if path.startswith("params/") and path.endswith("/bias"):
+            chex.assert_trees_all_equal(leaf, jnp.ones_like(leaf))
+        else:
+            chex.assert_trees_all_equal(leaf, flat_base[path])
+
+
+def test_first_match_wins_and_regex_patterns():
+    got = flaxlazy.materialize(
+        Net(), jax.random.key(0), X,
+        initializers=[
+            (re.compile(r"head/.*"), nn.initializers.constant(3.0)),
+            ("**/kernel", nn.initializers.zeros),
+        ],
+    )
+    p = got["params"]
+    assert (p["head"]["kernel"] == 3).all() and (p["head"]["bias"] == 3).all()
+    assert (p["Dense_0"]["kernel"] == 0).all() and (p["Dense_1"]["kernel"] == 0).all()
+
+
+def test_nested_tree_form_with_subtrees():
+    w = np.arange(16.0, dtype=np.float32).reshape(8, 2)
+    got = flaxlazy.materialize(
+        Net(), jax.random.key(0), X,
+        initializers={"head": {"kernel": w}, "Dense_0": nn.initializers.zeros},
+    )
+    chex.assert_trees_all_equal(got["params"]["head"]["kernel"], jnp.asarray(w))
+    assert all((leaf == 0).all() for leaf in jax.tree.leaves(got["params"]["Dense_0"]))
+
+
+def test_override_keys_are_per_path_and_stable():
+    """Same key for the same path, whatever else is in the model; distinct per path."""
+
+    class Small(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(8, name="a")(x) + nn.Dense(8, name="b")(x)
+
+    class Bigger(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            y = nn.Dense(8, name="extra")(nn.Dense(16, name="first")(x))
+            return nn.Dense(8, name="a")(x) + nn.Dense(8, name="b")(x) + y
+
+    init = {"**/kernel": nn.initializers.normal(1.0)}
+    s = flaxlazy.materialize(Small(), jax.random.key(0), X, initializers=init)["params"]
+    b = flaxlazy.materialize(Bigger(), jax.random.key(0), X, initializers=init)["params"]
+    chex.assert_trees_all_equal(s["a"]["kernel"], b["a"]["kernel"])
+    chex.assert_trees_all_equal(s["b"]["kernel"], b["b"]["kernel"])
+    assert not np.allclose(s["a"]["kernel"], s["b"]["kernel"])
+    # The key is the root key with a hash of the path folded in: reproducible by hand.
+    k = jax.random.fold_in(jax.random.key(0), plan_lib.override_key("params/a/kernel"))
+    chex.assert_trees_all_equal(s["a"]["kernel"], nn.initializers.normal(1.0)(k, (16, 8)))
+
+
+def test_scan_override_is_per_layer():
+    layers = 4
+    got = flaxlazy.materialize(
+        Scanned(layers), jax.random.key(0), X,
+        initializers={"stack/**/kernel": nn.initializers.variance_scaling(1.0, "fan_in", "normal")},
+    )
+    kernel = got["params"]["stack"]["Dense_0"]["kernel"]
+    chex.assert_shape(kernel, (layers, 16, 16))
+    # Fan-in is per layer (16, not layers*16), and every layer has its own key.
+    key = jax.random.fold_in(
+        jax.random.key(0), plan_lib.override_key("params/stack/Dense_0/kernel")
+    )
+    init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+    want = jnp.stack([init(k, (16, 16)) for k in jax.random.split(key, layers)])
+    chex.assert_trees_all_close(kernel, want, rtol=1e-6)
+    assert len({float(kernel[i, 0, 0]) for i in range(layers)}) == layers
+    # Not overridden: bias equals module.init.
+    want_bias = Scanned(layers).init(jax.random.key(0), jnp.ones(X.shape))
+    chex.assert_trees_all_equal(
+        got["params"]["stack"]["Dense_0"]["bias"],
+        want_bias["params"]["stack"]["Dense_0"]["bias"],
+    )
+
+
+def test_data_dependent_init_needs_concrete_inputs():
+    class DataInit(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            scale = self.param("scale", lambda key: 1.0 / (x.std(axis=0) + 1e-6))
+            return nn.Dense(3)(x * scale)
+
+    x = jax.random.normal(jax.random.key(1), X.shape)
+    got = flaxlazy.materialize(DataInit(), jax.random.key(0), x)
+    chex.assert_trees_all_close(got, DataInit().init(jax.random.key(0), x), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"'params/scale' depends on the values of input"):
+        flaxlazy.materialize(DataInit(), jax.random.key(0), X)
+
+
+def test_variable_changed_after_creation_is_exact():
+    class Counter(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            count = self.variable("state", "count", jnp.zeros, (), jnp.int32)
+            count.value += 1
+            return nn.Dense(2)(x)
+
+    got = flaxlazy.materialize(Counter(), jax.random.key(0), X)
+    assert int(got["state"]["count"]) == 1
+    chex.assert_trees_all_equal(got, Counter().init(jax.random.key(0), jnp.ones(X.shape)))
+
+
+def test_lazy_bundle_and_use_inside_jit():
+    net = flaxlazy.lazy(Scanned())
+    assert isinstance(net, flaxlazy.Lazy)
+    shapes = net.shapes(jax.random.key(0), X)
+    variables = jax.jit(lambda k: net.init(k, X))(jax.random.key(0))
+    chex.assert_trees_all_equal_shapes_and_dtypes(variables, shapes)
+    chex.assert_trees_all_equal(variables, flaxlazy.materialize(Scanned(), jax.random.key(0), X))
+    x = jnp.ones(X.shape)
+    chex.assert_trees_all_equal(net.apply(variables, x), Scanned().apply(variables, x))
+
+
+# ---------------------------------------------------------------- error paths
+
+
+@pytest.mark.parametrize(
+    "initializers, error, match",
+    [
+        ({"**/kernl": nn.initializers.zeros}, ValueError,
+         r"pattern '\*\*/kernl' matches no parameter\. Closest real paths: .*kernel"),
+        ({"Dense_0": nn.initializers.zeros}, ValueError,
+         r"pattern 'Dense_0' matches no parameter.*'Dense_0/"),
+        ({"head": {"kernal": nn.initializers.zeros}}, ValueError,
+         r"tree key 'head/kernal' matches no parameter.*'head/kernel'"),
+        ([(re.compile("nope.*"), nn.initializers.zeros)], ValueError,
+         r"pattern re.compile\('nope\.\*'\) matches no parameter"),
+        ({"head/kernel": np.zeros((3, 2), np.float32)}, ValueError,
+         r"'params/head/kernel' gives float32\[3,2\], but the parameter is float32\[8,2\]"),
+        ({"head/kernel": np.zeros((8, 2), np.float64)}, ValueError,
+         r"gives float64\[8,2\], but the parameter is float32\[8,2\]\. Cast it"),
+        ({"head/kernel": lambda k, s, d: jnp.zeros((2,), d)}, ValueError,
+         r"initializer from pattern 'head/kernel' for 'params/head/kernel' gives float32\[2\]"),
+        ({"head/kernel": lambda k, s, d: jnp.zeros(s, jnp.bfloat16)}, ValueError,
+         r"gives bfloat16\[8,2\], but the parameter is float32\[8,2\]"),
+        ({"head/kernel": lambda k: k}, ValueError,
+         r"pattern 'head/kernel' failed for 'params/head/kernel' \(float32\[8,2\]\): TypeError"),
+        ({"head/kernel": "zeros"}, TypeError,
+         r"maps 'params/head/kernel' to 'zeros'; expected an initializer"),
+        ("**/kernel", TypeError, r"`initializers` must be a mapping"),
+        ([("**/kernel",)], TypeError, r"entries must be \(pattern, value\) pairs"),
+    ],
+)
+def test_initializer_errors(initializers, error, match):
+    with pytest.raises(error, match=match):
+        flaxlazy.materialize(Net(), jax.random.key(0), X, initializers=initializers)
+
+
+def test_bad_rngs_and_module():
+    with pytest.raises(TypeError, match="`rngs` must be a PRNG key"):
+        flaxlazy.materialize(Net(), 0, X)
+    with pytest.raises(TypeError, match="Expected a flax.linen.Module"):
+        flaxlazy.materialize(lambda x: x, jax.random.key(0), X)
+
+
+def test_override_without_params_key():
+    class KeylessParams(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return x * self.variable("params", "w", jnp.zeros, x.shape[-1:]).value
+
+    rngs = {"dropout": jax.random.key(0)}
+    got = flaxlazy.materialize(KeylessParams(), rngs, X)
+    chex.assert_trees_all_equal(got, KeylessParams().init(rngs, jnp.ones(X.shape)))
+    with pytest.raises(ValueError, match="needs a 'params' key"):
+        flaxlazy.materialize(KeylessParams(), rngs, X, initializers={"w": nn.initializers.ones})
