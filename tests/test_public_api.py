@@ -1,0 +1,16 @@
+import flaxlazy
+
+PUBLIC = [
+    "Lazy", "abstract_init", "lazy", "materialize", "nbytes", "num_params", "spec", "summary",
+]
+
+
+def test_public_names_exported_and_documented():
+    assert sorted(flaxlazy.__all__) == sorted(PUBLIC)
+    for name in PUBLIC:
+        obj = getattr(flaxlazy, name)
+        assert obj.__doc__ and len(obj.__doc__) > 40, name
+
+
+def test_version():
+    assert isinstance(flaxlazy.__version__, str) and flaxlazy.__version__.count(".") == 2

@@ -1,0 +1,48 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+import flaxlazy
+
+
+class CNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(4, (3, 3))(x)
+        x = nn.BatchNorm(use_running_average=True)(x)
+        return nn.Dense(2)(x.reshape(x.shape[0], -1))
+
+
+def test_counts_and_bytes_abstract_equal_concrete(key):
+    x = flaxlazy.spec("f32[1,5,5,1]")
+    shapes = flaxlazy.abstract_init(CNN(), key, x)
+    values = flaxlazy.materialize(CNN(), key, x)
+    n = (3 * 3 * 1 * 4 + 4) + (4 + 4) + (100 * 2 + 2)
+    assert flaxlazy.num_params(shapes["params"]) == n
+    assert flaxlazy.num_params(values["params"]) == n
+    assert flaxlazy.num_params(shapes) == n + 8  # batch_stats mean and var
+    assert flaxlazy.nbytes(shapes) == flaxlazy.nbytes(values) == 4 * (n + 8)
+    assert flaxlazy.nbytes({"h": jnp.zeros(3, jnp.bfloat16)}) == 6
+
+
+def test_table_has_paths_and_per_collection_totals(key):
+    table = flaxlazy.summary(flaxlazy.abstract_init(CNN(), key, flaxlazy.spec("f32[1,5,5,1]")))
+    lines = table.splitlines()
+    assert lines[0].split() == ["path", "shape", "dtype", "params", "bytes"]
+    assert any(l.startswith("params/Conv_0/kernel") and "(3, 3, 1, 4)" in l for l in lines)
+    assert any(l.startswith("batch_stats/BatchNorm_0/mean") for l in lines)
+    assert lines[-3].split()[:2] == ["batch_stats", "8"]
+    assert lines[-2].split()[:2] == ["params", "250"]
+    assert lines[-1].split()[:2] == ["total", "258"]
+
+
+def test_table_shows_partition_names(key):
+    model = nn.Dense(4, kernel_init=nn.with_partitioning(nn.initializers.zeros, ("data", None)))
+    table = flaxlazy.summary(flaxlazy.abstract_init(model, key, flaxlazy.spec("f32[1,2]")))
+    assert "partition" in table.splitlines()[0]
+    assert "('data', None)" in table
+
+
+def test_plain_pytrees():
+    table = flaxlazy.summary({"w": jax.ShapeDtypeStruct((1024, 1024), jnp.float32)})
+    assert "4.0 MiB" in table and "1,048,576" in table
