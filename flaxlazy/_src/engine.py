@@ -17,6 +17,7 @@ Two kinds of work, one mechanism:
 from __future__ import annotations
 
 import collections
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ from jax._src import core as jax_core
 from jax._src.interpreters import partial_eval as pe
 
 from flaxlazy._src import abstract as abstract_lib
+from flaxlazy._src import chunked
 from flaxlazy._src import paths
 from flaxlazy._src import plan as plan_lib
 from flaxlazy._src import specs
@@ -73,9 +75,28 @@ def derive_keys(root: jax.Array, hashes: Sequence[int]) -> list[jax.Array]:
     return _fold_keys(root, np.asarray(hashes, dtype=np.uint32))
 
 
-def _leaf_fn(leaf: plan_lib.Leaf):
-    key = None if leaf.signature is None else (leaf.signature, leaf.sharding)
-    return _cache_get(key, lambda: jax.jit(leaf.fn, out_shardings=leaf.sharding))
+def _single_device(sharding: Any) -> bool:
+    return sharding is None or len(sharding.device_set) == 1
+
+
+def _leaf_fn(leaf: plan_lib.Leaf, key_spec: Any):
+    """The compiled ``fn(key)`` of a leaf; large random leaves are drawn in chunks."""
+
+    def make():
+        fn = leaf.fn
+        if (
+            leaf.key is not None
+            and math.prod(leaf.shape) > chunked.MIN_ELEMENTS
+            and _single_device(leaf.sharding)
+        ):
+            try:
+                fn = chunked.chunked(leaf.fn, key_spec, leaf.shape, leaf.dtype)
+            except chunked.NotChunkable:
+                pass
+        return jax.jit(fn, out_shardings=leaf.sharding)
+
+    key = None if leaf.signature is None else (leaf.signature, leaf.sharding, key_spec)
+    return _cache_get(key, make)
 
 
 def _place(value: Any, sharding: Any) -> jax.Array:
@@ -156,6 +177,7 @@ def execute(plan: plan_lib.Plan, rngs: Any, inputs: Sequence[Any]) -> Any:
       The variables tree, with Flax boxes around their arrays where the module has them.
     """
     root = abstract_lib.root_params_key(rngs)
+    key_spec = abstract_lib.root_params_key(plan.traced.call.rngs)
     keyed = [leaf.key for leaf in plan.leaves if leaf.key is not None]
     keys = iter(derive_keys(root, keyed)) if keyed else iter(())
     values: list[Any] = [None] * len(plan.leaves)
@@ -167,7 +189,7 @@ def execute(plan: plan_lib.Plan, rngs: Any, inputs: Sequence[Any]) -> Any:
             traced.append(i)
         else:
             key = next(keys) if leaf.key is not None else None
-            values[i] = _leaf_fn(leaf)(key)
+            values[i] = _leaf_fn(leaf, key_spec)(key)
     if traced:
         concrete = tuple(not isinstance(x, jax.ShapeDtypeStruct) for x in inputs)
         runner = _traced_runner(plan, [plan.leaves[i] for i in traced], concrete)

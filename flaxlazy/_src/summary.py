@@ -116,13 +116,13 @@ def summary(tree: Any) -> str:
       >>> import jax, flax.linen as nn, flaxlazy
       >>> shapes = flaxlazy.abstract_init(nn.Dense(3), jax.random.key(0), flaxlazy.spec("f32[1,5]"))
       >>> print(flaxlazy.summary(shapes))
-      path            shape   dtype    params  bytes
-      ----------------------------------------------
-      params/bias     (3,)    float32       3  12 B
-      params/kernel   (5, 3)  float32      15  60 B
-      ----------------------------------------------
-      params                               18  72 B
-      total                                18  72 B
+      path           shape   dtype    params  bytes
+      ---------------------------------------------
+      params/bias    (3,)    float32       3   12 B
+      params/kernel  (5, 3)  float32      15   60 B
+      ---------------------------------------------
+      params                              18   72 B
+      total                               18   72 B
     """
     flat, _ = paths.flatten(tree)
     has_names = any(paths.is_box(leaf) for _, leaf in flat)

@@ -1,0 +1,139 @@
+"""One process of the multi-process test (``test_multiprocess.py`` starts two).
+
+Run as ``python _multiprocess_worker.py PROCESS_ID PORT OUT.json`` with
+``XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu``: it joins the
+other process with ``jax.distributed.initialize`` on 127.0.0.1, builds the global
+8-device mesh, materializes ``Model`` directly in its shards through the plan and the
+engine, checks that this process holds only its own (addressable) shards, and writes a
+checksum per shard to ``OUT.json``.
+
+Importing this module (as the test does, for the model, the rules and the checksums)
+runs nothing.
+"""
+
+import hashlib
+import json
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import flaxlazy
+from flaxlazy._src import abstract as abstract_lib
+from flaxlazy._src import engine, paths
+from flaxlazy._src import materialize as materialize_lib
+from flaxlazy._src import sharding as sharding_lib
+
+NUM_PROCESSES = 2
+MESH_SHAPE = (2, 4)  # 'data' spans the two processes, 'model' the devices of one
+MESH_AXES = ("data", "model")
+SPEC = flaxlazy.spec("f32[4,16]")
+SEED = 0
+
+RULES = [
+    ("embed/kernel", P("data", "model")),
+    ("head/kernel", P("model", None)),
+    ("batch_stats/**", P("model")),
+    ("**", None),  # keep the Flax annotations of the scanned block
+    ("**", P()),
+]
+LOGICAL_AXIS_RULES = [("layers", None), ("embed", "data"), ("mlp", "model")]
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        kernel = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
+        bias = nn.with_logical_partitioning(nn.initializers.normal(1.0), ("mlp",))
+        h = nn.relu(nn.Dense(64, kernel_init=kernel, bias_init=bias)(x))
+        kernel = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("mlp", "embed"))
+        return x + nn.Dense(32, kernel_init=kernel)(h), None
+
+
+class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(32, name="embed")(x)
+        x = nn.BatchNorm(use_running_average=True)(x)
+        stack = nn.scan(
+            Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x, _ = stack(name="layers")(x, None)
+        return nn.Dense(8, name="head")(x)
+
+
+def make_mesh(devices) -> Mesh:
+    return Mesh(np.asarray(devices).reshape(MESH_SHAPE), MESH_AXES)
+
+
+def requested_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
+    shapes = flaxlazy.abstract_init(Model(), jax.random.key(SEED), SPEC)
+    specs = sharding_lib.partition_specs(
+        shapes, mesh, partition_rules=RULES, logical_axis_rules=LOGICAL_AXIS_RULES
+    )
+    return {path: NamedSharding(mesh, spec) for path, spec in specs.items()}
+
+
+def index_text(index: tuple) -> str:
+    """A shard's index (a tuple of slices) as text, e.g. ``"0:2,8:16"``."""
+    return ",".join(f"{s.start or 0}:{'' if s.stop is None else s.stop}" for s in index)
+
+
+def checksum(block: np.ndarray) -> dict:
+    block = np.ascontiguousarray(block)
+    return {
+        "sum": float(block.astype(np.float64).sum()),
+        "sha256": hashlib.sha256(block.tobytes()).hexdigest(),
+    }
+
+
+def leaf_arrays(variables) -> dict:
+    return {path: nn.meta.unbox(leaf) for path, leaf in paths.flatten(variables)[0]}
+
+
+def main(process_id: int, port: int, out_path: str) -> None:
+    if "jax_cpu_collectives_implementation" in jax.config.values:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{port}", num_processes=NUM_PROCESSES,
+        process_id=process_id, initialization_timeout=40,
+    )
+    assert jax.process_count() == NUM_PROCESSES and jax.device_count() == 8
+    mesh = make_mesh(jax.devices())
+    requested = requested_shardings(mesh)
+
+    key = jax.random.key(SEED)
+    call = abstract_lib.make_call(Model(), key, (SPEC,), {})
+    plan = materialize_lib.make_plan(
+        call, shardings=lambda path, leaf: requested[path], cache_key=tuple(requested.items())
+    )
+    variables = engine.execute(plan, key, [SPEC])
+
+    local = set(jax.local_devices())
+    report = {"process_index": jax.process_index(), "sources": plan.counts(), "leaves": {}}
+    for path, array in leaf_arrays(variables).items():
+        sharding = requested[path]
+        assert array.sharding == sharding, (path, array.sharding, sharding)
+        shards = array.addressable_shards
+        assert {s.device for s in shards} == local, path  # only this process's devices
+        assert not array.is_fully_addressable, path
+        shard_shape = sharding.shard_shape(array.shape)
+        sums = {}
+        for shard in shards:
+            assert shard.data.shape == shard_shape, (path, shard.data.shape, shard_shape)
+            text, value = index_text(shard.index), checksum(np.asarray(shard.data))
+            assert sums.setdefault(text, value) == value, path  # replicas agree
+        report["leaves"][path] = {
+            "shape": list(array.shape), "spec": str(sharding.spec), "shards": sums,
+        }
+    with open(out_path, "w") as f:
+        json.dump(report, f)
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])

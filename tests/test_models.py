@@ -1,0 +1,304 @@
+"""End-to-end tests on the real Linen models of ``tests/models.py``.
+
+Every model is checked against plain ``module.init`` / ``module.apply`` on the
+same keys:
+
+* ``abstract_init`` gives the tree of ``jax.eval_shape(module.init)``
+  (structure, boxes, shapes, dtypes), from specs;
+* ``materialize`` gives exactly the tree of ``jax.jit(module.init)``, bit for
+  bit, from specs. Against ``module.init`` run eagerly it is equal up to float
+  rounding only: once an initializer such as ``normal(0.02)`` is compiled, XLA
+  may fold its constants (``sqrt(2) * erfinv(u) * 0.02``) and move the last bit;
+* ``lazy(module)`` is a drop-in for ``module.init`` / ``module.apply``;
+* an ``initializers=`` override replaces exactly the matched parameters and
+  leaves every other leaf as ``module.init`` made it.
+"""
+
+import functools
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import models
+import numpy as np
+import pytest
+
+import flaxlazy
+
+CASES = models.all_cases()
+_BY_NAME = {case.name: case for case in CASES}
+parametrize_cases = pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+
+_PREFIX = {
+    jnp.dtype(jnp.float16): "f16",
+    jnp.dtype(jnp.float32): "f32",
+    jnp.dtype(jnp.float64): "f64",
+    jnp.dtype(jnp.bfloat16): "bf16",
+    jnp.dtype(jnp.int8): "i8",
+    jnp.dtype(jnp.int16): "i16",
+    jnp.dtype(jnp.int32): "i32",
+    jnp.dtype(jnp.int64): "i64",
+    jnp.dtype(jnp.uint8): "u8",
+    jnp.dtype(jnp.uint32): "u32",
+    jnp.dtype(jnp.bool_): "bool",
+}
+
+
+def _is_array(x) -> bool:
+    return isinstance(x, jax.Array | np.ndarray)
+
+
+def _is_box(x) -> bool:
+    return isinstance(x, nn.meta.AxisMetadata)
+
+
+def to_specs(tree):
+    """Arrays -> ``jax.ShapeDtypeStruct``; Python values (flags, None) are kept."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if _is_array(x) else x, tree
+    )
+
+
+def to_string_specs(tree):
+    """Arrays -> ``flaxlazy.spec("f32[2,5]")``; keys (no string form) -> ``ShapeDtypeStruct``."""
+
+    def convert(x):
+        if not _is_array(x):
+            return x
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype)
+        return flaxlazy.spec(f"{_PREFIX[jnp.dtype(x.dtype)]}[{','.join(map(str, x.shape))}]")
+
+    return jax.tree.map(convert, tree)
+
+
+def partition(tree):
+    """``(arrays, rebuild)``: the array leaves of ``tree`` and ``rebuild(arrays) -> tree``.
+
+    Python values (flags, ints, ``None``) stay closed over in ``rebuild``, so a
+    function of ``arrays`` can be jitted or ``eval_shape``d as is.
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    where = [i for i, leaf in enumerate(leaves) if _is_array(leaf)]
+
+    def rebuild(arrays):
+        full = list(leaves)
+        for i, a in zip(where, arrays, strict=True):
+            full[i] = a
+        return jax.tree.unflatten(treedef, full)
+
+    return [leaves[i] for i in where], rebuild
+
+
+def rngs_for(case, seed: int = 0):
+    return models.make_rngs(case.rngs, seed)
+
+
+def init_call(case):
+    """``(fn, arrays)`` with ``fn(rngs, arrays)`` = ``module.init(rngs, *args, **kwargs)``."""
+    arrays, rebuild = partition((case.args, case.kwargs))
+
+    def fn(rngs, arrays):
+        args, kwargs = rebuild(arrays)
+        return case.module.init(rngs, *args, method=case.method, **kwargs)
+
+    return fn, arrays
+
+
+@functools.cache
+def reference(name: str):
+    """``jax.jit(module.init)`` on the case's concrete inputs; computed once per case."""
+    case = _BY_NAME[name]
+    fn, arrays = init_call(case)
+    return jax.jit(fn)(rngs_for(case), arrays)
+
+
+def materialize_inputs(case):
+    """Specs, except where init depends on input values (then the concrete inputs)."""
+    if case.data_dependent:
+        return case.args, case.kwargs
+    return to_specs(case.args), to_specs(case.kwargs)
+
+
+def assert_same_tree(got, want):
+    """Same structure (dict types, collection names, box types and metadata), bit-equal leaves."""
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for leaf in jax.tree.leaves(got):
+        assert isinstance(leaf, jax.Array), type(leaf)
+    chex.assert_trees_all_equal(got, want, strict=True)
+
+
+def param_names(variables) -> set[str]:
+    """Last path segment of every leaf in the 'params' collection."""
+    flat = jax.tree_util.tree_flatten_with_path(variables.get("params", {}), is_leaf=_is_box)[0]
+    return {path[-1].key for path, _ in flat}
+
+
+def overridden(variables, fills: dict):
+    """``variables`` with every params leaf named ``name`` replaced by ``fills[name](leaf)``."""
+
+    def replace(path, leaf):
+        if path[0].key != "params" or path[-1].key not in fills:
+            return leaf
+        fill = fills[path[-1].key]
+        if _is_box(leaf):
+            return leaf.replace_boxed(fill(leaf.unbox()))
+        return fill(leaf)
+
+    return jax.tree_util.tree_map_with_path(replace, variables, is_leaf=_is_box)
+
+
+# --------------------------------------------------------------------------
+# (a) abstract_init
+
+
+@parametrize_cases
+@pytest.mark.parametrize("spec_form", ["ShapeDtypeStruct", "string"])
+def test_abstract_init_matches_eval_shape(case, spec_form):
+    make_specs = to_specs if spec_form == "ShapeDtypeStruct" else to_string_specs
+    fn, arrays = init_call(case)
+    want = jax.eval_shape(fn, rngs_for(case), arrays)
+    got = flaxlazy.abstract_init(
+        case.module,
+        rngs_for(case),
+        *make_specs(case.args),
+        method=case.method,
+        **make_specs(case.kwargs),
+    )
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert isinstance(g, jax.ShapeDtypeStruct), type(g)
+        assert (g.shape, g.dtype) == (w.shape, w.dtype)
+
+
+# --------------------------------------------------------------------------
+# (b) materialize
+
+
+@parametrize_cases
+def test_materialize_matches_init(case):
+    args, kwargs = materialize_inputs(case)
+    got = flaxlazy.materialize(case.module, rngs_for(case), *args, method=case.method, **kwargs)
+    assert_same_tree(got, reference(case.name))
+
+
+@pytest.mark.parametrize("name", ["mlp_compact", "multi_rng"])
+def test_materialize_matches_eager_init(name):
+    """Against plain, uncompiled ``module.init``: equal up to float rounding."""
+    case = _BY_NAME[name]
+    want = case.module.init(rngs_for(case), *case.args, method=case.method, **case.kwargs)
+    args, kwargs = materialize_inputs(case)
+    got = flaxlazy.materialize(case.module, rngs_for(case), *args, method=case.method, **kwargs)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("key", [jax.random.key(3), jax.random.PRNGKey(3)], ids=["typed", "raw"])
+def test_materialize_accepts_a_bare_key(key):
+    case = _BY_NAME["mlp_compact"]
+    want = jax.jit(case.module.init)(key, *case.args)
+    assert_same_tree(flaxlazy.materialize(case.module, key, *to_specs(case.args)), want)
+
+
+# --------------------------------------------------------------------------
+# (c) lazy
+
+
+@parametrize_cases
+def test_lazy_is_a_drop_in_for_init_and_apply(case):
+    lz = flaxlazy.lazy(case.module)
+    assert isinstance(lz, flaxlazy.Lazy)
+    want = reference(case.name)
+
+    shapes = lz.shapes(
+        rngs_for(case), *to_specs(case.args), method=case.method, **to_specs(case.kwargs)
+    )
+    assert jax.tree.structure(shapes) == jax.tree.structure(want)
+
+    variables = lz.init(rngs_for(case), *case.args, method=case.method, **case.kwargs)
+    assert_same_tree(variables, want)
+
+    # Both applies in one compiled function: eager apply dispatches op by op and is slow.
+    args = case.args if case.apply_args is None else case.apply_args
+    arrays, rebuild = partition((args, case.kwargs))
+
+    def both(variables, reference_variables, arrays, rngs):
+        args, kwargs = rebuild(arrays)
+        options = dict(kwargs, method=case.method, mutable=case.mutable, rngs=rngs)
+        return (
+            lz.apply(variables, *args, **options),
+            case.module.apply(reference_variables, *args, **options),
+        )
+
+    rngs = models.make_rngs(case.apply_rngs, seed=1)
+    got, expected = jax.jit(both)(variables, want, arrays, rngs)
+    chex.assert_trees_all_equal(got, expected)
+
+
+def test_lazy_init_inside_jit():
+    case = _BY_NAME["mlp_compact"]
+    lz = flaxlazy.lazy(case.module)
+    got = jax.jit(lz.init)(rngs_for(case), *case.args)
+    assert_same_tree(got, reference(case.name))
+
+
+# --------------------------------------------------------------------------
+# (d) initializers=
+
+
+@parametrize_cases
+def test_initializer_override_changes_only_matched_params(case):
+    want = reference(case.name)
+    names = param_names(want)
+    assert "kernel" in names, "every model in the zoo has kernels"
+    rules = [("**/kernel", nn.initializers.zeros)]
+    fills = {"kernel": jnp.zeros_like}
+    if "bias" in names:
+        rules.append(("**/bias", nn.initializers.ones))
+        fills["bias"] = jnp.ones_like
+    args, kwargs = materialize_inputs(case)
+    got = flaxlazy.materialize(
+        case.module, rngs_for(case), *args, initializers=rules, method=case.method, **kwargs
+    )
+    assert_same_tree(got, overridden(want, fills))
+
+
+# prefix of the stacked params and the size of the stacking axis (always axis 0)
+_STACKED = {
+    "scan_remat": ("layers", 2),
+    "scan_partitioned": ("layers", 2),
+    "vmap_ensemble": ("members", 3),
+}
+
+
+@pytest.mark.parametrize("case", [_BY_NAME[name] for name in _STACKED], ids=list(_STACKED))
+def test_override_on_stacked_params_is_per_layer(case):
+    """Each layer's slice is initialized as that layer's own parameter.
+
+    With fan-in uniform init the per-layer bound is sqrt(3 / fan_in); computing
+    fan-in over the stacked shape would shrink it by sqrt(num_layers).
+    """
+    prefix, num_layers = _STACKED[case.name]
+    init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
+    args, kwargs = materialize_inputs(case)
+    got = flaxlazy.materialize(
+        case.module,
+        rngs_for(case),
+        *args,
+        initializers={f"{prefix}/**/kernel": init},
+        method=case.method,
+        **kwargs,
+    )
+    flat = jax.tree_util.tree_flatten_with_path(nn.unbox(got["params"][prefix]))[0]
+    kernels = [leaf for path, leaf in flat if path[-1].key == "kernel"]
+    assert kernels
+    for kernel in kernels:
+        assert kernel.shape[0] == num_layers
+        fan_in = kernel.shape[-2]
+        magnitude = np.abs(np.asarray(kernel))
+        assert magnitude.max() <= np.sqrt(3.0 / fan_in)
+        assert magnitude.max() > np.sqrt(3.0 / (fan_in * num_layers))
+        for i in range(num_layers):
+            for j in range(i):
+                assert not np.array_equal(kernel[i], kernel[j]), "layers share a key"
