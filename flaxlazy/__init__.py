@@ -8,6 +8,7 @@ from flaxlazy._src.abstract import abstract_init
 from flaxlazy._src.lazy import Lazy
 from flaxlazy._src.lazy import lazy
 from flaxlazy._src.materialize import materialize
+from flaxlazy._src.sharding import shardings
 from flaxlazy._src.specs import spec
 from flaxlazy._src.summary import nbytes
 from flaxlazy._src.summary import num_params
@@ -22,6 +23,7 @@ __all__ = (
     "materialize",
     "nbytes",
     "num_params",
+    "shardings",
     "spec",
     "summary",
 )

@@ -1,7 +1,8 @@
 import flaxlazy
 
 PUBLIC = [
-    "Lazy", "abstract_init", "lazy", "materialize", "nbytes", "num_params", "spec", "summary",
+    "Lazy", "abstract_init", "lazy", "materialize", "nbytes", "num_params", "shardings", "spec",
+    "summary",
 ]
 
 

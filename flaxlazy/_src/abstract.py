@@ -12,6 +12,7 @@ import flax.linen as nn
 from flax.core.scope import DenyList
 
 from flaxlazy._src import recorder as recorder_lib
+from flaxlazy._src import sharding as sharding_lib
 from flaxlazy._src import specs
 
 DEFAULT_MUTABLE = DenyList("intermediates")
@@ -181,6 +182,10 @@ def abstract_init(
     method: Callable[..., Any] | str | None = None,
     mutable: Any = DEFAULT_MUTABLE,
     capture_intermediates: bool | Callable[..., bool] = False,
+    mesh: jax.sharding.Mesh | None = None,
+    partition_rules: Any = None,
+    logical_axis_rules: Any = None,
+    allow_unused_rules: bool = False,
     **kwargs: Any,
 ) -> Any:
     """Returns the variables ``module.init`` would create, as shapes and dtypes only.
@@ -200,6 +205,11 @@ def abstract_init(
       method: as in ``Module.init``: the method to call (default ``__call__``).
       mutable: as in ``Module.init``: the collections to create.
       capture_intermediates: as in ``Module.init``.
+      mesh: if given, each ``ShapeDtypeStruct`` carries the ``NamedSharding``
+        ``materialize(..., mesh=mesh, partition_rules=...)`` would give it.
+      partition_rules: with ``mesh``, as in ``materialize``.
+      logical_axis_rules: with ``mesh``, as in ``materialize``.
+      allow_unused_rules: with ``mesh``, as in ``materialize``.
       **kwargs: keyword inputs, treated like ``inputs``.
 
     Returns:
@@ -215,7 +225,15 @@ def abstract_init(
         module, rngs, inputs, kwargs, method=method, mutable=mutable,
         init_kwargs=init_options(capture_intermediates),
     )
-    return trace(call).variables
+    variables = trace(call).variables
+    if mesh is None:
+        if partition_rules is not None or logical_axis_rules is not None:
+            raise TypeError("`partition_rules` and `logical_axis_rules` need a `mesh=`.")
+        return variables
+    return sharding_lib.with_shardings(
+        variables, mesh, partition_rules=partition_rules,
+        logical_axis_rules=logical_axis_rules, allow_unused_rules=allow_unused_rules,
+    )
 
 
 def init_options(capture_intermediates: Any) -> dict:

@@ -11,21 +11,11 @@ import flax.linen as nn
 
 from flaxlazy._src import abstract as abstract_lib
 from flaxlazy._src import engine
+from flaxlazy._src import placement
 from flaxlazy._src import plan as plan_lib
 
 _PLANS: collections.OrderedDict = collections.OrderedDict()
 _CACHE_SIZE = 64
-
-
-def _placement(device: Any) -> jax.sharding.Sharding | None:
-    if device is None or isinstance(device, jax.sharding.Sharding):
-        return device
-    if isinstance(device, jax.Device):
-        return jax.sharding.SingleDeviceSharding(device)
-    raise TypeError(
-        f"`device` must be a jax.Device (e.g. jax.devices('cpu')[0]) or a "
-        f"jax.sharding.Sharding, got {device!r}."
-    )
 
 
 def make_plan(
@@ -56,6 +46,11 @@ def materialize(
     *inputs: Any,
     initializers: Any = None,
     device: jax.Device | jax.sharding.Sharding | None = None,
+    shardings: Any = None,
+    mesh: jax.sharding.Mesh | None = None,
+    partition_rules: Any = None,
+    logical_axis_rules: Any = None,
+    allow_unused_rules: bool = False,
     method: Callable[..., Any] | str | None = None,
     mutable: Any = abstract_lib.DEFAULT_MUTABLE,
     capture_intermediates: bool | Callable[..., bool] = False,
@@ -88,6 +83,19 @@ def materialize(
         key: the root ``params`` key with a hash of its path folded in.
       device: a ``jax.Device`` or a ``jax.sharding.Sharding`` for every leaf (default:
         JAX's default device).
+      shardings: instead of ``device``: a ``jax.sharding.Sharding`` for every leaf, or a
+        pytree prefix of shardings matching the variables tree.
+      mesh: instead of ``device``: a ``jax.sharding.Mesh``; each leaf's
+        ``PartitionSpec`` comes from ``partition_rules`` and the Flax partitioning
+        annotations (see ``flaxlazy.shardings``), and the leaf is created directly in
+        its shards: no device ever holds a full copy of a sharded parameter.
+      partition_rules: with ``mesh``: ``[(pattern, PartitionSpec)]``, same patterns as
+        ``initializers`` (first match wins, explicit rules override annotations);
+        leaves outside ``params`` are matched with their collection, e.g.
+        ``"batch_stats/**"``.
+      logical_axis_rules: with ``mesh``: ``[(logical_name, mesh_axis)]`` for
+        ``nn.with_logical_partitioning`` annotations, as in Flax.
+      allow_unused_rules: accept partition rules that match no leaf (shared rule sets).
       method: as in ``Module.init``.
       mutable: as in ``Module.init``.
       capture_intermediates: as in ``Module.init``.
@@ -119,10 +127,15 @@ def materialize(
         module, rngs, inputs, kwargs, method=method, mutable=mutable,
         init_kwargs=abstract_lib.init_options(capture_intermediates),
     )
-    placement = _placement(device)
+    traced = abstract_lib.trace(call)
+    by_path = placement.resolve(
+        traced.variables, device=device, shardings=shardings, mesh=mesh,
+        partition_rules=partition_rules, logical_axis_rules=logical_axis_rules,
+        allow_unused_rules=allow_unused_rules,
+    )
     plan = make_plan(
         call, initializers=initializers,
-        shardings=None if placement is None else (lambda path, leaf: placement),
-        cache_key=placement,
+        shardings=None if by_path is None else (lambda path, leaf: by_path[path]),
+        cache_key=() if by_path is None else tuple(by_path.items()),
     )
     return engine.execute(plan, rngs, abstract_lib.dynamic_inputs(inputs, kwargs))

@@ -95,6 +95,9 @@ class Plan(NamedTuple):
 
 
 def unbox(x: Any) -> Any:
+    """The value inside a Flax box, without the sharding constraint ``unbox()`` adds."""
+    if isinstance(x, meta.Partitioned):  # LogicallyPartitioned too
+        return x.value
     return x.unbox() if isinstance(x, meta.AxisMetadata) else x
 
 

@@ -486,3 +486,36 @@ def broadcast(shardings_tree: Any, abstract_tree: Any) -> dict[str, Any]:
             )
         out[path] = sharding
     return out
+
+
+def with_shardings(
+    abstract_tree: Any,
+    mesh: Mesh,
+    *,
+    partition_rules: Any = None,
+    logical_axis_rules: Any = None,
+    allow_unused_rules: bool = False,
+) -> Any:
+    """``abstract_tree`` with each ``ShapeDtypeStruct`` carrying its ``NamedSharding``.
+
+    Flax boxes are kept around the sharded ``ShapeDtypeStruct``s.
+
+    Examples:
+      >>> import jax, numpy as np
+      >>> from jax.sharding import Mesh, PartitionSpec as P
+      >>> mesh = Mesh(np.array(jax.devices()[:1]), ("model",))
+      >>> tree = {"params": {"w": jax.ShapeDtypeStruct((4, 2), "float32")}}
+      >>> with_shardings(tree, mesh, partition_rules=[("w", P("model"))])["params"]["w"].sharding.spec
+      P('model',)
+    """
+    specs = partition_specs(
+        abstract_tree, mesh, partition_rules=partition_rules,
+        logical_axis_rules=logical_axis_rules, allow_unused_rules=allow_unused_rules,
+    )
+    flat, treedef = paths.flatten(abstract_tree)
+    out = []
+    for path, leaf in flat:
+        shape, dtype = _shape_dtype(leaf)
+        sds = jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, specs[path]))
+        out.append(leaf.replace_boxed(sds) if paths.is_box(leaf) else sds)
+    return jax.tree_util.tree_unflatten(treedef, out)

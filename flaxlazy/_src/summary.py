@@ -8,11 +8,15 @@ from typing import Any
 import jax
 import numpy as np
 
+from jax.sharding import NamedSharding
+
 from flaxlazy._src import paths
+from flaxlazy._src import plan as plan_lib
+from flaxlazy._src import sharding as sharding_lib
 
 
 def _leaf_array(x: Any) -> Any:
-    return x.unbox() if paths.is_box(x) else x
+    return plan_lib.unbox(x)
 
 
 def _size(x: Any) -> int:
@@ -99,15 +103,42 @@ def _group(path: str, tree: Any) -> str:
     return path.split(paths.SEP, 1)[0] if is_collections else "total"
 
 
-def summary(tree: Any) -> str:
+def _leaf_shardings(tree: Any, flat: list, mesh: Any, partition_rules: Any,
+                    logical_axis_rules: Any) -> list:
+    if mesh is not None:
+        specs = sharding_lib.partition_specs(
+            tree, mesh, partition_rules=partition_rules,
+            logical_axis_rules=logical_axis_rules, allow_unused_rules=True,
+        )
+        return [NamedSharding(mesh, specs[path]) for path, _ in flat]
+    out = []
+    for _, leaf in flat:
+        sh = getattr(_leaf_array(leaf), "sharding", None)
+        out.append(sh if isinstance(sh, NamedSharding) else None)
+    return out
+
+
+def summary(
+    tree: Any,
+    *,
+    mesh: Any = None,
+    partition_rules: Any = None,
+    logical_axis_rules: Any = None,
+) -> str:
     """A readable table of a variables tree: path, shape, dtype, count and bytes.
 
     Works for abstract trees (``abstract_init``) and concrete ones (``materialize``,
     ``module.init``); Flax partitioning boxes show their axis names. Totals are given per
-    collection (``params``, ``batch_stats``...) and overall.
+    collection (``params``, ``batch_stats``...) and overall. Sharded trees (leaves that
+    carry a ``NamedSharding``, or any tree with ``mesh=``) also show each leaf's
+    ``PartitionSpec`` and bytes per device, and the largest per-device load.
 
     Args:
       tree: a variables tree, or any pytree of arrays / ``ShapeDtypeStruct``s.
+      mesh: a mesh to lay the tree out on (specs from ``partition_rules`` and the Flax
+        annotations, as in ``materialize``).
+      partition_rules: with ``mesh``, as in ``materialize``.
+      logical_axis_rules: with ``mesh``, as in ``materialize``.
 
     Returns:
       The table as a string (``print`` it).
@@ -125,29 +156,44 @@ def summary(tree: Any) -> str:
       total                               18   72 B
     """
     flat, _ = paths.flatten(tree)
+    flat = [(p, leaf) for p, leaf in flat if hasattr(_leaf_array(leaf), "shape")]
+    shardings = _leaf_shardings(tree, flat, mesh, partition_rules, logical_axis_rules)
+    sharded = any(sh is not None for sh in shardings)
     has_names = any(paths.is_box(leaf) for _, leaf in flat)
     rows, totals = [], {}
-    for path, leaf in flat:
+    for (path, leaf), sh in zip(flat, shardings, strict=True):
         array = _leaf_array(leaf)
-        if not hasattr(array, "shape"):
-            continue
         count, size = _size(array), _size(array) * _itemsize(array)
         row = [path, str(tuple(array.shape)), _dtype_name(array), f"{count:,}", format_bytes(size)]
         if has_names:
             row.append(str(getattr(leaf, "names", "")) if paths.is_box(leaf) else "")
+        per_device = size
+        if sharded:
+            per_device = sharding_lib.per_device_bytes(array.shape, array.dtype, sh)
+            row += [str(tuple(sh.spec)) if sh is not None else "", format_bytes(per_device)]
         rows.append(row)
         group = _group(path, tree)
-        c, b = totals.get(group, (0, 0))
-        totals[group] = (c + count, b + size)
-    header = ["path", "shape", "dtype", "params", "bytes"] + (["partition"] if has_names else [])
-    right = [False, False, False, True, True] + ([False] if has_names else [])
-    total_rows = [[g, "", "", f"{c:,}", format_bytes(b)] for g, (c, b) in totals.items()]
-    if list(totals) != ["total"]:
-        c = sum(v[0] for v in totals.values())
-        b = sum(v[1] for v in totals.values())
-        total_rows.append(["total", "", "", f"{c:,}", format_bytes(b)])
+        c, b, d = totals.get(group, (0, 0, 0))
+        totals[group] = (c + count, b + size, d + per_device)
+    header = ["path", "shape", "dtype", "params", "bytes"]
+    right = [False, False, False, True, True]
     if has_names:
-        total_rows = [r + [""] for r in total_rows]
+        header, right = header + ["partition"], right + [False]
+    if sharded:
+        header, right = header + ["spec", "per device"], right + [False, True]
+    if list(totals) != ["total"]:
+        totals["total"] = tuple(sum(v[i] for v in totals.values()) for i in range(3))
+    total_rows = []
+    for group, (c, b, d) in totals.items():
+        r = [group, "", "", f"{c:,}", format_bytes(b)] + ([""] if has_names else [])
+        total_rows.append(r + (["", format_bytes(d)] if sharded else []))
     table = render(header, rows + total_rows, right).split("\n")
     rule = table[1]
-    return "\n".join(table[: 2 + len(rows)] + [rule] + table[2 + len(rows) :])
+    lines = table[: 2 + len(rows)] + [rule] + table[2 + len(rows) :]
+    if sharded:
+        devices = {d for sh in shardings if sh is not None for d in sh.device_set}
+        lines.append(
+            f"largest per-device load: {format_bytes(totals['total'][2])} "
+            f"on each of {len(devices)} devices (unsharded: {format_bytes(totals['total'][1])})"
+        )
+    return "\n".join(lines)

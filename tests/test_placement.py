@@ -1,0 +1,99 @@
+"""materialize / abstract_init / summary on a mesh: the public wiring of sharding."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import flaxlazy
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
+
+X = flaxlazy.spec("f32[8,32]")
+
+
+class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(64)(x)
+        x = nn.BatchNorm(use_running_average=True)(x)
+        kernel_init = nn.with_partitioning(nn.initializers.lecun_normal(), ("model", None))
+        return nn.Dense(16, kernel_init=kernel_init)(x)
+
+
+RULES = [("Dense_0/kernel", P(None, "model")), ("**", None), ("**", P())]
+
+
+@pytest.fixture
+def mesh():
+    return Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+
+
+def test_materialize_on_mesh_matches_init_and_requested_shardings(mesh):
+    key = jax.random.key(0)
+    got = flaxlazy.materialize(Model(), key, X, mesh=mesh, partition_rules=RULES)
+    want = jax.jit(Model().init)(key, jnp.zeros(X.shape))
+    chex.assert_trees_all_equal(jax.device_get(got), jax.device_get(want))
+    expected = flaxlazy.shardings(
+        flaxlazy.abstract_init(Model(), key, X), mesh, partition_rules=RULES
+    )
+    kernel = got["params"]["Dense_0"]["kernel"]
+    assert kernel.sharding == expected["params"]["Dense_0"]["kernel"]
+    assert kernel.sharding.spec == P(None, "model")
+    assert {s.data.shape for s in kernel.addressable_shards} == {(32, 16)}
+    boxed = got["params"]["Dense_1"]["kernel"]
+    assert isinstance(boxed, nn.Partitioned) and boxed.value.sharding.spec == P("model", None)
+    assert got["batch_stats"]["BatchNorm_0"]["mean"].sharding.spec == P()
+
+
+def test_abstract_init_carries_the_same_shardings(mesh):
+    key = jax.random.key(0)
+    shapes = flaxlazy.abstract_init(Model(), key, X, mesh=mesh, partition_rules=RULES)
+    values = flaxlazy.materialize(Model(), key, X, mesh=mesh, partition_rules=RULES)
+    a = jax.tree.leaves(shapes)
+    b = jax.tree.leaves(values)
+    assert [s.sharding for s in a] == [v.sharding for v in b]
+
+
+def test_summary_reports_bytes_per_device(mesh):
+    shapes = flaxlazy.abstract_init(Model(), jax.random.key(0), X, mesh=mesh, partition_rules=RULES)
+    table = flaxlazy.summary(shapes)
+    assert "per device" in table.splitlines()[0]
+    kernel_row = next(l for l in table.splitlines() if l.startswith("params/Dense_0/kernel"))
+    assert "(None, 'model')" in kernel_row and kernel_row.endswith("2.0 KiB")
+    assert table.splitlines()[-1].startswith("largest per-device load: 4.3 KiB on each of 8")
+    plain = flaxlazy.abstract_init(Model(), jax.random.key(0), X)
+    assert flaxlazy.summary(plain, mesh=mesh, partition_rules=RULES) == table
+
+
+def test_shardings_tree_and_device_sharding(mesh):
+    key = jax.random.key(0)
+    tree = flaxlazy.shardings(flaxlazy.abstract_init(Model(), key, X), mesh, RULES)
+    got = flaxlazy.materialize(Model(), key, X, shardings=tree)
+    for leaf, sh in zip(jax.tree.leaves(got), jax.tree.leaves(tree), strict=True):
+        assert leaf.sharding == sh
+    replicated = NamedSharding(mesh, P())
+    got = flaxlazy.materialize(Model(), key, X, device=replicated)
+    assert all(leaf.sharding == replicated for leaf in jax.tree.leaves(got))
+
+
+def test_placement_argument_errors(mesh):
+    key = jax.random.key(0)
+    with pytest.raises(TypeError, match="only one of `device`, `shardings` and `mesh`"):
+        flaxlazy.materialize(Model(), key, X, device=jax.devices()[0], mesh=mesh)
+    with pytest.raises(TypeError, match="need a `mesh=`"):
+        flaxlazy.materialize(Model(), key, X, partition_rules=RULES)
+    with pytest.raises(TypeError, match="need a `mesh=`"):
+        flaxlazy.abstract_init(Model(), key, X, partition_rules=RULES)
+    with pytest.raises(ValueError, match="no partition rule matches .*'Dense_0/bias'"):
+        flaxlazy.materialize(Model(), key, X, mesh=mesh, partition_rules=[("**/kernel", P())])
+
+
+def test_lazy_init_on_mesh(mesh):
+    net = flaxlazy.lazy(Model())
+    got = net.init(jax.random.key(0), X, mesh=mesh, partition_rules=RULES)
+    assert got["params"]["Dense_0"]["kernel"].sharding.spec == P(None, "model")
