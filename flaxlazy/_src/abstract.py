@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -11,6 +10,7 @@ import jax
 import flax.linen as nn
 from flax.core.scope import DenyList
 
+from flaxlazy._src import cache as cache_lib
 from flaxlazy._src import recorder as recorder_lib
 from flaxlazy._src import sharding as sharding_lib
 from flaxlazy._src import specs
@@ -142,8 +142,7 @@ class Traced:
     records: Mapping[tuple[str, tuple[str, ...]], recorder_lib.Record]
 
 
-_CACHE: collections.OrderedDict = collections.OrderedDict()
-_CACHE_SIZE = 64
+_TRACES = cache_lib.LRU(64)
 
 
 def trace(call: InitCall) -> Traced:
@@ -152,11 +151,10 @@ def trace(call: InitCall) -> Traced:
     Results are cached per call (module, method, input specs, static inputs), so that
     abstract init and materializing the same model again cost no second trace.
     """
-    key = call.cache_key()
-    if key is not None and key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
+    return _TRACES.get(call.cache_key(), lambda: _trace(call))
 
+
+def _trace(call: InitCall) -> Traced:
     found = {}
 
     def fn(rngs, dyn):
@@ -167,12 +165,7 @@ def trace(call: InitCall) -> Traced:
         return variables
 
     variables = jax.eval_shape(fn, call.rngs, list(call.inputs))
-    traced = Traced(call, variables, found["records"])
-    if key is not None:
-        _CACHE[key] = traced
-        if len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
-    return traced
+    return Traced(call, variables, found["records"])
 
 
 def abstract_init(

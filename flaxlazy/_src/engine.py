@@ -16,7 +16,6 @@ Two kinds of work, one mechanism:
 
 from __future__ import annotations
 
-import collections
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -28,13 +27,13 @@ from jax._src import core as jax_core
 from jax._src.interpreters import partial_eval as pe
 
 from flaxlazy._src import abstract as abstract_lib
+from flaxlazy._src import cache as cache_lib
 from flaxlazy._src import chunked
 from flaxlazy._src import paths
 from flaxlazy._src import plan as plan_lib
 from flaxlazy._src import specs
 
-_COMPILED: collections.OrderedDict = collections.OrderedDict()
-_CACHE_SIZE = 4096
+_COMPILED = cache_lib.LRU(4096)
 
 DATA_DEPENDENT = (
     "{paths} depend{s} on the values of input(s) {inputs}, which were given as specs "
@@ -43,23 +42,9 @@ DATA_DEPENDENT = (
 )
 
 
-def _cache_get(key: Any, make):
-    if key is None:
-        return make()
-    fn = _COMPILED.get(key)
-    if fn is None:
-        fn = _COMPILED[key] = make()
-        if len(_COMPILED) > _CACHE_SIZE:
-            _COMPILED.popitem(last=False)
-    else:
-        _COMPILED.move_to_end(key)
-    return fn
-
-
 def clear_cache() -> None:
-    """Forgets every compiled initializer (mainly for tests and benchmarks)."""
-    _COMPILED.clear()
-    abstract_lib._CACHE.clear()
+    """Forgets every trace, plan and compiled initializer (for tests and benchmarks)."""
+    cache_lib.clear_all()
 
 
 @jax.jit
@@ -96,7 +81,7 @@ def _leaf_fn(leaf: plan_lib.Leaf, key_spec: Any):
         return jax.jit(fn, out_shardings=leaf.sharding)
 
     key = None if leaf.signature is None else (leaf.signature, leaf.sharding, key_spec)
-    return _cache_get(key, make)
+    return _COMPILED.get(key, make)
 
 
 def _place(value: Any, sharding: Any) -> jax.Array:
@@ -161,7 +146,7 @@ def _traced_runner(plan: plan_lib.Plan, leaves: Sequence[plan_lib.Leaf], concret
 
         return runner
 
-    return _cache_get(key, make)
+    return _COMPILED.get(key, make)
 
 
 def execute(plan: plan_lib.Plan, rngs: Any, inputs: Sequence[Any]) -> Any:

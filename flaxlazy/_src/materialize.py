@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Callable
 from typing import Any
 
@@ -10,12 +9,12 @@ import jax
 import flax.linen as nn
 
 from flaxlazy._src import abstract as abstract_lib
+from flaxlazy._src import cache as cache_lib
 from flaxlazy._src import engine
 from flaxlazy._src import placement
 from flaxlazy._src import plan as plan_lib
 
-_PLANS: collections.OrderedDict = collections.OrderedDict()
-_CACHE_SIZE = 64
+_PLANS = cache_lib.LRU(64)
 
 
 def make_plan(
@@ -23,21 +22,17 @@ def make_plan(
     cache_key: Any = (),
 ) -> plan_lib.Plan:
     """Traces ``call`` and builds its plan, reusing both for a repeated call."""
-    traced = abstract_lib.trace(call)
     call_key = call.cache_key()
     init_key = plan_lib.structural_key(initializers)
     key = None
     if call_key is not None and init_key is not None and cache_key is not None:
         key = (call_key, init_key, cache_key)
-        if key in _PLANS:
-            _PLANS.move_to_end(key)
-            return _PLANS[key]
-    plan = plan_lib.build(traced, initializers=initializers, shardings=shardings)
-    if key is not None:
-        _PLANS[key] = plan
-        if len(_PLANS) > _CACHE_SIZE:
-            _PLANS.popitem(last=False)
-    return plan
+    return _PLANS.get(
+        key,
+        lambda: plan_lib.build(
+            abstract_lib.trace(call), initializers=initializers, shardings=shardings
+        ),
+    )
 
 
 def materialize(

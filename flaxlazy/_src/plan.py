@@ -27,6 +27,7 @@ import numpy as np
 from flax.core import meta
 
 from flaxlazy._src import abstract as abstract_lib
+from flaxlazy._src import cache as cache_lib
 from flaxlazy._src import paths
 from flaxlazy._src import recorder as recorder_lib
 from flaxlazy._src import rules as rules_lib
@@ -187,7 +188,7 @@ def _replay(rec: recorder_lib.Record, sub: str) -> tuple[Callable, Any]:
     return fn, signature
 
 
-_CHECKED: dict[Any, bool] = {}
+_CHECKED = cache_lib.LRU(4096)
 
 
 def _replays_alone(fn: Callable, signature: Any, root_key: Any, shape, dtype) -> bool:
@@ -197,20 +198,18 @@ def _replays_alone(fn: Callable, signature: Any, root_key: Any, shape, dtype) ->
     or call back into its module; such a leaf is left to the traced run.
     """
     key_spec = None if root_key is None else specs.to_spec(root_key)
-    cache_key = None if signature is None else (signature, key_spec)
-    if cache_key is not None and cache_key in _CHECKED:
-        return _CHECKED[cache_key]
-    try:
-        closed = jax.make_jaxpr(fn)(key_spec)
-    except Exception:  # noqa: BLE001 - any failure means "not replayable alone"
-        return False
-    # A tracer of the finished abstract trace shows up as a constant: data-dependent.
-    leaked = any(isinstance(c, jax.core.Tracer) for c in closed.consts)
-    (out,) = closed.out_avals
-    ok = not leaked and tuple(out.shape) == tuple(shape) and out.dtype == dtype
-    if cache_key is not None:
-        _CHECKED[cache_key] = ok
-    return ok
+
+    def check() -> bool:
+        try:
+            closed = jax.make_jaxpr(fn)(key_spec)
+        except Exception:  # noqa: BLE001 - any failure means "not replayable alone"
+            return False
+        # A tracer of the finished abstract trace shows up as a constant: data-dependent.
+        leaked = any(isinstance(c, jax.core.Tracer) for c in closed.consts)
+        (out,) = closed.out_avals
+        return not leaked and tuple(out.shape) == tuple(shape) and out.dtype == dtype
+
+    return _CHECKED.get(None if signature is None else (signature, key_spec), check)
 
 
 def _layer_axes(full: tuple[int, ...], layer: tuple[int, ...]) -> tuple[int, ...] | None:
