@@ -183,10 +183,13 @@ def test_materialize_matches_init(case):
     assert_same_tree(got, reference(case.name))
 
 
-@pytest.mark.parametrize("name", ["mlp_compact", "multi_rng"])
-def test_materialize_matches_eager_init(name):
-    """Against plain, uncompiled ``module.init``: equal up to float rounding."""
-    case = _BY_NAME[name]
+def test_materialize_matches_eager_init():
+    """Against plain, uncompiled ``module.init``: equal up to float rounding.
+
+    ``multi_rng`` draws ``0.3 * normal`` for a state variable, which XLA compiles
+    to a result 1 ulp away from the eager one for some elements.
+    """
+    case = _BY_NAME["multi_rng"]
     want = case.module.init(rngs_for(case), *case.args, method=case.method, **case.kwargs)
     args, kwargs = materialize_inputs(case)
     got = flaxlazy.materialize(case.module, rngs_for(case), *args, method=case.method, **kwargs)
@@ -194,11 +197,15 @@ def test_materialize_matches_eager_init(name):
     chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("key", [jax.random.key(3), jax.random.PRNGKey(3)], ids=["typed", "raw"])
-def test_materialize_accepts_a_bare_key(key):
+@pytest.mark.parametrize("raw", [False, True], ids=["typed_key", "raw_key"])
+def test_materialize_accepts_a_bare_key(raw):
+    """``rngs=key`` is ``rngs={"params": key}``, for typed and raw uint32 keys alike."""
     case = _BY_NAME["mlp_compact"]
-    want = jax.jit(case.module.init)(key, *case.args)
-    assert_same_tree(flaxlazy.materialize(case.module, key, *to_specs(case.args)), want)
+    key = rngs_for(case)["params"]
+    if raw:
+        key = jax.random.key_data(key)
+    got = flaxlazy.materialize(case.module, key, *to_specs(case.args))
+    assert_same_tree(got, reference(case.name))
 
 
 # --------------------------------------------------------------------------
@@ -266,7 +273,6 @@ def test_initializer_override_changes_only_matched_params(case):
 
 # prefix of the stacked params and the size of the stacking axis (always axis 0)
 _STACKED = {
-    "scan_remat": ("layers", 2),
     "scan_partitioned": ("layers", 2),
     "vmap_ensemble": ("members", 3),
 }
