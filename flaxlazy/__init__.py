@@ -13,12 +13,18 @@ from flaxlazy._src.specs import spec
 from flaxlazy._src.summary import nbytes
 from flaxlazy._src.summary import num_params
 from flaxlazy._src.summary import summary
+from flaxlazy._src.train_state import TrainState
+from flaxlazy._src.train_state import abstract_train_state
+from flaxlazy._src.train_state import init_train_state
 
 __version__ = "0.1.0"
 
 __all__ = (
     "Lazy",
+    "TrainState",
     "abstract_init",
+    "abstract_train_state",
+    "init_train_state",
     "lazy",
     "materialize",
     "nbytes",

@@ -1,7 +1,7 @@
 import flaxlazy
 
 PUBLIC = [
-    "Lazy", "abstract_init", "lazy", "materialize", "nbytes", "num_params", "shardings", "spec",
+    "Lazy", "TrainState", "abstract_init", "abstract_train_state", "init_train_state", "lazy", "materialize", "nbytes", "num_params", "shardings", "spec",
     "summary",
 ]
 

@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from flax.training import train_state
 from jax.sharding import NamedSharding
 
 from flaxlazy._src import paths
@@ -97,10 +98,11 @@ def render(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence
 
 
 def _group(path: str, tree: Any) -> str:
-    is_collections = isinstance(tree, Mapping) and all(
-        isinstance(v, Mapping) for v in tree.values()
+    """The total a leaf counts towards: its collection, or its train-state field."""
+    grouped = isinstance(tree, train_state.TrainState) or (
+        isinstance(tree, Mapping) and all(isinstance(v, Mapping) for v in tree.values())
     )
-    return path.split(paths.SEP, 1)[0] if is_collections else "total"
+    return path.split(paths.SEP, 1)[0] if grouped else "total"
 
 
 def _leaf_shardings(tree: Any, flat: list, mesh: Any, partition_rules: Any,

@@ -1,0 +1,109 @@
+"""init_train_state / abstract_train_state: params + optax state, sharded alike."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax.training import train_state as flax_train_state
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+import flaxlazy
+
+X = flaxlazy.spec("f32[8,16]")
+
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Dense(32)(x)
+        x = nn.BatchNorm(use_running_average=not train)(x)
+        return nn.Dense(8, name="head")(nn.relu(x))
+
+
+RULES = [("Dense_0/kernel", P(None, "model")), ("head/kernel", P("model", None)), ("**", P())]
+
+
+def _txs():
+    labels = {"Dense_0": {"kernel": "adam", "bias": "sgd"},
+              "BatchNorm_0": {"scale": "sgd", "bias": "sgd"},
+              "head": {"kernel": "adam", "bias": "sgd"}}
+    mask = jax.tree.map(lambda l: l == "adam", labels)
+    return {
+        "adamw": optax.adamw(1e-3),
+        "chain": optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3)),
+        "multi_transform": optax.multi_transform(
+            {"adam": optax.adam(1e-3), "sgd": optax.sgd(0.1, momentum=0.9)}, labels),
+        "masked": optax.masked(optax.adam(1e-3), mask),
+    }
+
+
+@pytest.fixture
+def mesh():
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (simulated) devices")
+    return Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+
+
+@pytest.mark.parametrize("name", list(_txs()))
+def test_equals_flax_train_state_create(name):
+    tx = _txs()[name]
+    key = jax.random.key(0)
+    state = flaxlazy.init_train_state(Net(), tx, key, X)
+    variables = Net().init(key, jnp.zeros(X.shape))
+    want = flax_train_state.TrainState.create(
+        apply_fn=Net().apply, params=variables["params"], tx=tx)
+    assert isinstance(state, flax_train_state.TrainState)
+    chex.assert_trees_all_close(state.params, want.params, rtol=1e-6)
+    chex.assert_trees_all_close(state.opt_state, want.opt_state)
+    chex.assert_trees_all_close(state.collections, {"batch_stats": variables["batch_stats"]})
+    assert int(state.step) == 0
+    # It trains like any TrainState.
+    grads = jax.tree.map(jnp.ones_like, state.params)
+    assert int(state.apply_gradients(grads=grads).step) == 1
+
+
+@pytest.mark.parametrize("name", list(_txs()))
+def test_sharded_optimizer_state_mirrors_params(name, mesh):
+    tx = _txs()[name]
+    key = jax.random.key(0)
+    state = flaxlazy.init_train_state(Net(), tx, key, X, mesh=mesh, partition_rules=RULES)
+    abstract = flaxlazy.abstract_train_state(Net(), tx, key, X, mesh=mesh, partition_rules=RULES)
+    got = jax.tree.leaves(state)
+    want = jax.tree.leaves(abstract)
+    assert [g.sharding for g in got] == [w.sharding for w in want]
+    assert state.params["Dense_0"]["kernel"].sharding.spec == P(None, "model")
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]:
+        text = jax.tree_util.keystr(path)
+        if leaf.ndim == 0:
+            assert leaf.sharding.spec == P(), text
+        elif "Dense_0']['kernel']" in text:
+            assert leaf.sharding.spec == P(None, "model"), text
+            assert {s.data.shape for s in leaf.addressable_shards} == {(16, 8)}
+        elif "head']['kernel']" in text:
+            assert leaf.sharding.spec == P("model", None), text
+    single = flaxlazy.init_train_state(Net(), tx, key, X)
+    chex.assert_trees_all_close(jax.device_get(state.opt_state), jax.device_get(single.opt_state))
+
+
+def test_summary_reports_params_and_optimizer_per_device(mesh):
+    abstract = flaxlazy.abstract_train_state(
+        Net(), optax.adam(1e-3), jax.random.key(0), X, mesh=mesh, partition_rules=RULES)
+    table = flaxlazy.summary(abstract)
+    totals = {line.split()[0]: line for line in table.splitlines()[-6:]}
+    assert {"params", "opt_state", "step", "collections", "total"} <= set(totals)
+    assert "per device" in table.splitlines()[0]
+
+
+def test_optimizer_leaf_without_mirror_needs_a_rule(mesh):
+    tx = optax.adafactor(1e-3, min_dim_size_to_factor=4)  # factored moments: new shapes
+    rules = RULES[:2] + [("**/bias", P()), ("**/scale", P()), ("batch_stats/**", P())]
+    with pytest.raises(ValueError, match=r"optimizer state leaf 'opt_state/.*mirrors no parameter"):
+        flaxlazy.init_train_state(Net(), tx, jax.random.key(0), X, mesh=mesh, partition_rules=rules)
+    state = flaxlazy.init_train_state(
+        Net(), tx, jax.random.key(0), X, mesh=mesh,
+        partition_rules=rules + [("opt_state/**", P())])
+    assert state.opt_state is not None
