@@ -63,7 +63,7 @@ def test_summary_reports_bytes_per_device(mesh):
     shapes = flaxlazy.abstract_init(Model(), jax.random.key(0), X, mesh=mesh, partition_rules=RULES)
     table = flaxlazy.summary(shapes)
     assert "per device" in table.splitlines()[0]
-    kernel_row = next(l for l in table.splitlines() if l.startswith("params/Dense_0/kernel"))
+    kernel_row = next(r for r in table.splitlines() if r.startswith("params/Dense_0/kernel"))
     assert "(None, 'model')" in kernel_row and kernel_row.endswith("2.0 KiB")
     assert table.splitlines()[-1].startswith("largest per-device load: 4.3 KiB on each of 8")
     plain = flaxlazy.abstract_init(Model(), jax.random.key(0), X)

@@ -1,7 +1,21 @@
 import flaxlazy
 
 PUBLIC = [
-    "Lazy", "TrainState", "abstract_init", "abstract_train_state", "init_train_state", "lazy", "materialize", "nbytes", "num_params", "shardings", "spec",
+    "CheckpointSource",
+    "Lazy",
+    "TrainState",
+    "abstract_init",
+    "abstract_train_state",
+    "from_checkpoint",
+    "init_train_state",
+    "lazy",
+    "materialize",
+    "nbytes",
+    "num_params",
+    "restore",
+    "save",
+    "shardings",
+    "spec",
     "summary",
 ]
 

@@ -29,8 +29,8 @@ def test_table_has_paths_and_per_collection_totals(key):
     table = flaxlazy.summary(flaxlazy.abstract_init(CNN(), key, flaxlazy.spec("f32[1,5,5,1]")))
     lines = table.splitlines()
     assert lines[0].split() == ["path", "shape", "dtype", "params", "bytes"]
-    assert any(l.startswith("params/Conv_0/kernel") and "(3, 3, 1, 4)" in l for l in lines)
-    assert any(l.startswith("batch_stats/BatchNorm_0/mean") for l in lines)
+    assert any(r.startswith("params/Conv_0/kernel") and "(3, 3, 1, 4)" in r for r in lines)
+    assert any(r.startswith("batch_stats/BatchNorm_0/mean") for r in lines)
     assert lines[-3].split()[:2] == ["batch_stats", "8"]
     assert lines[-2].split()[:2] == ["params", "250"]
     assert lines[-1].split()[:2] == ["total", "258"]

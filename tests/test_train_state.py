@@ -31,7 +31,7 @@ def _txs():
     labels = {"Dense_0": {"kernel": "adam", "bias": "sgd"},
               "BatchNorm_0": {"scale": "sgd", "bias": "sgd"},
               "head": {"kernel": "adam", "bias": "sgd"}}
-    mask = jax.tree.map(lambda l: l == "adam", labels)
+    mask = jax.tree.map(lambda label: label == "adam", labels)
     return {
         "adamw": optax.adamw(1e-3),
         "chain": optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3)),

@@ -6,8 +6,8 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax
 import flax.linen as nn
+import jax
 from flax.core.scope import DenyList
 
 from flaxlazy._src import cache as cache_lib

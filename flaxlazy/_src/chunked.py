@@ -29,8 +29,8 @@ from jax._src.random import prng
 from jax._src.random.threefry2x32 import threefry2x32_p
 
 # Leaves with more elements than this are drawn in chunks of CHUNK_ELEMENTS.
-MIN_ELEMENTS = 1 << 22
-CHUNK_ELEMENTS = 1 << 20
+MIN_ELEMENTS = 1 << 20
+CHUNK_ELEMENTS = 1 << 18
 
 _ELEMENTWISE = frozenset(
     """abs add and atan2 bitcast_convert_type cbrt ceil clamp convert_element_type copy

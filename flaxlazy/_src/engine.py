@@ -28,10 +28,8 @@ from jax._src.interpreters import partial_eval as pe
 
 from flaxlazy._src import abstract as abstract_lib
 from flaxlazy._src import cache as cache_lib
-from flaxlazy._src import chunked
-from flaxlazy._src import paths
+from flaxlazy._src import checkpoint, chunked, paths, specs
 from flaxlazy._src import plan as plan_lib
-from flaxlazy._src import specs
 
 _COMPILED = cache_lib.LRU(4096)
 
@@ -167,14 +165,23 @@ def execute(plan: plan_lib.Plan, rngs: Any, inputs: Sequence[Any]) -> Any:
     keys = iter(derive_keys(root, keyed)) if keyed else iter(())
     values: list[Any] = [None] * len(plan.leaves)
     traced = []
+    reads: dict[str, dict[str, tuple[int, jax.ShapeDtypeStruct]]] = {}
     for i, leaf in enumerate(plan.leaves):
         if leaf.source == plan_lib.ARRAY:
             values[i] = _place(leaf.value, leaf.sharding)
+        elif leaf.source == plan_lib.CHECKPOINT:
+            source, entry = leaf.value
+            target = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+            reads.setdefault(source.path, {})[entry] = (i, target)
         elif leaf.source == plan_lib.TRACED:
             traced.append(i)
         else:
             key = next(keys) if leaf.key is not None else None
             values[i] = _leaf_fn(leaf, key_spec)(key)
+    for path, wanted in reads.items():
+        arrays = checkpoint.read(path, {entry: target for entry, (_, target) in wanted.items()})
+        for entry, (i, _) in wanted.items():
+            values[i] = arrays[entry]
     if traced:
         concrete = tuple(not isinstance(x, jax.ShapeDtypeStruct) for x in inputs)
         runner = _traced_runner(plan, [plan.leaves[i] for i in traced], concrete)

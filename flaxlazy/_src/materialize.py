@@ -5,13 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import jax
 import flax.linen as nn
+import jax
 
 from flaxlazy._src import abstract as abstract_lib
 from flaxlazy._src import cache as cache_lib
-from flaxlazy._src import engine
-from flaxlazy._src import placement
+from flaxlazy._src import engine, placement
 from flaxlazy._src import plan as plan_lib
 
 _PLANS = cache_lib.LRU(64)

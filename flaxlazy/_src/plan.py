@@ -10,6 +10,8 @@ Sources of a leaf's value:
 * ``"initializer"``: an override from ``initializers=``, drawn with a key derived from the
   root ``params`` key and the leaf's path;
 * ``"array"``: an array given in ``initializers=``, used as is;
+* ``"checkpoint"``: read from an Orbax checkpoint (``from_checkpoint``), straight into
+  the leaf's sharding;
 * ``"traced"``: everything whose recipe is not static (lifted transforms such as
   ``nn.scan``, data-dependent init, variables changed after creation): computed by one
   compiled run of ``module.init`` that returns only these leaves.
@@ -28,14 +30,14 @@ from flax.core import meta
 
 from flaxlazy._src import abstract as abstract_lib
 from flaxlazy._src import cache as cache_lib
-from flaxlazy._src import paths
+from flaxlazy._src import checkpoint, paths, restore, specs
 from flaxlazy._src import recorder as recorder_lib
 from flaxlazy._src import rules as rules_lib
-from flaxlazy._src import specs
 
 FLAX = "flax"
 INITIALIZER = "initializer"
 ARRAY = "array"
+CHECKPOINT = "checkpoint"
 TRACED = "traced"
 
 PARAMS = "params"
@@ -56,7 +58,7 @@ class Leaf(NamedTuple):
       sharding: where the leaf is placed (None: JAX's default device).
       fn: for ``"flax"`` and ``"initializer"``, ``fn(key) -> array`` (key may be None).
       signature: a hashable identity of ``fn`` for the compilation cache, or None.
-      value: for ``"array"``, the array.
+      value: for ``"array"``, the array; for ``"checkpoint"``, ``(source, entry)``.
       rule: the label of the initializer rule that matched, if any.
     """
 
@@ -235,7 +237,9 @@ def _override_fn(init: Callable, shape, dtype, layer_shape) -> Callable:
 
     def fn(key):
         keys = jax.random.split(key, int(np.prod(counts))).reshape(*counts, *key.shape)
-        draw = lambda k: init(k, layer_shape, dtype)
+        def draw(k):
+            return init(k, layer_shape, dtype)
+
         for _ in axes:
             draw = jax.vmap(draw)
         out = draw(keys)
@@ -267,11 +271,32 @@ def _is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray))
 
 
+def _checkpoint_entry(source, path: str, shape, dtype, entries: dict) -> str:
+    entry = source.entry(path[len(PARAMS) + 1 :])
+    found = entries.get(entry)
+    if found is None:
+        hint = ", ".join(repr(e) for e in paths.closest(entry, entries))
+        raise ValueError(
+            f"from_checkpoint({source.path!r}): {path!r} ({_fmt(shape, dtype)}) maps to "
+            f"checkpoint entry {entry!r}, which the checkpoint does not have. Closest "
+            f"entries: {hint}. Check `subtree` ({source.subtree!r}) and `rename`."
+        )
+    if tuple(found.shape) != tuple(shape) or found.dtype != dtype:
+        raise ValueError(
+            f"from_checkpoint({source.path!r}): {path!r} is {_fmt(shape, dtype)} in the "
+            f"model but checkpoint entry {entry!r} is {_fmt(found.shape, found.dtype)}."
+        )
+    return entry
+
+
 def _override(
-    rule: rules_lib.Rule, path: str, shape, dtype, layer_shape, root_key
+    rule: rules_lib.Rule, path: str, shape, dtype, layer_shape, root_key, entries
 ) -> tuple[str, Callable | None, Any, Any, int | None]:
     """(source, fn, signature, value, key) for a leaf that ``rule`` overrides."""
     value = rule.value
+    if restore.is_source(value):
+        entry = _checkpoint_entry(value, path, shape, dtype, entries(value.path))
+        return CHECKPOINT, None, None, (value, entry), None
     if _is_array(value):
         _check_abstract(path, value, shape, dtype, f"the array from {rule.label}")
         return ARRAY, None, None, value, None
@@ -328,6 +353,7 @@ def build(
     if chosen and root_key is None:
         raise ValueError("initializers: overriding parameters needs a 'params' key in `rngs`.")
 
+    entries = functools.cache(checkpoint.entries)
     leaves = []
     for path, abstract_leaf in flat:
         value = unbox(abstract_leaf)
@@ -342,7 +368,7 @@ def build(
                 if layer_shape == shape or _layer_axes(shape, layer_shape) is None:
                     layer_shape = None
             source, fn, signature, array, key = _override(
-                rule, path, shape, dtype, layer_shape, root_key
+                rule, path, shape, dtype, layer_shape, root_key, entries
             )
         elif rec is not None and rec.replayable and _replays_alone(
             *(replay := _replay(rec, sub)), root_key, shape, dtype
@@ -355,4 +381,15 @@ def build(
             Leaf(path, shape, dtype, source, key, sharding, fn, signature, array,
                  rule.label if rule is not None else None)
         )
+    _report_unconsumed(leaves, entries)
     return Plan(traced, tuple(leaves), treedef, tuple(leaf for _, leaf in flat))
+
+
+def _report_unconsumed(leaves: list[Leaf], entries: Callable) -> None:
+    consumed: dict[Any, set[str]] = {}
+    for leaf in leaves:
+        if leaf.source == CHECKPOINT:
+            source, entry = leaf.value
+            consumed.setdefault(source, set()).add(entry)
+    for source, used in consumed.items():
+        source.report_unconsumed(list(entries(source.path)), used)

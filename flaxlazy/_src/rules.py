@@ -40,7 +40,9 @@ def _tree_rules(tree: Mapping, prefix: str, is_value: Callable[[Any], bool]) -> 
     out = []
     for name, value in tree.items():
         if not isinstance(name, str):
-            raise TypeError(f"Initializer tree keys must be strings, got {name!r} under {prefix!r}.")
+            raise TypeError(
+                f"Initializer tree keys must be strings, got {name!r} under {prefix!r}."
+            )
         path = f"{prefix}{paths.SEP}{name}" if prefix else name
         if isinstance(value, Mapping) and not is_value(value):
             out.extend(_tree_rules(value, path, is_value))

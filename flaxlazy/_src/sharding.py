@@ -505,7 +505,8 @@ def with_shardings(
       >>> from jax.sharding import Mesh, PartitionSpec as P
       >>> mesh = Mesh(np.array(jax.devices()[:1]), ("model",))
       >>> tree = {"params": {"w": jax.ShapeDtypeStruct((4, 2), "float32")}}
-      >>> with_shardings(tree, mesh, partition_rules=[("w", P("model"))])["params"]["w"].sharding.spec
+      >>> out = with_shardings(tree, mesh, partition_rules=[("w", P("model"))])
+      >>> out["params"]["w"].sharding.spec
       P('model',)
     """
     specs = partition_specs(

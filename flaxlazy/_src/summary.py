@@ -5,9 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
 import numpy as np
-
 from flax.training import train_state
 from jax.sharding import NamedSharding
 
