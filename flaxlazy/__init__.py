@@ -6,13 +6,20 @@ Zero-cost shapes with ``abstract_init``, compiled materialization equal to
 
 from flaxlazy._src.abstract import abstract_init
 from flaxlazy._src.checkpoint import save
-from flaxlazy._src.lazy import Lazy, lazy
+from flaxlazy._src.lazy import Lazy
+from flaxlazy._src.lazy import lazy
 from flaxlazy._src.materialize import materialize
-from flaxlazy._src.restore import CheckpointSource, from_checkpoint, restore
+from flaxlazy._src.restore import CheckpointSource
+from flaxlazy._src.restore import from_checkpoint
+from flaxlazy._src.restore import restore
 from flaxlazy._src.sharding import shardings
 from flaxlazy._src.specs import spec
-from flaxlazy._src.summary import nbytes, num_params, summary
-from flaxlazy._src.train_state import TrainState, abstract_train_state, init_train_state
+from flaxlazy._src.summary import nbytes
+from flaxlazy._src.summary import num_params
+from flaxlazy._src.summary import summary
+from flaxlazy._src.train_state import TrainState
+from flaxlazy._src.train_state import abstract_train_state
+from flaxlazy._src.train_state import init_train_state
 
 __version__ = "0.1.0"
 

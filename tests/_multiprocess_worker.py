@@ -18,13 +18,15 @@ import sys
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import flaxlazy
 from flaxlazy._src import abstract as abstract_lib
-from flaxlazy._src import engine, paths
+from flaxlazy._src import engine
 from flaxlazy._src import materialize as materialize_lib
+from flaxlazy._src import paths
 from flaxlazy._src import sharding as sharding_lib
 
 NUM_PROCESSES = 2

@@ -8,11 +8,14 @@ import optax
 import pytest
 import tensorstore as ts
 from flax.training import train_state
-from jax.sharding import NamedSharding, SingleDeviceSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from jax.sharding import SingleDeviceSharding
 
 from flaxlazy._src import paths
-from flaxlazy._src.checkpoint import entries, read, save
+from flaxlazy._src.checkpoint import entries
+from flaxlazy._src.checkpoint import read
+from flaxlazy._src.checkpoint import save
 
 needs_8 = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices")
 

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import pytest
 
 import flaxlazy
-from flaxlazy._src import chunked, engine
+from flaxlazy._src import chunked
+from flaxlazy._src import engine
 
 INITS = {
     "lecun_normal": nn.initializers.lecun_normal(),

@@ -13,13 +13,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import flaxlazy
 from flaxlazy._src import abstract as abstract_lib
-from flaxlazy._src import engine, paths
+from flaxlazy._src import engine
 from flaxlazy._src import materialize as materialize_lib
+from flaxlazy._src import paths
 from flaxlazy._src import sharding as sharding_lib
 from flaxlazy._src.compiles import count_compiles
 

@@ -28,8 +28,11 @@ from jax._src.interpreters import partial_eval as pe
 
 from flaxlazy._src import abstract as abstract_lib
 from flaxlazy._src import cache as cache_lib
-from flaxlazy._src import checkpoint, chunked, paths, specs
+from flaxlazy._src import checkpoint
+from flaxlazy._src import chunked
+from flaxlazy._src import paths
 from flaxlazy._src import plan as plan_lib
+from flaxlazy._src import specs
 
 _COMPILED = cache_lib.LRU(4096)
 

@@ -10,7 +10,8 @@ import jax
 
 from flaxlazy._src import abstract as abstract_lib
 from flaxlazy._src import cache as cache_lib
-from flaxlazy._src import engine, placement
+from flaxlazy._src import engine
+from flaxlazy._src import placement
 from flaxlazy._src import plan as plan_lib
 
 _PLANS = cache_lib.LRU(64)

@@ -20,8 +20,10 @@ Sources of a leaf's value:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from collections.abc import Mapping
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +32,12 @@ from flax.core import meta
 
 from flaxlazy._src import abstract as abstract_lib
 from flaxlazy._src import cache as cache_lib
-from flaxlazy._src import checkpoint, paths, restore, specs
+from flaxlazy._src import checkpoint
+from flaxlazy._src import paths
 from flaxlazy._src import recorder as recorder_lib
+from flaxlazy._src import restore
 from flaxlazy._src import rules as rules_lib
+from flaxlazy._src import specs
 
 FLAX = "flax"
 INITIALIZER = "initializer"

@@ -10,11 +10,13 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 
-from flaxlazy._src import checkpoint, paths
+from flaxlazy._src import checkpoint
+from flaxlazy._src import paths
 
 UNCONSUMED = (
     "from_checkpoint({path!r}): {n} checkpoint entr{ies} under {where} not used by the "

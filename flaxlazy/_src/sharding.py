@@ -37,14 +37,17 @@ as they are. Results are keyed by the full, collection-qualified path
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
 from flax.core import meta
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 
 from flaxlazy._src import paths
 from flaxlazy._src import rules as rules_lib

@@ -9,7 +9,8 @@ replicated.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -18,7 +19,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 from flax.training import train_state
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 
 from flaxlazy._src import abstract as abstract_lib
 from flaxlazy._src import materialize as materialize_lib
