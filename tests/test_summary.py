@@ -46,3 +46,10 @@ def test_table_shows_partition_names(key):
 def test_plain_pytrees():
     table = flaxlazy.summary({"w": jax.ShapeDtypeStruct((1024, 1024), jnp.float32)})
     assert "4.0 MiB" in table and "1,048,576" in table
+
+
+def test_rows_in_natural_order():
+    tree = {"params": {f"block_{i}": {"w": jax.ShapeDtypeStruct((2,), jnp.float32)}
+                       for i in (0, 1, 2, 10, 11)}}
+    rows = [r.split()[0] for r in flaxlazy.summary(tree).splitlines()[2:7]]
+    assert rows == [f"params/block_{i}/w" for i in (0, 1, 2, 10, 11)]

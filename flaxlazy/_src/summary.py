@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
@@ -67,6 +69,10 @@ def nbytes(tree: Any) -> int:
       72
     """
     return sum(_size(x) * _itemsize(x) for _, x in _arrays(tree))
+
+
+def _natural(path: str) -> list:
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", path)]
 
 
 def format_bytes(n: float) -> str:
@@ -158,6 +164,7 @@ def summary(
     """
     flat, _ = paths.flatten(tree)
     flat = [(p, leaf) for p, leaf in flat if hasattr(_leaf_array(leaf), "shape")]
+    flat.sort(key=lambda item: _natural(item[0]))  # block_2 before block_10
     shardings = _leaf_shardings(tree, flat, mesh, partition_rules, logical_axis_rules)
     sharded = any(sh is not None for sh in shardings)
     has_names = any(paths.is_box(leaf) for _, leaf in flat)
