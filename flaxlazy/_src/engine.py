@@ -5,8 +5,8 @@ Two kinds of work, one mechanism:
 * Leaves with a static recipe (``"flax"`` and ``"initializer"`` sources) each run a small
   jit-compiled initializer, cached by *signature* (the initializer's code and captured
   values, its arguments and the leaf's sharding), so a 48-layer model compiles about as
-  many functions as a 2-layer one. Their keys come from one compiled function that folds
-  every leaf's static hash into the root ``params`` key, exactly as Flax does.
+  many functions as a 2-layer one. Each folds its leaf's static hash into the root
+  ``params`` key inside that compiled function, exactly as Flax derives the key.
 * The rest (``"traced"``: lifted transforms, data-dependent init) come from one compiled
   run of ``module.init`` that returns only those leaves. Its jaxpr is pruned to what
   those leaves need (dead-code elimination drops the forward pass), which also tells
@@ -48,25 +48,17 @@ def clear_cache() -> None:
     cache_lib.clear_all()
 
 
-@jax.jit
-def _fold_keys(root: jax.Array, hashes: jax.Array) -> list[jax.Array]:
-    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(root, hashes)
-    return list(keys)
-
-
-def derive_keys(root: jax.Array, hashes: Sequence[int]) -> list[jax.Array]:
-    """``[jax.random.fold_in(root, h) for h in hashes]`` in one compiled call."""
-    if not hashes:
-        return []
-    return _fold_keys(root, np.asarray(hashes, dtype=np.uint32))
-
-
 def _single_device(sharding: Any) -> bool:
     return sharding is None or len(sharding.device_set) == 1
 
 
 def _leaf_fn(leaf: plan_lib.Leaf, key_spec: Any):
-    """The compiled ``fn(key)`` of a leaf; large random leaves are drawn in chunks."""
+    """The compiled ``g(root, hash)`` of a leaf: ``leaf.fn(fold_in(root, hash))``.
+
+    The leaf's key is derived inside its own compiled function, so the compiled code
+    depends on the signature alone, never on how many leaves the model has. Large random
+    leaves are drawn in chunks.
+    """
 
     def make():
         fn = leaf.fn
@@ -79,7 +71,11 @@ def _leaf_fn(leaf: plan_lib.Leaf, key_spec: Any):
                 fn = chunked.chunked(leaf.fn, key_spec, leaf.shape, leaf.dtype)
             except chunked.NotChunkable:
                 pass
-        return jax.jit(fn, out_shardings=leaf.sharding)
+
+        def keyed(root, key_hash):
+            return fn(None if key_hash is None else jax.random.fold_in(root, key_hash))
+
+        return jax.jit(keyed, out_shardings=leaf.sharding)
 
     key = None if leaf.signature is None else (leaf.signature, leaf.sharding, key_spec)
     return _COMPILED.get(key, make)
@@ -164,8 +160,6 @@ def execute(plan: plan_lib.Plan, rngs: Any, inputs: Sequence[Any]) -> Any:
     """
     root = abstract_lib.root_params_key(rngs)
     key_spec = abstract_lib.root_params_key(plan.traced.call.rngs)
-    keyed = [leaf.key for leaf in plan.leaves if leaf.key is not None]
-    keys = iter(derive_keys(root, keyed)) if keyed else iter(())
     values: list[Any] = [None] * len(plan.leaves)
     traced = []
     reads: dict[str, dict[str, tuple[int, jax.ShapeDtypeStruct]]] = {}
@@ -179,8 +173,8 @@ def execute(plan: plan_lib.Plan, rngs: Any, inputs: Sequence[Any]) -> Any:
         elif leaf.source == plan_lib.TRACED:
             traced.append(i)
         else:
-            key = next(keys) if leaf.key is not None else None
-            values[i] = _leaf_fn(leaf, key_spec)(key)
+            key_hash = None if leaf.key is None else np.uint32(leaf.key)
+            values[i] = _leaf_fn(leaf, key_spec)(root if key_hash is not None else None, key_hash)
     for path, wanted in reads.items():
         arrays = checkpoint.read(path, {entry: target for entry, (_, target) in wanted.items()})
         for entry, (i, _) in wanted.items():
