@@ -300,3 +300,12 @@ def test_override_without_params_key():
     chex.assert_trees_all_equal(got, KeylessParams().init(rngs, jnp.ones(X.shape)))
     with pytest.raises(ValueError, match="needs a 'params' key"):
         flaxlazy.materialize(KeylessParams(), rngs, X, initializers={"w": nn.initializers.ones})
+
+
+def test_plans_are_cached_with_and_without_initializers():
+    call = abstract_lib.make_call(Net(), jax.random.key(0), (X,), {})
+    assert materialize_lib.make_plan(call) is materialize_lib.make_plan(call)
+    init = {"**/bias": nn.initializers.ones}
+    assert materialize_lib.make_plan(call, initializers=init) is materialize_lib.make_plan(
+        call, initializers={"**/bias": nn.initializers.ones}
+    )

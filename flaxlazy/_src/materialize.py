@@ -23,7 +23,8 @@ def make_plan(
 ) -> plan_lib.Plan:
     """Traces ``call`` and builds its plan, reusing both for a repeated call."""
     call_key = call.cache_key()
-    init_key = plan_lib.structural_key(initializers)
+    # structural_key is None for "unhashable"; no initializers at all is cacheable.
+    init_key = () if initializers is None else plan_lib.structural_key(initializers)
     key = None
     if call_key is not None and init_key is not None and cache_key is not None:
         key = (call_key, init_key, cache_key)
