@@ -1,0 +1,497 @@
+"""The flaxlazy benchmark: every way to initialize a Flax model, side by side.
+
+Usage::
+
+    python benchmarks/run.py                 # the whole zoo (20-40 minutes on 2 CPU cores)
+    python benchmarks/run.py --quick         # a CI smoke subset (under two minutes)
+    python benchmarks/run.py --models gpt12,gpt48 --methods jit,materialize_cold
+
+Each (model, method) runs in a fresh ``python benchmarks/measure.py`` process, so cold
+numbers include everything a new process pays. Writes ``results.json`` and
+``chart.png`` to ``--out`` (default ``benchmarks/results``), prints a table and checks
+the targets of the fast-materializer issue. See ``benchmarks/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from measure import METHODS  # noqa: E402
+
+MODELS = (
+    "mlp", "resnet50", "gpt2_small", "gpt2_medium", "gpt12", "gpt24", "gpt48",
+    "llama7b", "llama70b",
+)
+DEPTHS = {"gpt12": 12, "gpt24": 24, "gpt48": 48}
+ALLOCATING = tuple(m for m in METHODS if m != "abstract")
+
+# (model, method) -> methods to run in --quick mode.
+QUICK = {
+    "mlp": METHODS,
+    "gpt12": ("jit", "materialize_cold", "materialize_warm"),
+    "gpt24": ("materialize_cold",),
+    "llama7b": ("abstract",),
+}
+# Measurements left out of the full run because they cost minutes and show nothing new.
+SLOW: dict[tuple[str, str], str] = {}
+
+# Methods whose peak memory is a multiple of the parameter bytes: skip them when that
+# multiple does not fit in this machine's memory.
+MEMORY_FACTOR = 3.0
+
+
+def _total_memory() -> int:
+    try:
+        import psutil
+
+        return psutil.virtual_memory().total
+    except ImportError:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _flaxlazy_source() -> dict:
+    """Which flaxlazy the measurements import, and its git commit where it has one."""
+    import flaxlazy
+
+    where = os.path.dirname(os.path.dirname(os.path.abspath(flaxlazy.__file__)))
+    info = {"path": where, "version": flaxlazy.__version__}
+    try:
+        git = ["git", "-C", where]
+        info["commit"] = subprocess.run(
+            git + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        info["dirty"] = bool(subprocess.run(
+            git + ["status", "--porcelain", "--", "flaxlazy"], capture_output=True, text=True,
+            check=True,
+        ).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return info
+
+
+def _variable_bytes(model: str) -> int:
+    """The bytes of ``model``'s variables, from an abstract init in this process."""
+    import jax
+    import zoo
+
+    import flaxlazy
+
+    m = zoo.MODELS[model]()
+    shapes = flaxlazy.abstract_init(m.module, jax.random.key(0), *m.inputs, **m.kwargs)
+    return flaxlazy.nbytes(shapes)
+
+
+def run_one(model: str, method: str, timeout: float, cache_dir: str | None = None) -> dict:
+    """Runs one measurement in a fresh process and returns its result dict."""
+    cmd = [sys.executable, os.path.join(HERE, "measure.py"), "--model", model, "--method", method]
+    if cache_dir:
+        cmd += ["--cache-dir", cache_dir]
+    load = os.getloadavg()[0]
+    t = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {
+            "model": model, "method": method, "status": "timeout",
+            "note": f"no result within {timeout:.0f} s (--timeout)", "wall_s": timeout,
+            "load_before": load,
+        }
+    wall = time.perf_counter() - t
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            result = json.loads(line[len("RESULT "):])
+            break
+    else:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        result = {
+            "model": model, "method": method, "status": "error",
+            "note": f"exit code {proc.returncode}: " + " | ".join(tail)[-400:],
+        }
+    result["wall_s"] = wall
+    result["load_before"] = load
+    return result
+
+
+def skipped(model: str, method: str, note: str) -> dict:
+    return {"model": model, "method": method, "status": "skipped", "note": note}
+
+
+def plan_runs(args) -> list[tuple[str, tuple[str, ...]]]:
+    models = args.models.split(",") if args.models else list(QUICK if args.quick else MODELS)
+    methods = args.methods.split(",") if args.methods else None
+    for name in models:
+        if name not in MODELS:
+            raise SystemExit(f"--models: unknown model {name!r}; known: {', '.join(MODELS)}.")
+    for name in methods or ():
+        if name not in METHODS:
+            raise SystemExit(f"--methods: unknown method {name!r}; known: {', '.join(METHODS)}.")
+    runs = []
+    for name in models:
+        chosen = QUICK.get(name, ()) if args.quick and not args.models else METHODS
+        if methods:
+            chosen = tuple(m for m in METHODS if m in methods)
+        runs.append((name, tuple(chosen)))
+    return runs
+
+
+def run_all(args, save) -> list[dict]:
+    results: list[dict] = []
+    memory = _total_memory()
+
+    def record(result: dict) -> None:
+        results.append(result)
+        print(_progress(result), flush=True)
+        save(results)
+
+    for model, methods in plan_runs(args):
+        # The abstract init first: it is cheap and tells the variable bytes.
+        if "abstract" in methods:
+            record(run_one(model, "abstract", args.timeout))
+            need = results[-1].get("variable_bytes")
+        else:
+            need = _variable_bytes(model)
+        cache_dir = None
+        for method in methods:
+            if method == "abstract":
+                continue
+            if need is not None and need * MEMORY_FACTOR > memory:
+                record(skipped(
+                    model, method,
+                    f"would not fit: {need / 1e9:.1f} GB of variables, about "
+                    f"{MEMORY_FACTOR:g}x that at peak, {memory / 1e9:.1f} GB of RAM",
+                ))
+                continue
+            if not args.models and (model, method) in SLOW:
+                record(skipped(model, method, SLOW[(model, method)]))
+                continue
+            if method == "materialize_cache1":
+                cache_dir = tempfile.mkdtemp(prefix="flaxlazy-jax-cache-")
+            if method.startswith("materialize_cache") and cache_dir is None:
+                record(skipped(model, method, "needs materialize_cache1 first"))
+                continue
+            record(run_one(model, method, args.timeout, cache_dir))
+        if cache_dir:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+    return results
+
+
+# --------------------------------------------------------------------------
+# Reporting
+
+
+def _mb(x) -> str:
+    return "" if x is None else f"{x / 1e6:,.0f}"
+
+
+def _s(x) -> str:
+    return "" if x is None else f"{x:.2f}"
+
+
+def _progress(r: dict) -> str:
+    if r["status"] != "ok":
+        return f"  {r['model']:<12} {r['method']:<19} {r['status']}: {r.get('note', '')}"
+    return (
+        f"  {r['model']:<12} {r['method']:<19} {r['total_s']:8.2f} s  "
+        f"peak {_mb(r.get('peak_rss')):>7} MB  ({r.get('wall_s', 0):.0f} s wall, "
+        f"load {r.get('load_before', 0):.1f})"
+    )
+
+
+def _find(results, model, method) -> dict | None:
+    for r in results:
+        if r["model"] == model and r["method"] == method and r["status"] == "ok":
+            return r
+    return None
+
+
+def _note(r: dict, results: list[dict]) -> str:
+    if r["status"] != "ok":
+        return r.get("note", r["status"])
+    notes = []
+    plan = r.get("plan")
+    if plan and set(plan) != {"flax"}:
+        notes.append("plan " + ",".join(f"{k}={v}" for k, v in sorted(plan.items())))
+    if r["method"] == "materialize_warm":
+        notes.append(
+            f"draw {r['draw_s']:.2f} s (x{r['total_s'] / r['draw_s']:.2f}), "
+            f"{r['compiles']} recompiles"
+        )
+    if r["method"] == "materialize_cache2":
+        first = _find(results, r["model"], "materialize_cache1")
+        cold = _find(results, r["model"], "materialize_cold")
+        parts = []
+        if first:
+            parts.append(f"x{first['total_s'] / r['total_s']:.1f} vs cache1")
+        if cold:
+            parts.append(f"x{cold['total_s'] / r['total_s']:.1f} vs cold")
+        notes.append("speedup " + ", ".join(parts) + f"; {r.get('cache_hits', 0)} cache hits")
+    if r["method"] == "eager":
+        notes.append(f"{r['compiles']} op compiles")
+    return "; ".join(notes)
+
+
+def table(results: list[dict]) -> str:
+    head = (
+        f"{'model':<12} {'method':<19} {'status':<7} {'total s':>8} {'trace s':>8} "
+        f"{'compile s':>9} {'#comp':>5} {'run s':>6} {'peak MB':>8} {'vars MB':>8} "
+        f"{'peak/vars':>9}  note"
+    )
+    lines = [head, "-" * len(head)]
+    for r in results:
+        ok = r["status"] == "ok"
+        trace = None
+        compile_s = r.get("compile_s", r.get("compile_seconds")) if ok else None
+        if ok and "trace_s" in r:
+            trace = r["trace_s"] + r["lower_s"]
+        ratio = ""
+        if ok and r.get("variable_bytes") and r["method"] != "abstract":
+            ratio = f"{r['peak_rss'] / r['variable_bytes']:.2f}"
+        lines.append(
+            f"{r['model']:<12} {r['method']:<19} {r['status']:<7} "
+            f"{_s(r.get('total_s')) if ok else '':>8} {_s(trace):>8} {_s(compile_s):>9} "
+            f"{r.get('compiles', '') if ok else '':>5} {_s(r.get('run_s')):>6} "
+            f"{_mb(r.get('peak_rss')) if ok else '':>8} "
+            f"{_mb(r.get('variable_bytes')) if ok else '':>8} {ratio:>9}  {_note(r, results)}"
+        )
+    return "\n".join(lines)
+
+
+def targets(results: list[dict]) -> list[dict]:
+    """The issue's targets, each with its measured value (None: not measured)."""
+    out = []
+
+    def add(name, value, limit, detail, ok=None):
+        if value is None:
+            out.append({"target": name, "value": None, "limit": limit, "pass": None,
+                        "detail": detail or "not measured in this run"})
+        else:
+            out.append({"target": name, "value": value, "limit": limit,
+                        "pass": bool(value <= limit) if ok is None else ok, "detail": detail})
+
+    deep = [m for m in ("gpt48", "gpt24", "gpt12") if _find(results, m, "materialize_cold")]
+    deepest, shallowest = (deep[0], deep[-1]) if deep else ("gpt48", "gpt12")
+
+    both = [m for m in deep if _find(results, m, "jit")]
+    vs_jit = both[0] if both else "gpt48"
+    cold = _find(results, vs_jit, "materialize_cold")
+    jit = _find(results, vs_jit, "jit")
+    add(
+        f"materialize cold({vs_jit}) <= 0.25 x jit cold({vs_jit})",
+        cold["total_s"] / jit["total_s"] if cold and jit else None, 0.25,
+        f"{cold['total_s']:.2f} s vs {jit['total_s']:.2f} s" if cold and jit else "",
+    )
+    cold = _find(results, deepest, "materialize_cold")
+    small = _find(results, shallowest, "materialize_cold")
+    add(
+        f"materialize cold({deepest}) <= 1.5 x materialize cold({shallowest})",
+        cold["total_s"] / small["total_s"] if cold and small and deepest != shallowest else None,
+        1.5, f"{cold['total_s']:.2f} s vs {small['total_s']:.2f} s" if cold and small else "",
+    )
+    warm_model = next(
+        (m for m in ("gpt48", "gpt24", "gpt12") if _find(results, m, "materialize_warm")), None
+    )
+    warm = _find(results, warm_model, "materialize_warm") if warm_model else None
+    add(
+        f"materialize warm({warm_model or 'gpt48'}) recompiles nothing",
+        warm["compiles"] if warm else None, 0,
+        f"{warm['compiles']} compilations" if warm else "",
+    )
+    add(
+        f"materialize warm({warm_model or 'gpt48'}) <= 1.3 x one-call draw",
+        warm["total_s"] / warm["draw_s"] if warm else None, 1.3,
+        f"{warm['total_s']:.2f} s vs {warm['draw_s']:.2f} s" if warm else "",
+    )
+    mat = _find(results, "gpt2_medium", "materialize_cold")
+    besides = []
+    for method in ("eager", "jit", "lazy_init"):
+        r = _find(results, "gpt2_medium", method)
+        if r:
+            besides.append(f"{method} {r['peak_rss'] / r['variable_bytes']:.2f}x")
+    add(
+        "peak RSS materialize(gpt2_medium, 355M) <= 1.15 x variable bytes",
+        mat["peak_rss"] / mat["variable_bytes"] if mat else None, 1.15,
+        (f"{mat['peak_rss'] / 1e6:,.0f} MB for {mat['variable_bytes'] / 1e6:,.0f} MB"
+         + (f"; beside it: {', '.join(besides)}" if besides else "")) if mat else "",
+    )
+    a7 = _find(results, "llama7b", "abstract")
+    add("abstract_init(llama7b) < 2 s", a7["total_s"] if a7 else None, 2.0,
+        f"{a7['total_s']:.2f} s" if a7 else "", ok=a7 and a7["total_s"] < 2.0)
+    add("abstract_init(llama7b) < 100 MB RSS", a7["peak_rss"] / 1e6 if a7 else None, 100.0,
+        f"{a7['peak_rss'] / 1e6:.1f} MB" if a7 else "", ok=a7 and a7["peak_rss"] < 100e6)
+    a70 = _find(results, "llama70b", "abstract")
+    add("abstract_init(llama70b) < 5 s", a70["total_s"] if a70 else None, 5.0,
+        f"{a70['total_s']:.2f} s" if a70 else "", ok=a70 and a70["total_s"] < 5.0)
+    return out
+
+
+def targets_text(rows: list[dict]) -> str:
+    lines = []
+    for t in rows:
+        verdict = {True: "PASS", False: "FAIL", None: "n/a "}[t["pass"]]
+        value = "" if t["value"] is None else f"{t['value']:.3g} (limit {t['limit']:g})"
+        lines.append(f"{verdict}  {t['target']:<66} {value:<22} {t['detail']}")
+    return "\n".join(lines)
+
+
+def cache_text(results: list[dict]) -> str:
+    lines = []
+    for model in MODELS:
+        first = _find(results, model, "materialize_cache1")
+        second = _find(results, model, "materialize_cache2")
+        if first and second:
+            lines.append(
+                f"persistent compilation cache, {model}: first process {first['total_s']:.2f} s "
+                f"({first['compiles']} compiles), second process {second['total_s']:.2f} s "
+                f"({second.get('cache_hits', 0)} of {second['compiles']} loaded from the cache): "
+                f"x{first['total_s'] / second['total_s']:.1f}"
+            )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# Chart
+
+
+def chart(results: list[dict], path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    styles = {
+        "jit": ("tab:red", "o", "jax.jit(module.init), cold"),
+        "eager": ("tab:orange", "s", "module.init (eager)"),
+        "lazy_init": ("tab:purple", "^", "Module.lazy_init"),
+        "materialize_cold": ("tab:blue", "D", "flaxlazy.materialize, cold"),
+        "materialize_warm": ("tab:cyan", "v", "flaxlazy.materialize, warm"),
+        "materialize_cache2": ("tab:green", "P", "materialize, persistent cache"),
+    }
+    for method, (color, marker, label) in styles.items():
+        pts = [(d, _find(results, m, method)) for m, d in DEPTHS.items()]
+        pts = [(d, r["total_s"]) for d, r in pts if r]
+        if pts:
+            left.plot(*zip(*pts, strict=True), marker=marker, color=color, label=label)
+    left.set(xlabel="layers (narrow GPT, d_model 256)", ylabel="init time, s (fresh process)",
+             title="Init time vs depth", xticks=list(DEPTHS.values()))
+    left.grid(alpha=0.3)
+    if left.lines:
+        left.legend(fontsize=8)
+
+    # Warm peaks are left out: memory the cold call freed is still resident, so a warm
+    # call's peak above that baseline understates what it allocates.
+    del styles["materialize_warm"]
+    styles["abstract"] = ("tab:gray", "x", "flaxlazy.abstract_init")
+    styles["materialize_cache1"] = ("tab:olive", "*", "materialize, cache writer")
+    xs = []
+    for method, (color, marker, label) in styles.items():
+        pts = [r for r in results if r["method"] == method and r["status"] == "ok"]
+        pts = [(r["variable_bytes"] / 1e6, max(r["peak_rss"], 1e5) / 1e6) for r in pts]
+        if pts:
+            right.scatter(*zip(*pts, strict=True), color=color, marker=marker, label=label,
+                          alpha=0.8)
+            xs += [p[0] for p in pts]
+    if xs:
+        lo, hi = min(xs), max(xs)
+        right.plot([lo, hi], [lo, hi], "k--", lw=1, label="peak = variables")
+        right.plot([lo, hi], [1.15 * lo, 1.15 * hi], "k:", lw=1, label="1.15 x variables")
+    for model in MODELS:
+        pts = [r for r in results if r["model"] == model and r["status"] == "ok"
+               and r["method"] in styles]
+        if pts:
+            top = max(pts, key=lambda r: r["peak_rss"])
+            right.annotate(model, (top["variable_bytes"] / 1e6, max(top["peak_rss"], 1e5) / 1e6),
+                           fontsize=7, rotation=30, xytext=(2, 4), textcoords="offset points")
+    right.set(xscale="log", yscale="log", xlabel="variable bytes, MB",
+              ylabel="peak RSS above baseline, MB", title="Peak memory vs model size")
+    right.grid(alpha=0.3, which="both")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# --------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="flaxlazy init benchmark")
+    parser.add_argument("--quick", action="store_true", help="CI smoke subset (< 2 min)")
+    parser.add_argument("--out", default=os.path.join(HERE, "results"), help="output folder")
+    parser.add_argument("--models", default="", help="comma-separated subset of models")
+    parser.add_argument("--methods", default="", help="comma-separated subset of methods")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds per measurement (default 600, 120 with --quick)")
+    parser.add_argument("--replot", action="store_true",
+                        help="only re-print and re-plot the results.json in --out")
+    args = parser.parse_args(argv)
+    if args.timeout is None:
+        args.timeout = 120.0 if args.quick else 600.0
+    os.makedirs(args.out, exist_ok=True)
+    json_path = os.path.join(args.out, "results.json")
+    chart_path = os.path.join(args.out, "chart.png")
+
+    import flax
+    import jax
+
+    meta = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "argv": sys.argv[1:], "quick": args.quick, "python": platform.python_version(),
+        "jax": jax.__version__, "flax": flax.__version__, "machine": platform.machine(),
+        "cpus": os.cpu_count(), "memory_bytes": _total_memory(),
+        "load_at_start": os.getloadavg(), "flaxlazy": _flaxlazy_source(),
+    }
+
+    def save(results, rows=None):
+        with open(json_path, "w") as f:
+            json.dump({"meta": meta, "results": results, "targets": rows}, f, indent=1)
+
+    if args.replot:
+        with open(json_path) as f:
+            saved = json.load(f)
+        meta, results = saved["meta"], saved["results"]
+    else:
+        print(f"flaxlazy benchmark ({'quick' if args.quick else 'full'}), jax {jax.__version__}, "
+              f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}", flush=True)
+        t = time.perf_counter()
+        results = run_all(args, save)
+        meta["total_s"] = time.perf_counter() - t
+        meta["load_at_end"] = os.getloadavg()
+    rows = targets(results)
+    save(results, rows)
+    drew = chart(results, chart_path)
+
+    print()
+    print(table(results))
+    print()
+    print("Targets (fast-materializer issue):")
+    print(targets_text(rows))
+    extra = cache_text(results)
+    if extra:
+        print()
+        print(extra)
+    print()
+    print(f"total {meta.get('total_s', 0):.0f} s, load average at start/end "
+          f"{meta['load_at_start'][0]:.1f}/{meta.get('load_at_end', [0])[0]:.1f} "
+          f"on {meta['cpus']} CPUs; results: {json_path}"
+          + (f"; chart: {chart_path}" if drew else " (no matplotlib: no chart)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""The benchmark model zoo: Flax Linen models people actually initialize.
+
+Each factory returns a :class:`Model`: the (unbound) module, the input specs of its
+``init`` call and the keyword arguments to pass along. The benchmark builds concrete
+zero inputs from the specs where a method needs them (eager and jitted ``module.init``).
+
+Models:
+
+* ``mlp``: the D2L MLP (Dense 256, relu, Dense 10) on a batch of MNIST images.
+* ``resnet50``: ResNet-50 (bottleneck blocks, BatchNorm), one 224x224 image.
+* ``gpt2_small`` / ``gpt2_medium``: GPT-2 sized transformers (tied embeddings, 1024
+  positions, N(0, 0.02) weights as in GPT-2), one sequence of 128 tokens.
+* ``gpt12`` / ``gpt24`` / ``gpt48``: the narrow GPT of the fast-materializer issue
+  (vocab 1000, d_model 256, 4 heads, seq 128, batch 8, Flax default initializers),
+  12/24/48 blocks in a plain Python loop (not ``nn.scan``).
+* ``llama7b`` / ``llama70b``: Llama-2 sized (RMSNorm, SwiGLU MLP, rotary attention with
+  grouped KV heads, untied head), meant for abstract init only.
+
+Examples:
+  >>> import jax, flaxlazy
+  >>> m = MODELS["mlp"]()
+  >>> shapes = flaxlazy.abstract_init(m.module, jax.random.key(0), *m.inputs, **m.kwargs)
+  >>> flaxlazy.num_params(shapes)
+  203530
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class Model(NamedTuple):
+    """One benchmark model.
+
+    Attributes:
+      module: the Linen module.
+      inputs: the positional inputs of ``init``, as ``jax.ShapeDtypeStruct`` specs.
+      kwargs: keyword arguments of ``init`` (static Python values).
+      note: a one-line description for tables.
+    """
+
+    module: nn.Module
+    inputs: tuple[jax.ShapeDtypeStruct, ...]
+    kwargs: dict[str, Any]
+    note: str
+
+
+def _spec(shape: Sequence[int], dtype: Any = jnp.float32) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
+
+
+# --------------------------------------------------------------------------
+# MLP
+
+
+def mlp() -> Model:
+    module = nn.Sequential([nn.Dense(256), nn.relu, nn.Dense(10)])
+    return Model(module, (_spec((64, 784)),), {}, "D2L MLP 784-256-10, f32[64,784]")
+
+
+# --------------------------------------------------------------------------
+# ResNet-50 (as in the Flax ImageNet example)
+
+
+class Bottleneck(nn.Module):
+    filters: int
+    strides: tuple[int, int] = (1, 1)
+    conv: Callable[..., nn.Module] = nn.Conv
+    norm: Callable[..., nn.Module] = nn.BatchNorm
+
+    @nn.compact
+    def __call__(self, x):
+        residual = x
+        y = nn.relu(self.norm()(self.conv(self.filters, (1, 1))(x)))
+        y = nn.relu(self.norm()(self.conv(self.filters, (3, 3), self.strides)(y)))
+        y = self.conv(self.filters * 4, (1, 1))(y)
+        y = self.norm(scale_init=nn.initializers.zeros_init())(y)
+        if residual.shape != y.shape:
+            residual = self.conv(self.filters * 4, (1, 1), self.strides, name="conv_proj")(x)
+            residual = self.norm(name="norm_proj")(residual)
+        return nn.relu(residual + y)
+
+
+class ResNet(nn.Module):
+    stage_sizes: Sequence[int] = (3, 4, 6, 3)
+    num_classes: int = 1000
+    num_filters: int = 64
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        conv = functools.partial(nn.Conv, use_bias=False)
+        norm = functools.partial(
+            nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5
+        )
+        x = conv(self.num_filters, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name="conv_init")(x)
+        x = nn.relu(norm(name="bn_init")(x))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+        for i, size in enumerate(self.stage_sizes):
+            for j in range(size):
+                strides = (2, 2) if i > 0 and j == 0 else (1, 1)
+                x = Bottleneck(self.num_filters * 2**i, strides, conv=conv, norm=norm)(x)
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes)(x)
+
+
+def resnet50() -> Model:
+    return Model(
+        ResNet(), (_spec((1, 224, 224, 3)),), {"train": False},
+        "ResNet-50 with BatchNorm, f32[1,224,224,3]",
+    )
+
+
+# --------------------------------------------------------------------------
+# GPT (GPT-2 style: pre-LayerNorm blocks, fused qkv, tied embedding head)
+
+
+class CausalSelfAttention(nn.Module):
+    n_heads: int
+    kernel_init: Callable = nn.linear.default_kernel_init
+
+    @nn.compact
+    def __call__(self, x):
+        b, t, c = x.shape
+        qkv = nn.Dense(3 * c, kernel_init=self.kernel_init, name="c_attn")(x)
+        q, k, v = (z.reshape(b, t, self.n_heads, c // self.n_heads) for z in jnp.split(qkv, 3, -1))
+        mask = nn.make_causal_mask(jnp.ones((b, t), jnp.int32))
+        y = nn.dot_product_attention(q, k, v, mask=mask)
+        return nn.Dense(c, kernel_init=self.kernel_init, name="c_proj")(y.reshape(b, t, c))
+
+
+class GPTBlock(nn.Module):
+    n_heads: int
+    kernel_init: Callable = nn.linear.default_kernel_init
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        x = x + CausalSelfAttention(self.n_heads, self.kernel_init, name="attn")(
+            nn.LayerNorm(name="ln_1")(x)
+        )
+        h = nn.Dense(4 * c, kernel_init=self.kernel_init, name="c_fc")(nn.LayerNorm(name="ln_2")(x))
+        return x + nn.Dense(c, kernel_init=self.kernel_init, name="mlp_proj")(nn.gelu(h))
+
+
+class GPT(nn.Module):
+    vocab: int
+    d_model: int
+    n_heads: int
+    n_layers: int
+    max_len: int
+    kernel_init: Callable = nn.linear.default_kernel_init
+    embed_init: Callable = nn.linear.default_embed_init
+
+    @nn.compact
+    def __call__(self, tokens):
+        wte = nn.Embed(self.vocab, self.d_model, embedding_init=self.embed_init, name="wte")
+        wpe = nn.Embed(self.max_len, self.d_model, embedding_init=self.embed_init, name="wpe")
+        x = wte(tokens) + wpe(jnp.arange(tokens.shape[-1]))
+        for i in range(self.n_layers):
+            x = GPTBlock(self.n_heads, self.kernel_init, name=f"h_{i}")(x)
+        return wte.attend(nn.LayerNorm(name="ln_f")(x))
+
+
+def _gpt2(n_layers: int, d_model: int, n_heads: int, label: str) -> Model:
+    init = nn.initializers.normal(0.02)
+    module = GPT(50257, d_model, n_heads, n_layers, 1024, kernel_init=init, embed_init=init)
+    return Model(
+        module, (_spec((1, 128), jnp.int32),), {},
+        f"{label}: {n_layers} layers, d {d_model}, {n_heads} heads, vocab 50257, i32[1,128]",
+    )
+
+
+def gpt2_small() -> Model:
+    return _gpt2(12, 768, 12, "GPT-2 small")
+
+
+def gpt2_medium() -> Model:
+    return _gpt2(24, 1024, 16, "GPT-2 medium")
+
+
+def narrow_gpt(n_layers: int) -> Model:
+    module = GPT(1000, 256, 4, n_layers, 128)
+    return Model(
+        module, (_spec((8, 128), jnp.int32),), {},
+        f"narrow GPT: {n_layers} layers, d 256, 4 heads, vocab 1000, i32[8,128]",
+    )
+
+
+# --------------------------------------------------------------------------
+# Llama-2 sized (abstract init only)
+
+
+def _rope(x, base: float = 10000.0):
+    t, d = x.shape[-3], x.shape[-1]
+    freqs = base ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+    angles = jnp.arange(t, dtype=jnp.float32)[:, None] * freqs[None, :]
+    cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
+    x1, x2 = x[..., ::2], x[..., 1::2]
+    return jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).reshape(x.shape)
+
+
+class LlamaAttention(nn.Module):
+    n_heads: int
+    n_kv_heads: int
+
+    @nn.compact
+    def __call__(self, x):
+        b, t, c = x.shape
+        hd = c // self.n_heads
+        dense = functools.partial(nn.DenseGeneral, use_bias=False)
+        q = _rope(dense((self.n_heads, hd), name="q_proj")(x))
+        k = _rope(dense((self.n_kv_heads, hd), name="k_proj")(x))
+        v = dense((self.n_kv_heads, hd), name="v_proj")(x)
+        rep = self.n_heads // self.n_kv_heads
+        k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
+        mask = nn.make_causal_mask(jnp.ones((b, t), jnp.int32))
+        y = nn.dot_product_attention(q, k, v, mask=mask)
+        return dense(c, axis=(-2, -1), name="o_proj")(y)
+
+
+class LlamaBlock(nn.Module):
+    n_heads: int
+    n_kv_heads: int
+    mlp_dim: int
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        x = x + LlamaAttention(self.n_heads, self.n_kv_heads, name="self_attn")(
+            nn.RMSNorm(name="input_layernorm")(x)
+        )
+        h = nn.RMSNorm(name="post_attention_layernorm")(x)
+        gate = nn.Dense(self.mlp_dim, use_bias=False, name="gate_proj")(h)
+        up = nn.Dense(self.mlp_dim, use_bias=False, name="up_proj")(h)
+        return x + nn.Dense(c, use_bias=False, name="down_proj")(nn.silu(gate) * up)
+
+
+class Llama(nn.Module):
+    vocab: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    mlp_dim: int
+
+    @nn.compact
+    def __call__(self, tokens):
+        x = nn.Embed(self.vocab, self.d_model, name="embed_tokens")(tokens)
+        for i in range(self.n_layers):
+            x = LlamaBlock(self.n_heads, self.n_kv_heads, self.mlp_dim, name=f"layers_{i}")(x)
+        x = nn.RMSNorm(name="norm")(x)
+        return nn.Dense(self.vocab, use_bias=False, name="lm_head")(x)
+
+
+def llama7b() -> Model:
+    return Model(
+        Llama(32000, 4096, 32, 32, 32, 11008), (_spec((1, 128), jnp.int32),), {},
+        "Llama-2-7B sized: 32 layers, d 4096, MLP 11008, 32 heads, vocab 32000",
+    )
+
+
+def llama70b() -> Model:
+    return Model(
+        Llama(32000, 8192, 80, 64, 8, 28672), (_spec((1, 128), jnp.int32),), {},
+        "Llama-2-70B sized: 80 layers, d 8192, MLP 28672, 64 heads / 8 kv, vocab 32000",
+    )
+
+
+MODELS: dict[str, Callable[[], Model]] = {
+    "mlp": mlp,
+    "resnet50": resnet50,
+    "gpt2_small": gpt2_small,
+    "gpt2_medium": gpt2_medium,
+    "gpt12": functools.partial(narrow_gpt, 12),
+    "gpt24": functools.partial(narrow_gpt, 24),
+    "gpt48": functools.partial(narrow_gpt, 48),
+    "llama7b": llama7b,
+    "llama70b": llama70b,
+}
