@@ -49,6 +49,18 @@ def _orbax():
     return ocp
 
 
+def _save_registry(ocp: Any) -> Any:
+    """Orbax's default type handlers, with arrays saved without replica parallelism."""
+    from orbax.checkpoint._src.serialization import type_handler_registry as registries
+
+    defaults = getattr(registries, "_DEFAULT_TYPE_HANDLERS", None)
+    if defaults is None:  # another Orbax layout: keep its defaults
+        return registries.GLOBAL_TYPE_HANDLER_REGISTRY
+    array_handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
+    handlers = [(jax.Array, array_handler)] + [(t, h) for t, h in defaults if t is not jax.Array]
+    return registries.create_type_handler_registry(*handlers)
+
+
 def _abspath(path: str | os.PathLike) -> str:
     # Orbax refuses relative paths (its OCDBT store needs absolute ones).
     return os.path.abspath(os.fspath(path))
@@ -150,7 +162,10 @@ def save(path: str | os.PathLike, tree: Any, *, force: bool = False) -> None:
     tree = meta.unbox(tree)
     if not jax.tree_util.tree_leaves(tree):
         raise ValueError(f"Nothing to save to {path}: the tree has no leaves ({tree!r}).")
-    with ocp.PyTreeCheckpointer() as checkpointer:
+    # Replica-parallel saving compiles a slice per array and replica (seconds for the
+    # first save of a sharded model); each process writes its own shards either way.
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_save_registry(ocp))
+    with ocp.Checkpointer(handler) as checkpointer:
         checkpointer.save(path, args=ocp.args.PyTreeSave(tree), force=force)
 
 

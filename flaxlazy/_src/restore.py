@@ -7,6 +7,7 @@ target sharding, while everything else is initialized as usual.
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from collections.abc import Sequence
@@ -61,7 +62,7 @@ class CheckpointSource(NamedTuple):
 
 
 def from_checkpoint(
-    path: str,
+    path: str | os.PathLike,
     *,
     subtree: str = "params",
     rename: Sequence[tuple[str, str]] | None = None,
@@ -99,8 +100,9 @@ def from_checkpoint(
       >>> src.entry("encoder/Dense_0/kernel")
       'params/backbone/Dense_0/kernel'
     """
-    if not isinstance(path, str) or not path:
+    if not isinstance(path, str | os.PathLike) or not os.fspath(path):
         raise TypeError(f"from_checkpoint: `path` must be a directory path, got {path!r}.")
+    path = os.fspath(path)
     rename = tuple((str(a), str(b)) for a, b in (rename or ()))
     for pattern, _ in rename:
         re.compile(pattern)  # fail early on a bad regex
