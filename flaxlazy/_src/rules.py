@@ -29,11 +29,13 @@ class Rule(NamedTuple):
       label: how errors name the rule (the glob, regex or tree key as written).
       regex: the compiled full-match regex.
       value: what the rule assigns.
+      target: the path text the rule was written as (for "closest path" hints).
     """
 
     label: str
     regex: re.Pattern
     value: Any
+    target: str
 
 
 def _is_nested(tree: Mapping) -> bool:
@@ -53,7 +55,7 @@ def _tree_rules(tree: Mapping, prefix: str, is_value: Callable[[Any], bool]) -> 
         else:
             # A value at an inner node covers the whole subtree below it.
             regex = re.compile(re.escape(path) + r"(?:/.*)?")
-            out.append(Rule(f"tree key {path!r}", regex, value))
+            out.append(Rule(f"tree key {path!r}", regex, value, path))
     return out
 
 
@@ -96,7 +98,9 @@ def normalize(
             raise TypeError(f"`{what}` entries must be (pattern, value) pairs, got {item!r}.")
         pattern, value = item
         label = f"pattern {paths.pattern_text(pattern)}"
-        out.append(Rule(label, paths.compile_pattern(pattern), value))
+        regex = paths.compile_pattern(pattern)
+        target = pattern if isinstance(pattern, str) else regex.pattern
+        out.append(Rule(label, regex, value, target))
     return out
 
 
@@ -132,9 +136,7 @@ def assign(
 
 
 def _no_match(rule: Rule, names: Sequence[str]) -> str:
-    text = rule.regex.pattern if rule.label.startswith("pattern re.") else rule.label
-    target = rule.label.split("'")[1] if "'" in rule.label else text
-    hint = ", ".join(repr(p) for p in paths.closest(target, names))
+    hint = ", ".join(repr(p) for p in paths.closest(rule.target, names))
     return (
         f"{rule.label} matches no parameter. Closest real paths: {hint}. "
         "Patterns match whole '/'-joined paths: '*' stays within one segment, '**' spans "
