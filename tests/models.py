@@ -574,3 +574,15 @@ CASES: tuple[Callable[[], Case], ...] = (
 def all_cases() -> list[Case]:
     """Builds every :class:`Case` (inputs included)."""
     return [factory() for factory in CASES]
+
+
+class DenseStack(nn.Module):
+    """``depth`` identical Dense layers: one compile signature however deep."""
+
+    depth: int
+
+    @nn.compact
+    def __call__(self, x):
+        for _ in range(self.depth):
+            x = nn.Dense(16)(x)
+        return x

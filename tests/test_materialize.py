@@ -6,6 +6,7 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import models
 import numpy as np
 import pytest
 
@@ -108,18 +109,9 @@ def test_warm_materialize_compiles_nothing():
 
 
 def test_compiles_once_per_signature_not_per_layer():
-    class Deep(nn.Module):
-        depth: int
-
-        @nn.compact
-        def __call__(self, x):
-            for _ in range(self.depth):
-                x = nn.Dense(16)(x)
-            return x
-
-    flaxlazy.materialize(Deep(2), jax.random.key(0), X)  # warms the shared signatures
+    flaxlazy.materialize(models.DenseStack(2), jax.random.key(0), X)  # warms the shared signatures
     with count_compiles() as c:
-        flaxlazy.materialize(Deep(12), jax.random.key(0), X)
+        flaxlazy.materialize(models.DenseStack(12), jax.random.key(0), X)
     assert c.count <= 1  # only the key derivation for the new number of keys
 
 

@@ -11,6 +11,7 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import models
 import numpy as np
 import pytest
 from jax.sharding import Mesh
@@ -537,18 +538,9 @@ def test_no_full_copy_on_any_device():
 
 @needs_8
 def test_compiles_once_per_signature_with_shardings():
-    class Deep(nn.Module):
-        depth: int
-
-        @nn.compact
-        def __call__(self, x):
-            for _ in range(self.depth):
-                x = nn.Dense(16)(x)
-            return x
-
     def run(depth, kernel_spec):
         mesh = make_mesh((8,), ("model",))
-        model = Deep(depth)
+        model = models.DenseStack(depth)
         specs = sharding_lib.partition_specs(
             shapes_of(model), mesh, partition_rules=[("**/kernel", kernel_spec), ("**", P())]
         )
