@@ -5,6 +5,7 @@ Zero-cost shapes with ``abstract_init``, compiled materialization equal to
 """
 
 from flaxlazy._src.abstract import abstract_init
+from flaxlazy._src.cache import clear_caches
 from flaxlazy._src.checkpoint import save
 from flaxlazy._src.lazy import Lazy
 from flaxlazy._src.lazy import lazy
@@ -29,6 +30,7 @@ __all__ = (
     "TrainState",
     "abstract_init",
     "abstract_train_state",
+    "clear_caches",
     "from_checkpoint",
     "init_train_state",
     "lazy",

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 import flaxlazy
+from flaxlazy._src import _compat
 from flaxlazy._src import chunked
 from flaxlazy._src import engine
 
@@ -65,9 +66,12 @@ def test_scratch_is_one_block():
 
 def test_materialize_chunks_large_leaves_exactly(monkeypatch):
     monkeypatch.setattr(chunked, "MIN_ELEMENTS", 10_000)
+    assert _compat.chunking_ok()  # the one-time self-check, before counting calls
     calls = []
-    real = chunked.chunked
-    monkeypatch.setattr(chunked, "chunked", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    real = chunked.chunked_jaxpr
+    monkeypatch.setattr(
+        chunked, "chunked_jaxpr", lambda *a, **k: calls.append(a[1]) or real(*a, **k)
+    )
     engine.clear_cache()
     model = nn.Embed(3000, 64)  # 192k elements > the lowered threshold
     x = flaxlazy.spec("i32[2,3]")

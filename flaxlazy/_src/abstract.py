@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 from flax.core.scope import DenyList
 
-from flaxlazy._src import cache as cache_lib
+from flaxlazy._src import _compat
 from flaxlazy._src import recorder as recorder_lib
 from flaxlazy._src import sharding as sharding_lib
 from flaxlazy._src import specs
@@ -51,19 +51,6 @@ class InitCall:
             **dict(self.init_kwargs), **kwargs,
         )
 
-    def cache_key(self) -> Any:
-        """A hashable identity of the call, or None when some part is unhashable."""
-        key = (
-            self.module, self.method, _freeze(self.mutable), self.init_kwargs, self.treedef,
-            self.static, jax.tree_util.tree_structure(self.rngs),
-            tuple(jax.tree_util.tree_leaves(self.rngs)), self.inputs,
-        )
-        try:
-            hash(key)
-        except TypeError:
-            return None
-        return key
-
 
 class _Dynamic:
     def __repr__(self):
@@ -71,12 +58,6 @@ class _Dynamic:
 
 
 _DYNAMIC = _Dynamic()
-
-
-def _freeze(x: Any) -> Any:
-    if isinstance(x, (list, set)):
-        return tuple(sorted(map(str, x)))
-    return x
 
 
 def dynamic_inputs(args: tuple, kwargs: dict) -> list:
@@ -143,22 +124,21 @@ class Traced:
     records: Mapping[tuple[str, tuple[str, ...]], recorder_lib.Record]
 
 
-_TRACES = cache_lib.LRU(64)
-
-
 def trace(call: InitCall) -> Traced:
     """Runs ``module.init`` under ``jax.eval_shape`` and records variable creation.
 
-    Results are cached per call (module, method, input specs, static inputs), so that
-    abstract init and materializing the same model again cost no second trace.
+    Never cached: what a module creates can depend on anything its code reads (fields,
+    closures, globals), so every call traces afresh. Tracing is abstract and cheap; the
+    expensive part, compiled code, is cached by what it computes (``programs``).
+    Where flaxlazy's self-check fails on this jax/flax pair (``_compat``), nothing is
+    recorded and every variable comes from the compiled ``module.init``.
     """
-    return _TRACES.get(call.cache_key(), lambda: _trace(call))
-
-
-def _trace(call: InitCall) -> Traced:
-    found = {}
+    found = {"records": {}}
+    record = _compat.warn_if_fallback()
 
     def fn(rngs, dyn):
+        if not record:
+            return call.run(rngs, dyn)
         with recorder_lib.recording(root_params_key(rngs)) as rec:
             variables = call.run(rngs, dyn)
         rec.mark_final(variables)

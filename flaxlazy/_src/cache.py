@@ -1,4 +1,9 @@
-"""A small least-recently-used cache for traces, plans and compiled functions."""
+"""A small least-recently-used cache, bounded by entry count and by estimated bytes.
+
+Only values that are a pure function of their key may be cached here: a key must capture
+everything that determines the value (see ``programs`` for how compiled initializers are
+keyed by what they compute).
+"""
 
 from __future__ import annotations
 
@@ -13,23 +18,39 @@ _ALL: list[LRU] = []
 class LRU:
     """``get(key, make)``: the cached value for ``key``, made (and kept) on a miss.
 
-    A ``None`` key means "not cacheable": ``make()`` runs every time.
+    A ``None`` key means "not cacheable": ``make()`` runs every time. The least recently
+    used entries are dropped once there are more than ``size`` of them, or once their
+    ``nbytes`` (as given to ``get``) add up to more than ``max_bytes``.
+
+    Examples:
+      >>> cache = LRU(2)
+      >>> cache.get("a", lambda: 1), cache.get("b", lambda: 2), cache.get("a", lambda: 9)
+      (1, 2, 1)
+      >>> cache.get("c", lambda: 3), len(cache), cache.get("b", lambda: 7)
+      (3, 2, 7)
     """
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, *, max_bytes: int | None = None):
         self.size = size
+        self.max_bytes = max_bytes
+        self.nbytes = 0
         self._data: collections.OrderedDict = collections.OrderedDict()
         _ALL.append(self)
 
-    def get(self, key: Hashable | None, make: Callable[[], Any]) -> Any:
+    def get(self, key: Hashable | None, make: Callable[[], Any], *, nbytes: int = 0) -> Any:
         if key is None:
             return make()
         if key in self._data:
             self._data.move_to_end(key)
-            return self._data[key]
-        value = self._data[key] = make()
-        if len(self._data) > self.size:
-            self._data.popitem(last=False)
+            return self._data[key][0]
+        value = make()
+        self._data[key] = (value, nbytes)
+        self.nbytes += nbytes
+        while len(self._data) > self.size or (
+            self.max_bytes is not None and self.nbytes > self.max_bytes and len(self._data) > 1
+        ):
+            _, (_, dropped) = self._data.popitem(last=False)
+            self.nbytes -= dropped
         return value
 
     def __len__(self) -> int:
@@ -37,9 +58,25 @@ class LRU:
 
     def clear(self) -> None:
         self._data.clear()
+        self.nbytes = 0
 
 
 def clear_all() -> None:
-    """Empties every cache (traces, plans, compiled functions)."""
+    """Empties every cache of compiled functions and traced programs."""
     for cache in _ALL:
         cache.clear()
+
+
+def clear_caches() -> None:
+    """Forgets every compiled initializer and cached program flaxlazy holds.
+
+    flaxlazy caches only what provably gives the same values (compiled code keyed by the
+    program it computes), bounded by count and bytes, so this is never needed for
+    correctness. Use it to release memory in a long-lived process; JAX's own caches
+    are cleared by ``jax.clear_caches()``.
+
+    Examples:
+      >>> import flaxlazy
+      >>> flaxlazy.clear_caches()
+    """
+    clear_all()

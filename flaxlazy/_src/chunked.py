@@ -24,9 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax._src import core as jax_core
-from jax._src.random import prng
-from jax._src.random.threefry2x32 import threefry2x32_p
+
+from flaxlazy._src import _compat
 
 # Leaves with more elements than this are drawn in chunks of CHUNK_ELEMENTS.
 MIN_ELEMENTS = 1 << 20
@@ -70,11 +69,11 @@ class _Context:
         data = jax.random.key_data(key)
         lo = lax.iota(np.uint32, self.size) + self.offset
         hi = jnp.zeros_like(lo)
-        bits1, bits2 = threefry2x32_p.bind(data[0], data[1], hi, lo)
+        bits1, bits2 = _compat.threefry2x32_p.bind(data[0], data[1], hi, lo)
         if bit_width == 64:
             return (bits1.astype(np.uint64) << np.uint64(32)) | bits2.astype(np.uint64)
         bits = bits1 ^ bits2
-        return bits if bit_width == 32 else bits.astype(prng.UINT_DTYPES[bit_width])
+        return bits if bit_width == 32 else bits.astype(_compat.uint_dtype(bit_width))
 
 
 def _full_size(aval: Any, ctx: _Context) -> bool:
@@ -89,11 +88,11 @@ def _as_operand(x: Any) -> Any:
     return jnp.reshape(x, ())
 
 
-def _eval(jaxpr: jax_core.Jaxpr, consts: list, args: list, ctx: _Context) -> list:
+def _eval(jaxpr: Any, consts: list, args: list, ctx: _Context) -> list:
     env: dict = {}
 
     def read(v):
-        return v.val if isinstance(v, jax_core.Literal) else env[v]
+        return v.val if _compat.is_literal(v) else env[v]
 
     for v, x in zip(jaxpr.constvars, consts, strict=True):
         env[v] = x
@@ -109,7 +108,7 @@ def _eval(jaxpr: jax_core.Jaxpr, consts: list, args: list, ctx: _Context) -> lis
             outs = [_Block(ctx.bits(ins[0], eqn.params["bit_width"]))]
         elif name in _CALLS:
             sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-            closed = sub if isinstance(sub, jax_core.ClosedJaxpr) else None
+            closed = sub if _compat.is_closed_jaxpr(sub) else None
             inner = closed.jaxpr if closed else sub
             outs = _eval(inner, closed.consts if closed else [], ins, ctx)
         elif blocks and name in _ELEMENTWISE:
@@ -151,39 +150,59 @@ def chunked(fn: Callable[[Any], jax.Array], key_spec: Any, shape, dtype,
       NotChunkable: if ``fn`` is not random bits followed by elementwise ops, the key is
         not a (partitionable) threefry key, or the output is too small to bother.
     """
+    if key_spec is None:
+        raise NotChunkable("no key")
+    closed = jax.make_jaxpr(fn)(key_spec)  # raw uint32 keys show up as random_wrap
+    draw = chunked_jaxpr(closed, shape, dtype, chunk)
+    return lambda key: draw(key, closed.consts)
+
+
+def chunked_jaxpr(closed: Any, shape, dtype, chunk: int = CHUNK_ELEMENTS) -> Callable:
+    """Like ``chunked``, for a traced ``fn``: ``closed`` is its closed jaxpr.
+
+    Returns:
+      ``g(key, consts)``: the draw, with the jaxpr's constants given at call time (as
+      arguments of the enclosing ``jax.jit``, or ``closed.consts`` themselves).
+    """
     shape = tuple(shape)
     total = math.prod(shape)
     if total <= chunk or total >= 2**32 or not jax.config.jax_threefry_partitionable:
         raise NotChunkable("size or PRNG configuration")
-    if key_spec is None:
+    if len(closed.jaxpr.invars) != 1:
         raise NotChunkable("no key")
-    closed = jax.make_jaxpr(fn)(key_spec)  # raw uint32 keys show up as random_wrap
     # Blocks of whole leading-axis rows, written in place into the output buffer.
     row = math.prod(shape[1:])
     rows = max(1, chunk // row)
     if rows == 1 and row > chunk:
         raise NotChunkable("rows larger than one chunk")
     n_full, rest = divmod(shape[0], rows)
+    jaxpr = closed.jaxpr  # the closures below keep the jaxpr, never the constants
 
-    def block(key, first_row, n_rows):  # first_row: a traced int
+    def block(key, consts, first_row, n_rows):  # first_row: a traced int
         ctx = _Context(shape, first_row.astype(np.uint32) * np.uint32(row), n_rows * row)
-        (out,) = _eval(closed.jaxpr, closed.consts, [key], ctx)
+        (out,) = _eval(jaxpr, list(consts), [key], ctx)
         if not isinstance(out, _Block):
             raise NotChunkable("the output is not drawn from random bits")
         return out.value.astype(dtype).reshape((n_rows,) + shape[1:])
 
     # Dry run: find out now (abstractly) whether every step is supported.
-    jax.eval_shape(lambda k: block(k, jnp.uint32(0), rows), key_spec)
+    key_aval = closed.in_avals[0]
+    jax.eval_shape(
+        lambda k, c: block(k, c, jnp.uint32(0), rows),
+        jax.ShapeDtypeStruct(key_aval.shape, key_aval.dtype), list(closed.consts),
+    )
     zeros = (0,) * (len(shape) - 1)
 
-    def draw(key):
+    def draw(key, consts):
         def body(i, out):
             first = i * rows
-            return lax.dynamic_update_slice(out, block(key, first, rows), (first, *zeros))
+            return lax.dynamic_update_slice(
+                out, block(key, consts, first, rows), (first, *zeros)
+            )
 
         out = lax.fori_loop(0, n_full, body, jnp.zeros(shape, dtype))
         if rest:
-            tail = block(key, jnp.uint32(n_full * rows), rest)
+            tail = block(key, consts, jnp.uint32(n_full * rows), rest)
             out = lax.dynamic_update_slice(out, tail, (n_full * rows, *zeros))
         return out
 

@@ -3,10 +3,12 @@
 Two kinds of work, one mechanism:
 
 * Leaves with a static recipe (``"flax"`` and ``"initializer"`` sources) each run a small
-  jit-compiled initializer, cached by *signature* (the initializer's code and captured
-  values, its arguments and the leaf's sharding), so a 48-layer model compiles about as
-  many functions as a 2-layer one. Each folds its leaf's static hash into the root
-  ``params`` key inside that compiled function, exactly as Flax derives the key.
+  jit-compiled initializer, cached by its *program* (what it computes for this leaf:
+  its jaxpr, literal and small constant values; see ``programs``) and the leaf's
+  sharding, so a 48-layer model compiles about as many functions as a 2-layer one, and
+  an initializer that computes anything else is never served another's code. Each folds
+  its leaf's static hash into the root ``params`` key inside that compiled function,
+  exactly as Flax derives the key.
 * The rest (``"traced"``: lifted transforms, data-dependent init) come from one compiled
   run of ``module.init`` that returns only those leaves. Its jaxpr is pruned to what
   those leaves need (dead-code elimination drops the forward pass), which also tells
@@ -23,18 +25,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax._src import core as jax_core
-from jax._src.interpreters import partial_eval as pe
 
+from flaxlazy._src import _compat
 from flaxlazy._src import abstract as abstract_lib
 from flaxlazy._src import cache as cache_lib
 from flaxlazy._src import checkpoint
 from flaxlazy._src import chunked
 from flaxlazy._src import paths
 from flaxlazy._src import plan as plan_lib
+from flaxlazy._src import programs
 from flaxlazy._src import specs
 
-_COMPILED = cache_lib.LRU(4096)
+# Compiled functions by program and placement; bounded by count and estimated bytes.
+_COMPILED = cache_lib.LRU(512, max_bytes=256 << 20)
 
 DATA_DEPENDENT = (
     "{paths} depend{s} on the values of input(s) {inputs}, which were given as specs "
@@ -44,7 +47,7 @@ DATA_DEPENDENT = (
 
 
 def clear_cache() -> None:
-    """Forgets every trace, plan and compiled initializer (for tests and benchmarks)."""
+    """Forgets every compiled initializer (see ``flaxlazy.clear_caches``)."""
     cache_lib.clear_all()
 
 
@@ -52,33 +55,50 @@ def _single_device(sharding: Any) -> bool:
     return sharding is None or len(sharding.device_set) == 1
 
 
-def _leaf_fn(leaf: plan_lib.Leaf, key_spec: Any):
-    """The compiled ``g(root, hash)`` of a leaf: ``leaf.fn(fold_in(root, hash))``.
+def _leaf_fn(leaf: plan_lib.Leaf):
+    """The compiled ``g(root, hash, consts)``: the leaf's program on ``fold_in(root, hash)``.
 
     The leaf's key is derived inside its own compiled function, so the compiled code
-    depends on the signature alone, never on how many leaves the model has. Large random
+    depends on the program alone, never on how many leaves the model has. Large random
     leaves are drawn in chunks.
     """
+    program = leaf.program
 
     def make():
-        fn = leaf.fn
+        draw = None
         if (
             leaf.key is not None
             and math.prod(leaf.shape) > chunked.MIN_ELEMENTS
             and _single_device(leaf.sharding)
+            and _compat.chunking_ok()
         ):
             try:
-                fn = chunked.chunked(leaf.fn, key_spec, leaf.shape, leaf.dtype)
+                draw = chunked.chunked_jaxpr(program.jaxpr, leaf.shape, leaf.dtype)
             except chunked.NotChunkable:
                 pass
+        run = programs.runner(program, draw)
 
-        def keyed(root, key_hash):
-            return fn(None if key_hash is None else jax.random.fold_in(root, key_hash))
+        def keyed(root, key_hash, runtime):
+            if key_hash is None:
+                return run(runtime)
+            return run(runtime, jax.random.fold_in(root, key_hash))
 
         return jax.jit(keyed, out_shardings=leaf.sharding)
 
-    key = None if leaf.signature is None else (leaf.signature, leaf.sharding, key_spec)
-    return _COMPILED.get(key, make)
+    key = None if program.key is None else ("leaf", program.key, leaf.sharding)
+    return _COMPILED.get(key, make, nbytes=_cost(program.jaxpr.consts, program.baked))
+
+
+def _cost(consts: Sequence[Any], baked: Sequence[bool]) -> int:
+    """Estimated bytes a compiled function holds: executable overhead + baked constants."""
+    return _EXECUTABLE_BYTES + sum(
+        np.asarray(c).nbytes for c, b in zip(consts, baked, strict=True) if b
+    )
+
+
+# A CPU executable with its jit wrapper holds on the order of 100 KiB (measured with
+# benchmarks/memory_growth.py); the byte bound counts this per entry.
+_EXECUTABLE_BYTES = 128 << 10
 
 
 def _place(value: Any, sharding: Any) -> jax.Array:
@@ -101,49 +121,58 @@ def _dependency_error(call, names, used_inputs, n_rng, concrete) -> str | None:
 
 
 def _traced_runner(plan: plan_lib.Plan, leaves: Sequence[plan_lib.Leaf], concrete: tuple):
-    """A compiled ``(rngs, concrete_inputs) -> [values]`` for the traced leaves."""
+    """A compiled ``(rngs, concrete_inputs) -> [values]`` for the traced leaves.
+
+    ``module.init`` is traced to a jaxpr at every call and pruned to the wanted leaves;
+    the compiled function is cached by that pruned program (constants are passed as
+    arguments), so a changed module, closure or global is never served stale code.
+    """
     call = plan.traced.call
     names = tuple(leaf.path for leaf in leaves)
     shardings = tuple(leaf.sharding for leaf in leaves)
-    call_key = call.cache_key()
-    key = None if call_key is None else ("traced", call_key, names, shardings, concrete)
+
+    def run(rngs, dyn):
+        flat = dict(paths.flatten(call.run(rngs, dyn))[0])
+        return [plan_lib.unbox(flat[n]) for n in names]
+
+    closed = jax.make_jaxpr(run)(call.rngs, list(call.inputs))
+    jaxpr = _compat.convert_constvars_jaxpr(closed.jaxpr)
+    n_const = len(closed.consts)
+    n_rng = len(jax.tree_util.tree_leaves(call.rngs))
+    pruned, used = _compat.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
+    used_consts, used_inputs = used[:n_const], used[n_const:]
+    if _dependency_error(call, names, used_inputs, n_rng, concrete):
+        # Name exactly the leaves that depend on spec inputs.
+        bad = [
+            n for i, n in enumerate(names)
+            if _dependency_error(
+                call, [n],
+                _compat.dce_jaxpr(jaxpr, [j == i for j in range(len(names))])[1][n_const:],
+                n_rng, concrete,
+            )
+        ]
+        raise ValueError(_dependency_error(call, bad, used_inputs, n_rng, concrete))
+    consts = [c for c, u in zip(closed.consts, used_consts, strict=True) if u]
+    if any(isinstance(c, jax.core.Tracer) for c in consts):
+        program_key = None  # materialize inside a trace: nothing to reuse
+    else:
+        program_key = programs.jaxpr_key(pruned)
+    key = None if program_key is None else ("traced", program_key, shardings)
 
     def make():
-        def run(rngs, dyn):
-            flat = dict(paths.flatten(call.run(rngs, dyn))[0])
-            return [plan_lib.unbox(flat[n]) for n in names]
-
-        closed = jax.make_jaxpr(run)(call.rngs, list(call.inputs))
-        jaxpr = pe.convert_constvars_jaxpr(closed.jaxpr)
-        n_const = len(closed.consts)
-        n_rng = len(jax.tree_util.tree_leaves(call.rngs))
-        pruned, used = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
-        used_consts, used_inputs = used[:n_const], used[n_const:]
-        if _dependency_error(call, names, used_inputs, n_rng, concrete):
-            # Name exactly the leaves that depend on spec inputs.
-            bad = [
-                n for i, n in enumerate(names)
-                if _dependency_error(
-                    call, [n],
-                    pe.dce_jaxpr(jaxpr, [j == i for j in range(len(names))])[1][n_const:],
-                    n_rng, concrete,
-                )
-            ]
-            raise ValueError(_dependency_error(call, bad, used_inputs, n_rng, concrete))
-        consts = [c for c, u in zip(closed.consts, used_consts, strict=True) if u]
-        compiled = jax.jit(
-            lambda *args: jax_core.eval_jaxpr(pruned, [], *args),
+        return jax.jit(
+            lambda *args: _compat.eval_jaxpr(pruned, [], *args),
             out_shardings=list(shardings) if any(s is not None for s in shardings) else None,
         )
 
-        def runner(rngs, dyn):
-            flat_in = jax.tree_util.tree_leaves(rngs) + list(dyn)
-            args = [x for x, u in zip(flat_in, used_inputs, strict=True) if u]
-            return compiled(*consts, *args)
+    compiled = _COMPILED.get(key, make, nbytes=_EXECUTABLE_BYTES)
 
-        return runner
+    def runner(rngs, dyn):
+        flat_in = jax.tree_util.tree_leaves(rngs) + list(dyn)
+        args = [x for x, u in zip(flat_in, used_inputs, strict=True) if u]
+        return compiled(*consts, *args)
 
-    return _COMPILED.get(key, make)
+    return runner
 
 
 def execute(plan: plan_lib.Plan, rngs: Any, inputs: Sequence[Any]) -> Any:
@@ -159,7 +188,6 @@ def execute(plan: plan_lib.Plan, rngs: Any, inputs: Sequence[Any]) -> Any:
       The variables tree, with Flax boxes around their arrays where the module has them.
     """
     root = abstract_lib.root_params_key(rngs)
-    key_spec = abstract_lib.root_params_key(plan.traced.call.rngs)
     values: list[Any] = [None] * len(plan.leaves)
     traced = []
     reads: dict[str, dict[str, tuple[int, jax.ShapeDtypeStruct]]] = {}
@@ -174,7 +202,9 @@ def execute(plan: plan_lib.Plan, rngs: Any, inputs: Sequence[Any]) -> Any:
             traced.append(i)
         else:
             key_hash = None if leaf.key is None else np.uint32(leaf.key)
-            values[i] = _leaf_fn(leaf, key_spec)(root if key_hash is not None else None, key_hash)
+            values[i] = _leaf_fn(leaf)(
+                root if key_hash is not None else None, key_hash, leaf.program.runtime_consts
+            )
     for path, wanted in reads.items():
         arrays = checkpoint.read(path, {entry: target for entry, (_, target) in wanted.items()})
         for entry, (i, _) in wanted.items():

@@ -9,31 +9,16 @@ import flax.linen as nn
 import jax
 
 from flaxlazy._src import abstract as abstract_lib
-from flaxlazy._src import cache as cache_lib
 from flaxlazy._src import engine
 from flaxlazy._src import placement
 from flaxlazy._src import plan as plan_lib
 
-_PLANS = cache_lib.LRU(64)
-
-
 def make_plan(
-    call: abstract_lib.InitCall, *, initializers: Any = None, shardings: Callable | None = None,
-    cache_key: Any = (),
+    call: abstract_lib.InitCall, *, initializers: Any = None, shardings: Callable | None = None
 ) -> plan_lib.Plan:
-    """Traces ``call`` and builds its plan, reusing both for a repeated call."""
-    call_key = call.cache_key()
-    # structural_key is None for "unhashable"; no initializers at all is cacheable.
-    init_key = () if initializers is None else plan_lib.structural_key(initializers)
-    key = None
-    if call_key is not None and init_key is not None and cache_key is not None:
-        key = (call_key, init_key, cache_key)
-    return _PLANS.get(
-        key,
-        lambda: plan_lib.build(
-            abstract_lib.trace(call), initializers=initializers, shardings=shardings
-        ),
-    )
+    """Traces ``call`` and builds its plan (never cached: see ``abstract.trace``)."""
+    return plan_lib.build(abstract_lib.trace(call), initializers=initializers,
+                          shardings=shardings)
 
 
 def materialize(
@@ -129,9 +114,8 @@ def materialize(
         partition_rules=partition_rules, logical_axis_rules=logical_axis_rules,
         allow_unused_rules=allow_unused_rules,
     )
-    plan = make_plan(
-        call, initializers=initializers,
+    plan = plan_lib.build(
+        traced, initializers=initializers,
         shardings=None if by_path is None else (lambda path, leaf: by_path[path]),
-        cache_key=() if by_path is None else tuple(by_path.items()),
     )
     return engine.execute(plan, rngs, abstract_lib.dynamic_inputs(inputs, kwargs))

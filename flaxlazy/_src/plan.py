@@ -31,9 +31,9 @@ import numpy as np
 from flax.core import meta
 
 from flaxlazy._src import abstract as abstract_lib
-from flaxlazy._src import cache as cache_lib
 from flaxlazy._src import checkpoint
 from flaxlazy._src import paths
+from flaxlazy._src import programs
 from flaxlazy._src import recorder as recorder_lib
 from flaxlazy._src import restore
 from flaxlazy._src import rules as rules_lib
@@ -61,8 +61,8 @@ class Leaf(NamedTuple):
       key: the uint32 folded into the root ``params`` key to make this leaf's key, or
         None where the leaf needs no key (or gets it inside the traced run).
       sharding: where the leaf is placed (None: JAX's default device).
-      fn: for ``"flax"`` and ``"initializer"``, ``fn(key) -> array`` (key may be None).
-      signature: a hashable identity of ``fn`` for the compilation cache, or None.
+      program: for ``"flax"`` and ``"initializer"``, the traced ``fn(key) -> array``
+        (``fn()`` where the leaf takes no key) with its compilation-cache key.
       value: for ``"array"``, the array; for ``"checkpoint"``, ``(source, entry)``.
       rule: the label of the initializer rule that matched, if any.
     """
@@ -73,8 +73,7 @@ class Leaf(NamedTuple):
     source: str
     key: int | None
     sharding: Any
-    fn: Callable[[Any], jax.Array] | None
-    signature: Any
+    program: programs.Program | None
     value: Any
     rule: str | None
 
@@ -107,41 +106,6 @@ def unbox(x: Any) -> Any:
     if isinstance(x, meta.Partitioned):  # LogicallyPartitioned too
         return x.value
     return x.unbox() if isinstance(x, meta.AxisMetadata) else x
-
-
-def structural_key(obj: Any, depth: int = 0) -> Any:
-    """A hashable identity of a function that is equal for equal closures.
-
-    ``jax.nn.initializers.normal(0.02)`` returns a new closure each call; two of them with
-    the same code and captured values get one compiled function, not two.
-    Returns None when part of it is unhashable.
-    """
-    if depth > 6:
-        return None
-    if isinstance(obj, functools.partial):
-        parts = (
-            "partial", structural_key(obj.func, depth + 1),
-            tuple(structural_key(a, depth + 1) for a in obj.args),
-            tuple(sorted((k, structural_key(v, depth + 1)) for k, v in obj.keywords.items())),
-        )
-    elif hasattr(obj, "__code__") and not isinstance(obj, type):
-        cells = tuple(structural_key(c.cell_contents, depth + 1) for c in obj.__closure__ or ())
-        defaults = tuple(structural_key(d, depth + 1) for d in obj.__defaults__ or ())
-        kwdefaults = tuple(sorted((obj.__kwdefaults__ or {}).items()))
-        parts = ("fn", obj.__code__, cells, defaults, kwdefaults)
-    elif isinstance(obj, (list, tuple)):
-        parts = (type(obj).__name__, tuple(structural_key(x, depth + 1) for x in obj))
-    elif isinstance(obj, dict):
-        parts = ("dict", tuple(sorted((k, structural_key(v, depth + 1)) for k, v in obj.items())))
-    else:
-        parts = obj
-    try:
-        hash(parts)
-    except TypeError:
-        return None
-    if isinstance(obj, (jax.Array, np.ndarray, jax.core.Tracer)):
-        return None
-    return parts
 
 
 def override_key(path: str) -> int:
@@ -178,45 +142,35 @@ def _select(tree: Any, sub: str) -> Any:
     return unbox(dict(flat)[sub])
 
 
-def _replay(rec: recorder_lib.Record, sub: str) -> tuple[Callable, Any]:
-    """``fn(key)`` recreating one leaf of a recorded variable, and its signature."""
+def _replay(rec: recorder_lib.Record, sub: str) -> Callable:
+    """``fn(key)`` recreating one leaf of a recorded variable (``fn()`` without a key)."""
     init_fn, args, kwargs = rec.init_fn, rec.init_args, rec.init_kwargs
     if rec.takes_key:
-        def fn(key):
-            return _select(init_fn(key, *args, **kwargs), sub)
-    else:
-        def fn(key):
-            del key
-            return _select(init_fn(*args, **kwargs), sub)
-    parts = (
-        structural_key(init_fn), structural_key(args), structural_key(kwargs), sub, rec.takes_key
-    )
-    signature = None if any(p is None for p in parts[:3]) else ("flax",) + parts
-    return fn, signature
+        return lambda key: _select(init_fn(key, *args, **kwargs), sub)
+    return lambda: _select(init_fn(*args, **kwargs), sub)
 
 
-_CHECKED = cache_lib.LRU(4096)
-
-
-def _replays_alone(fn: Callable, signature: Any, root_key: Any, shape, dtype) -> bool:
-    """Whether ``fn`` traces on its own (no leaked tracers, no scope access) to the leaf.
+def _replays_alone(fn: Callable, key_spec: Any, shape, dtype) -> programs.Program | None:
+    """``fn`` traced alone, if it traces on its own (no leaked tracers, no scope access).
 
     An initializer can close over values of the traced forward pass (data-dependent init)
-    or call back into its module; such a leaf is left to the traced run.
+    or call back into its module; such a leaf is left to the traced run (None).
     """
-    key_spec = None if root_key is None else specs.to_spec(root_key)
+    try:
+        program = programs.trace(fn, *([] if key_spec is None else [key_spec]))
+    except Exception:  # noqa: BLE001 - any failure means "not replayable alone"
+        return None
+    # A tracer of the finished abstract trace shows up as a constant: data-dependent.
+    if programs.leaked_tracers(program) or program.out_tree.num_leaves != 1:
+        return None
+    (out,) = program.jaxpr.out_avals
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or not _is_plain(program):
+        return None
+    return program
 
-    def check() -> bool:
-        try:
-            closed = jax.make_jaxpr(fn)(key_spec)
-        except Exception:  # noqa: BLE001 - any failure means "not replayable alone"
-            return False
-        # A tracer of the finished abstract trace shows up as a constant: data-dependent.
-        leaked = any(isinstance(c, jax.core.Tracer) for c in closed.consts)
-        (out,) = closed.out_avals
-        return not leaked and tuple(out.shape) == tuple(shape) and out.dtype == dtype
 
-    return _CHECKED.get(None if signature is None else (signature, key_spec), check)
+def _is_plain(program: programs.Program) -> bool:
+    return program.out_tree == jax.tree_util.tree_structure(0)
 
 
 def _layer_axes(full: tuple[int, ...], layer: tuple[int, ...]) -> tuple[int, ...] | None:
@@ -294,17 +248,27 @@ def _checkpoint_entry(source, path: str, shape, dtype, entries: dict) -> str:
     return entry
 
 
+BOX_RETURNED = (
+    "initializers: {label} returns a Flax {box} for {path!r}; an initializer must return "
+    "the plain array. Return the value inside (`box.unbox()`), and give its sharding with "
+    "`partition_rules=` (or keep the module's own `nn.with_partitioning` annotation)."
+)
+
+
 def _override(
     rule: rules_lib.Rule, path: str, shape, dtype, layer_shape, root_key, entries
-) -> tuple[str, Callable | None, Any, Any, int | None]:
-    """(source, fn, signature, value, key) for a leaf that ``rule`` overrides."""
+) -> tuple[str, programs.Program | None, Any, int | None]:
+    """(source, program, value, key) for a leaf that ``rule`` overrides."""
     value = rule.value
     if restore.is_source(value):
         entry = _checkpoint_entry(value, path, shape, dtype, entries(value.path))
-        return CHECKPOINT, None, None, (value, entry), None
+        return CHECKPOINT, None, (value, entry), None
     if _is_array(value):
         _check_abstract(path, value, shape, dtype, f"the array from {rule.label}")
-        return ARRAY, None, None, value, None
+        return ARRAY, None, value, None
+    if paths.is_box(value):
+        raise ValueError(BOX_RETURNED.format(label=rule.label, box=type(value).__name__,
+                                             path=path))
     if not callable(value):
         raise TypeError(
             f"initializers: {rule.label} maps {path!r} to {value!r}; expected an initializer "
@@ -312,18 +276,30 @@ def _override(
         )
     fn = _override_fn(value, shape, dtype, layer_shape)
     try:
-        got = jax.eval_shape(fn, root_key)
+        program = programs.trace(fn, root_key)
     except Exception as e:  # noqa: BLE001 - re-raised with the path that caused it
         raise ValueError(
             f"initializers: {rule.label} failed for {path!r} ({_fmt(shape, dtype)}"
             + (f", one layer {_fmt(layer_shape, dtype)}" if layer_shape else "")
             + f"): {type(e).__name__}: {e}"
         ) from e
+    if not _is_plain(program):
+        out = jax.tree_util.tree_unflatten(program.out_tree, program.jaxpr.out_avals)
+        if paths.is_box(out):
+            raise ValueError(BOX_RETURNED.format(label=rule.label, box=type(out).__name__,
+                                                 path=path))
+        raise ValueError(
+            f"initializers: {rule.label} returns {type(out).__name__} {out!r} for {path!r}; "
+            "an initializer must return one array."
+        )
+    if programs.leaked_tracers(program):
+        raise ValueError(
+            f"initializers: {rule.label} for {path!r} uses a value traced inside "
+            "module.init (a leaked tracer); initializers must depend only on their key."
+        )
+    (got,) = program.jaxpr.out_avals
     _check_abstract(path, got, shape, dtype, f"the initializer from {rule.label}")
-    sk = structural_key(value)
-    signature = None if sk is None else ("override", sk, tuple(shape), jnp.dtype(dtype).name,
-                                          layer_shape)
-    return INITIALIZER, fn, signature, None, override_key(path)
+    return INITIALIZER, program, None, override_key(path)
 
 
 def build(
@@ -372,18 +348,20 @@ def build(
                 layer_shape = tuple(np.shape(unbox(rec.output)))
                 if layer_shape == shape or _layer_axes(shape, layer_shape) is None:
                     layer_shape = None
-            source, fn, signature, array, key = _override(
+            source, program, array, key = _override(
                 rule, path, shape, dtype, layer_shape, root_key, entries
             )
-        elif rec is not None and rec.replayable and _replays_alone(
-            *(replay := _replay(rec, sub)), root_key, shape, dtype
+        elif rec is not None and rec.replayable and (
+            program := _replays_alone(
+                _replay(rec, sub), root_key if rec.takes_key else None, shape, dtype
+            )
         ):
-            (fn, signature), source, array = replay, FLAX, None
+            source, array = FLAX, None
             key = recorder_lib.static_hash(rec.key_data) if rec.takes_key else None
         else:
-            source, fn, signature, array, key = TRACED, None, None, None, None
+            source, program, array, key = TRACED, None, None, None
         leaves.append(
-            Leaf(path, shape, dtype, source, key, sharding, fn, signature, array,
+            Leaf(path, shape, dtype, source, key, sharding, program, array,
                  rule.label if rule is not None else None)
         )
     _report_unconsumed(leaves, entries)

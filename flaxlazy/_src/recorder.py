@@ -22,7 +22,8 @@ from typing import Any
 
 import jax
 from flax import config as flax_config
-from flax.core import scope as flax_scope
+
+from flaxlazy._src import _compat
 
 _LOCK = threading.RLock()
 
@@ -121,9 +122,10 @@ def recording(root_key: Any):
       A ``Recorder``; its ``records`` fill in as the model is traced.
     """
     rec = Recorder(root_key)
-    orig_fold = flax_scope._fold_in_static
-    orig_param = flax_scope.Scope.param
-    orig_variable = flax_scope.Scope.variable
+    scope_cls = _compat.Scope
+    orig_fold = _compat.fold_in_static()
+    orig_param = scope_cls.param
+    orig_variable = scope_cls.variable
 
     def fold(rng, data):
         out = orig_fold(rng, data)
@@ -172,12 +174,12 @@ def recording(root_key: Any):
         return value
 
     with _LOCK:
-        flax_scope._fold_in_static = fold
-        flax_scope.Scope.param = param
-        flax_scope.Scope.variable = variable
+        _compat.set_fold_in_static(fold)
+        scope_cls.param = param
+        scope_cls.variable = variable
         try:
             yield rec
         finally:
-            flax_scope._fold_in_static = orig_fold
-            flax_scope.Scope.param = orig_param
-            flax_scope.Scope.variable = orig_variable
+            _compat.set_fold_in_static(orig_fold)
+            scope_cls.param = orig_param
+            scope_cls.variable = orig_variable

@@ -1,0 +1,188 @@
+"""Every private JAX and Flax API flaxlazy touches, in one place, checked before use.
+
+flaxlazy reproduces Flax's parameter values by replaying how Flax derives each key
+(``flax.core.scope._fold_in_static``, ``Scope.param``/``Scope.variable``) and draws large
+leaves in chunks by re-evaluating jaxprs (``jax._src.core``, the ``threefry2x32``
+primitive). None of that is public API, so ``fast_path()`` checks once, on first use,
+that each piece exists and behaves as expected: a key derived the way flaxlazy derives
+it equals Flax's, and a chunked draw equals the whole draw. On a version where a check
+fails, materialization falls back to one compiled run of ``module.init`` (always equal
+to ``jax.jit(module.init)``) and warns once, naming the failed check, rather than risk a
+wrong value.
+
+The supported versions are declared in ``pyproject.toml``; Orbax internals are used by
+``checkpoint.py`` only through ``orbax_type_handler_registry`` here.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from typing import Any
+
+import jax
+
+try:  # jax internals: jaxpr evaluation and dead-code elimination
+    from jax._src import core as _core
+    from jax._src.interpreters import partial_eval as _pe
+except ImportError:  # pragma: no cover - depends on the installed jax
+    _core = _pe = None
+
+try:  # the raw threefry primitive, for chunked draws
+    from jax._src.random import prng as _prng
+    from jax._src.random.threefry2x32 import threefry2x32_p
+except ImportError:  # pragma: no cover
+    _prng = threefry2x32_p = None
+
+from flax.core import scope as flax_scope
+
+FALLBACK_WARNING = (
+    "flaxlazy: this jax {jax} / flax {flax} pair fails flaxlazy's self-check ({reason}). "
+    "Falling back to one compiled run of module.init for every variable: values are "
+    "still exactly jax.jit(module.init)'s, but without the per-parameter fast path "
+    "(compile time grows with depth). Supported versions are declared in flaxlazy's "
+    "package metadata."
+)
+
+
+# ----------------------------------------------------------------------------- jaxprs
+def aval(x: Any) -> Any:
+    """The abstract value of an array or tracer (public ``jax.typeof``)."""
+    return jax.typeof(x)
+
+
+def eval_jaxpr(jaxpr: Any, consts: list, *args: Any) -> list:
+    return _core.eval_jaxpr(jaxpr, consts, *args)
+
+
+def is_jaxpr(x: Any) -> bool:
+    return isinstance(x, _core.Jaxpr)
+
+
+def is_closed_jaxpr(x: Any) -> bool:
+    return isinstance(x, _core.ClosedJaxpr)
+
+
+def is_literal(x: Any) -> bool:
+    return isinstance(x, _core.Literal)
+
+
+def is_key_array(x: Any) -> bool:
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def convert_constvars_jaxpr(jaxpr: Any) -> Any:
+    return _pe.convert_constvars_jaxpr(jaxpr)
+
+
+def dce_jaxpr(jaxpr: Any, used_outputs: list[bool]) -> tuple[Any, list[bool]]:
+    """Dead-code elimination: the jaxpr pruned to ``used_outputs``, and its used inputs."""
+    return _pe.dce_jaxpr(jaxpr, used_outputs)
+
+
+def uint_dtype(bit_width: int) -> Any:
+    return _prng.UINT_DTYPES[bit_width]
+
+
+# ------------------------------------------------------------------------------ flax
+def fold_in_static() -> Any:
+    return flax_scope._fold_in_static
+
+
+def set_fold_in_static(fn: Any) -> None:
+    flax_scope._fold_in_static = fn
+
+
+Scope = flax_scope.Scope
+
+
+# ----------------------------------------------------------------------------- orbax
+def orbax_type_handler_registry() -> Any:
+    """Orbax's type-handler registry module (private), or None on another layout."""
+    try:
+        from orbax.checkpoint._src.serialization import type_handler_registry
+    except ImportError:  # pragma: no cover - depends on the installed orbax
+        return None
+    return type_handler_registry
+
+
+# ------------------------------------------------------------------------ self-check
+def _check_key_derivation() -> None:
+    from flaxlazy._src import recorder
+
+    key = jax.random.key(3)
+    data = ("params", "Dense_0", "kernel", 7)
+    ours = jax.random.fold_in(key, recorder.static_hash(data))
+    theirs = flax_scope._fold_in_static(key, data)
+    if not bool((jax.random.key_data(ours) == jax.random.key_data(theirs)).all()):
+        raise AssertionError("Flax derives parameter keys differently")
+    for name in ("param", "variable", "has_variable", "is_mutable_collection"):
+        if not hasattr(flax_scope.Scope, name):
+            raise AssertionError(f"flax Scope has no {name!r}")
+    params = inspect.signature(flax_scope.Scope.param).parameters
+    if "init_fn" not in params or "unbox" not in params:
+        raise AssertionError("Scope.param has another signature")
+
+
+def _check_jaxpr_tools() -> None:
+    for name, obj in (("jax._src.core", _core), ("partial_eval", _pe)):
+        if obj is None:
+            raise AssertionError(f"{name} is missing")
+    closed = jax.make_jaxpr(lambda x: (x + 1.0, x * 2.0))(1.0)
+    pruned, used = dce_jaxpr(convert_constvars_jaxpr(closed.jaxpr), [False, True])
+    if len(pruned.eqns) != 1 or eval_jaxpr(pruned, [], 3.0)[0] != 6.0 or used != [True]:
+        raise AssertionError("dce_jaxpr behaves differently")
+
+
+@functools.cache
+def fast_path() -> tuple[bool, str]:
+    """``(True, "")`` when the replay fast path is sound here, else ``(False, reason)``."""
+    for check in (_check_jaxpr_tools, _check_key_derivation):
+        try:
+            check()
+        except Exception as e:  # noqa: BLE001 - any failure means "don't trust it"
+            return False, f"{check.__name__.lstrip('_')}: {type(e).__name__}: {e}"
+    return True, ""
+
+
+def warn_if_fallback() -> bool:
+    """True if the fast path is usable; otherwise warns (once per process) and False."""
+    ok, reason = fast_path()
+    if not ok and not _WARNED:
+        _WARNED.append(True)
+        warnings.warn(
+            FALLBACK_WARNING.format(jax=jax.__version__, flax=_flax_version(), reason=reason),
+            RuntimeWarning, stacklevel=3,
+        )
+    return ok
+
+
+_WARNED: list[bool] = []
+
+
+def _flax_version() -> str:
+    import flax
+
+    return getattr(flax, "__version__", "?")
+
+
+@functools.cache
+def chunking_ok() -> bool:
+    """Whether chunked draws are bit-identical to whole draws here (checked once)."""
+    if threefry2x32_p is None or _prng is None:
+        return False
+    from flaxlazy._src import chunked
+
+    try:
+        init = jax.nn.initializers.lecun_normal()
+        shape = (64, 33)
+        spec = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+        draw = chunked.chunked(lambda k: init(k, shape), spec, shape, jax.numpy.float32,
+                               chunk=256)
+        key = jax.random.key(11)
+        whole = jax.jit(lambda k: init(k, shape))(key)
+        return bool((jax.jit(draw)(key) == whole).all())
+    except Exception:  # noqa: BLE001 - any failure means "draw whole"
+        return False

@@ -1,0 +1,213 @@
+"""Programs: what a leaf's initializer computes, as a traced jaxpr with a sound cache key.
+
+Caching a compiled initializer by how the Python function *looks* (its code object and
+closure) is unsound: two closures with the same code can capture different arrays, read
+a changed global, or be bound methods of objects whose state changed. Here a function is
+traced for the exact leaf it makes (``jax.make_jaxpr``), and the compiled-code cache is
+keyed by the traced program itself: every primitive, its parameters, literal values, and
+the values of small captured constants. Large captured constants are not baked into the
+compiled code at all: they are passed as arguments at every call, so only their shapes
+and dtypes enter the key. Equal keys therefore mean equal computations on equal inputs;
+two ``normal(0.02)`` closures still share one compiled function, and anything that
+computes something else gets its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Hashable
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from flaxlazy._src import _compat
+from flaxlazy._src import cache as cache_lib
+
+# Captured constants up to this many bytes are baked into compiled code (keyed by value);
+# larger ones are passed as runtime arguments (keyed by shape and dtype only).
+BAKE_BYTES = 4096
+
+# Primitive parameters that only define derivatives, never forward values.
+_DERIVATIVE_ONLY = frozenset(
+    {"jvp_jaxpr_fun", "jvp_jaxpr_thunk", "fwd_jaxpr_thunk", "bwd", "out_trees",
+     "symbolic_zeros", "jvp", "transpose"}
+)
+
+_SUB_KEYS = cache_lib.LRU(1024)  # id(jaxpr) -> (jaxpr, key): jax reuses inner jaxprs
+
+
+class Unkeyable(Exception):
+    """A program with a part whose identity cannot be captured; it is never cached."""
+
+
+class Program(NamedTuple):
+    """A traced ``fn(*args)`` with its cache key.
+
+    Attributes:
+      jaxpr: the closed jaxpr (its constants are the captured values).
+      key: a hashable identity: equal keys compute equal outputs from equal arguments
+        and equal ``runtime_consts``. None when some part cannot be keyed (not cached).
+      baked: per constant, whether it is small enough to be compiled in (and is keyed by
+        value) rather than passed at run time.
+      out_tree: the output pytree structure.
+    """
+
+    jaxpr: Any
+    key: Hashable | None
+    baked: tuple[bool, ...]
+    out_tree: Any
+
+    @property
+    def runtime_consts(self) -> list:
+        """The constants passed as arguments at every call (the large ones)."""
+        return [c for c, b in zip(self.jaxpr.consts, self.baked, strict=True) if not b]
+
+
+def trace(fn: Callable[..., Any], *args: Any) -> Program:
+    """Traces ``fn(*args)`` (``args`` abstract or concrete) to a keyed ``Program``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> spec = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+      >>> a = trace(lambda k: jax.random.normal(k, (3,)) * 2.0, spec)
+      >>> b = trace(lambda k: jax.random.normal(k, (3,)) * 2.0, spec)
+      >>> c = trace(lambda k: jax.random.normal(k, (3,)) * 3.0, spec)
+      >>> a.key == b.key, a.key == c.key
+      (True, False)
+    """
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+    out_tree = jax.tree_util.tree_structure(out_shape)
+    baked = tuple(_bakeable(c) for c in closed.consts)
+    try:
+        key = (
+            _jaxpr_key(closed.jaxpr),
+            tuple(_value_key(c) if b else _aval_key(_compat.aval(c))
+                  for c, b in zip(closed.consts, baked, strict=True)),
+            out_tree,
+        )
+        hash(key)
+    except (Unkeyable, TypeError):
+        key = None
+    return Program(closed, key, baked, out_tree)
+
+
+def runner(program: Program, draw: Callable[..., Any] | None = None) -> Callable[..., Any]:
+    """``run(runtime_consts, *args)``: ``fn(*args)`` evaluated from the program.
+
+    Trace it inside ``jax.jit``. It holds the jaxpr and the baked (small) constants only,
+    so a cached compiled function never keeps a large captured array alive. ``draw``,
+    if given, evaluates instead as ``draw(*args, consts)`` (a chunked draw of the same
+    jaxpr).
+    """
+    jaxpr, out_tree, baked = program.jaxpr.jaxpr, program.out_tree, program.baked
+    kept = [c if b else None for c, b in zip(program.jaxpr.consts, baked, strict=True)]
+
+    def run(runtime: list, *args: Any) -> Any:
+        it = iter(runtime)
+        consts = [c if b else next(it) for c, b in zip(kept, baked, strict=True)]
+        if draw is not None:
+            return draw(*args, consts)
+        flat = _compat.eval_jaxpr(jaxpr, consts, *jax.tree_util.tree_leaves(args))
+        return jax.tree_util.tree_unflatten(out_tree, flat)
+
+    return run
+
+
+def jaxpr_key(jaxpr: Any) -> Hashable | None:
+    """The structural key of an open jaxpr (constants as inputs), or None if unkeyable."""
+    try:
+        key = _jaxpr_key(jaxpr)
+        hash(key)
+    except (Unkeyable, TypeError):
+        return None
+    return key
+
+
+def leaked_tracers(program: Program) -> bool:
+    """Whether the program captured tracers of an enclosing trace (data-dependent)."""
+    return any(isinstance(c, jax.core.Tracer) for c in program.jaxpr.consts)
+
+
+def _bakeable(c: Any) -> bool:
+    if isinstance(c, jax.core.Tracer) or _compat.is_key_array(c):
+        return False
+    return np.asarray(c).nbytes <= BAKE_BYTES
+
+
+def _aval_key(aval: Any) -> tuple:
+    return (
+        type(aval).__name__, tuple(getattr(aval, "shape", ())), str(getattr(aval, "dtype", "")),
+        bool(getattr(aval, "weak_type", False)), _hashable(getattr(aval, "sharding", None)),
+    )
+
+
+def _hashable(x: Any) -> Any:
+    try:
+        hash(x)
+    except TypeError as e:
+        raise Unkeyable(repr(x)) from e
+    return x
+
+
+def _value_key(x: Any) -> tuple:
+    """A concrete value by dtype, shape and bytes (``1``, ``1.0`` and ``True`` differ)."""
+    if isinstance(x, jax.core.Tracer):
+        raise Unkeyable("a tracer")
+    if _compat.is_key_array(x):
+        x = jax.random.key_data(x)
+    arr = np.asarray(x)
+    return ("value", type(x).__name__, str(arr.dtype), arr.shape, arr.tobytes())
+
+
+def _param_key(name: str, v: Any) -> Any:
+    if name in _DERIVATIVE_ONLY:
+        return None
+    if _compat.is_closed_jaxpr(v):
+        return ("closed", _sub_key(v.jaxpr), tuple(_value_key(c) for c in v.consts))
+    if _compat.is_jaxpr(v):
+        return ("jaxpr", _sub_key(v))
+    if isinstance(v, (tuple, list)):
+        return (type(v).__name__, tuple(_param_key("", x) for x in v))
+    if isinstance(v, dict):
+        return ("dict", tuple(sorted((k, _param_key("", x)) for k, x in v.items())))
+    if isinstance(v, (bool, int, float, complex, str, type(None))):
+        return (type(v).__name__, v)
+    if isinstance(v, np.dtype):
+        return ("dtype", str(v))
+    if isinstance(v, (np.ndarray, np.generic, jax.Array)):
+        return _value_key(v)
+    # Shardings, meshes, enums, dimension numbers...: hashable by value, or by identity
+    # (kept alive by the key, so the identity cannot be reused).
+    return (type(v).__qualname__, _hashable(v))
+
+
+def _sub_key(jaxpr: Any) -> tuple:
+    entry = _SUB_KEYS.get(id(jaxpr), lambda: (jaxpr, _jaxpr_key(jaxpr)))
+    if entry[0] is not jaxpr:  # pragma: no cover - ids are unique while cached
+        return _jaxpr_key(jaxpr)
+    return entry[1]
+
+
+def _jaxpr_key(jaxpr: Any) -> tuple:
+    """Every equation by primitive, parameters and operands; variables by position."""
+    names: dict[Any, int] = {}
+
+    def bind(v: Any) -> tuple:
+        names[v] = len(names)
+        return _aval_key(v.aval)
+
+    def ref(v: Any) -> Any:
+        if _compat.is_literal(v):
+            return _value_key(v.val) + (_aval_key(v.aval),)
+        return names[v] if v in names else ("free", _aval_key(v.aval))
+
+    head = (tuple(bind(v) for v in jaxpr.constvars), tuple(bind(v) for v in jaxpr.invars))
+    eqns = []
+    for eqn in jaxpr.eqns:
+        ins = tuple(ref(v) for v in eqn.invars)
+        params = tuple(sorted((k, _param_key(k, p)) for k, p in eqn.params.items()))
+        outs = tuple(bind(v) for v in eqn.outvars)
+        eqns.append((eqn.primitive.name, ins, params, outs))
+    return head + (tuple(eqns), tuple(ref(v) for v in jaxpr.outvars))
