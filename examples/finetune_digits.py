@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -44,6 +45,7 @@ import flaxlazy
 
 PRETRAIN_CLASSES = 5  # pretraining sees the digits 0-4 only
 NUM_CLASSES = 10
+EPOCHS = {"--pretrain-epochs": (30, 10), "--finetune-epochs": (20, 15)}  # default, --quick
 
 # Initializers for pretraining, by parameter path (the first pattern that matches wins).
 INITIALIZERS = {
@@ -90,26 +92,36 @@ def load_data(seed: int) -> tuple[np.ndarray, ...]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pretrain-epochs", type=int, default=30)
-    parser.add_argument("--finetune-epochs", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=64)
+    # --quick changes the default epochs, so look for it first: `--help` then shows the
+    # defaults that apply.
+    quick = "--quick" in (sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # `--quick` is looked for by its full name above
+    )
+    for flag, what in (("--pretrain-epochs", "on digits 0-4"), ("--finetune-epochs", "on 0-9")):
+        full, fast = EPOCHS[flag]
+        parser.add_argument(
+            flag,
+            type=int,
+            default=fast if quick else full,
+            help=f"passes over the training split {what} (default: %(default)s; "
+            + ("with --quick)" if quick else f"--quick: {fast})"),
+        )
+    parser.add_argument("--batch-size", type=int, default=64, help="images per step")
     parser.add_argument("--lr", type=float, default=2e-3, help="pretraining Adam learning rate")
     parser.add_argument(
         "--finetune-lr", type=float, default=2e-3, help="fine-tuning Adam learning rate"
     )
     parser.add_argument(
         "--ckpt-dir",
-        default="checkpoints/finetune_digits",
+        default=os.path.join("checkpoints", "finetune_digits"),
         help="where the pretrained backbone is saved (as <ckpt-dir>/backbone)",
     )
     parser.add_argument("--seed", type=int, default=0, help="model, shuffling and split seed")
     parser.add_argument("--quick", action="store_true", help="fewer epochs (CI smoke test)")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.pretrain_epochs = min(args.pretrain_epochs, 10)
-        args.finetune_epochs = min(args.finetune_epochs, 15)
-    return args
+    return parser.parse_args(argv)
 
 
 def make_train_step():

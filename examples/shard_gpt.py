@@ -94,6 +94,15 @@ SIZES = {  # (layers, d_model, heads, vocab, seq, batch)
     "default": (12, 768, 12, 50304, 128, 8),  # GPT-2 small, vocab padded to a multiple of 64
     "quick": (2, 64, 8, 512, 32, 8),
 }
+SIZE_FLAGS = ("layers", "d_model", "heads", "vocab", "seq", "batch")
+SIZE_HELP = {
+    "layers": "transformer blocks",
+    "d_model": "model width",
+    "heads": "attention heads",
+    "vocab": "vocabulary size",
+    "seq": "sequence length",
+    "batch": "global batch (split over the data axis)",
+}
 
 
 class CausalSelfAttention(nn.Module):
@@ -151,24 +160,27 @@ class GPT(nn.Module):
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    layers, d_model, heads, vocab, seq, batch = SIZES["default"]
-    parser.add_argument("--layers", type=int, default=None, help=f"default {layers}")
-    parser.add_argument("--d-model", type=int, default=None, help=f"default {d_model}")
-    parser.add_argument("--heads", type=int, default=None, help=f"default {heads}")
-    parser.add_argument("--vocab", type=int, default=None, help=f"default {vocab}")
-    parser.add_argument("--seq", type=int, default=None, help=f"sequence length, default {seq}")
-    parser.add_argument("--batch", type=int, default=None, help=f"global batch, default {batch}")
-    parser.add_argument(
-        "--mesh", default="2,4", help="mesh shape as 'data,model' (default 2,4: 8 devices)"
+    # --quick changes the defaults of the size flags, so look for it first: `--help`
+    # then shows the defaults that apply (try `--quick --help`).
+    quick = "--quick" in (sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # `--quick` is looked for by its full name above
     )
-    parser.add_argument("--seed", type=int, default=0)
+    quick_sizes = dict(zip(SIZE_FLAGS, SIZES["quick"], strict=True))
+    for name, value in zip(SIZE_FLAGS, SIZES["quick" if quick else "default"], strict=True):
+        other = "with --quick" if quick else f"--quick: {quick_sizes[name]}"
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            type=int,
+            default=value,
+            help=f"{SIZE_HELP[name]} (default: %(default)s; {other})",
+        )
+    parser.add_argument("--mesh", default="2,4", help="mesh shape 'data,model' (8 devices)")
+    parser.add_argument("--seed", type=int, default=0, help="initialization and batch seed")
     parser.add_argument("--quick", action="store_true", help="a tiny model (CI smoke test)")
     args = parser.parse_args(argv)
-    names = ("layers", "d_model", "heads", "vocab", "seq", "batch")
-    for name, value in zip(names, SIZES["quick" if args.quick else "default"], strict=True):
-        if getattr(args, name) is None:
-            setattr(args, name, value)
     try:
         args.mesh = tuple(int(n) for n in args.mesh.split(","))
     except ValueError:

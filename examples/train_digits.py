@@ -21,6 +21,7 @@ Run it from the repository root::
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -37,6 +38,7 @@ from tqdm import tqdm
 import flaxlazy
 
 NUM_CLASSES = 10
+EPOCHS, QUICK_EPOCHS = 40, 10
 
 # One initializer per parameter path; the first pattern that matches wins.
 # `*` matches within one path segment, `**` any number of whole segments.
@@ -76,18 +78,28 @@ def load_data(seed: int) -> tuple[np.ndarray, ...]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=64)
+    # --quick changes the default of --epochs, so look for it first: `--help` then shows
+    # the defaults that apply.
+    quick = "--quick" in (sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # `--quick` is looked for by its full name above
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=QUICK_EPOCHS if quick else EPOCHS,
+        help="passes over the training split (default: %(default)s"
+        + ("; with --quick)" if quick else f"; --quick: {QUICK_EPOCHS})"),
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="images per step")
     parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
     parser.add_argument("--seed", type=int, default=0, help="model, shuffling and split seed")
     parser.add_argument(
         "--quick", action="store_true", help="a few hundred steps only (CI smoke test)"
     )
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.epochs = min(args.epochs, 10)
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -159,10 +171,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "steps": args.epochs * steps_per_epoch,
         "seconds": time.perf_counter() - start,
     }
-    print("\nTrained model:")
-    print(flaxlazy.summary({"params": params}))
     print(
-        f"test accuracy {metrics['test_accuracy']:.2%} (loss {metrics['test_loss']:.4f}) "
+        f"\ntest accuracy {metrics['test_accuracy']:.2%} (loss {metrics['test_loss']:.4f}) "
         f"on {len(x_test)} held-out digits after {metrics['steps']} steps "
         f"in {metrics['seconds']:.1f} s"
     )

@@ -30,6 +30,7 @@ Run it from the repository root::
     python examples/train_lm.py --resume       # 500 more steps from the latest checkpoint
     python examples/train_lm.py --quick        # a tiny model, 60 steps (CI smoke test)
     python examples/train_lm.py --help         # sizes, steps, mesh, checkpoints, sampling
+    python examples/train_lm.py --quick --help # the same with --quick's defaults
 
 ``--steps`` counts the steps of this run: a resumed run continues the step
 count (and the learning-rate schedule) where the checkpoint left off.
@@ -37,6 +38,12 @@ Batches are drawn from a generator seeded with ``(seed, step)``, so a resumed
 run sees exactly the batches an uninterrupted one would have. A run without
 ``--resume`` starts from scratch and first removes the old ``step_<n>``
 checkpoints in ``--ckpt-dir``.
+
+Checkpoints go to ``checkpoints/train_lm/<model sizes>`` under the current
+directory (printed at the start), one folder per model configuration, so a
+``--quick`` run never touches the default run's checkpoints. Each folder
+records the sizes it was written with (``config.json``); ``--resume`` with
+other sizes stops with a message naming the flags to use instead.
 """
 
 # ruff: noqa: E402
@@ -57,6 +64,7 @@ if "jax" not in sys.modules and _FLAG not in os.environ.get("XLA_FLAGS", ""):
 
 import argparse
 import functools
+import json
 import math
 import re
 import shutil
@@ -101,10 +109,38 @@ INITIALIZERS = {
     "**/bias": nn.initializers.zeros,
 }
 
-SIZES = {  # layers, d_model, heads, seq, batch, steps, lr, warmup, ckpt_every
-    "default": (4, 128, 4, 128, 32, 500, 3e-3, 100, 100),
-    "quick": (2, 64, 4, 64, 16, 60, 5e-3, 10, 20),
+SIZES = {  # layers, d_model, heads, seq, batch, steps, lr, warmup, ckpt_every, sample_chars
+    "default": (4, 128, 4, 128, 32, 500, 3e-3, 100, 100, 400),
+    "quick": (2, 64, 4, 64, 16, 60, 5e-3, 10, 20, 120),
 }
+SIZE_FLAGS = (
+    "layers",
+    "d_model",
+    "heads",
+    "seq",
+    "batch",
+    "steps",
+    "lr",
+    "warmup",
+    "ckpt_every",
+    "sample_chars",
+)
+SIZE_HELP = {
+    "layers": "transformer blocks",
+    "d_model": "model width",
+    "heads": "attention heads",
+    "seq": "context length in characters",
+    "batch": "global batch (split over the data axis)",
+    "steps": "steps in this run",
+    "lr": "peak AdamW learning rate",
+    "warmup": "linear learning-rate warmup steps",
+    "ckpt_every": "save a checkpoint every this many steps",
+    "sample_chars": "characters to sample at the end",
+}
+# What a checkpoint's shapes depend on: resuming needs the same values.
+MODEL_FLAGS = ("layers", "d_model", "heads", "seq")
+CKPT_DIR = os.path.join("checkpoints", "train_lm", "{config}")
+CONFIG_FILE = "config.json"
 CKPT_NAME = re.compile(r"step_(\d+)")
 
 
@@ -194,26 +230,34 @@ class CharCorpus:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    names = ("layers", "d_model", "heads", "seq", "batch", "steps", "lr", "warmup", "ckpt_every")
-    defaults = dict(zip(names, SIZES["default"], strict=True))
-    for name, value in defaults.items():
+    # --quick changes the defaults of the size flags, so look for it first: `--help`
+    # then shows the defaults that apply (try `--quick --help`).
+    quick = "--quick" in (sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # `--quick` is looked for by its full name above
+    )
+    quick_sizes = dict(zip(SIZE_FLAGS, SIZES["quick"], strict=True))
+    for name, value in zip(SIZE_FLAGS, SIZES["quick" if quick else "default"], strict=True):
         flag = "--" + name.replace("_", "-")
-        hint = {"steps": "steps in this run", "warmup": "linear learning-rate warmup steps"}
-        help_ = f"{hint[name]}, default {value}" if name in hint else f"default {value}"
-        parser.add_argument(flag, type=type(value), default=None, help=help_)
+        other = "with --quick" if quick else f"--quick: {quick_sizes[name]}"
+        help_ = f"{SIZE_HELP[name]} (default: %(default)s; {other})"
+        parser.add_argument(flag, type=type(value), default=value, help=help_)
+    parser.add_argument("--mesh", default="4,2", help="mesh shape 'data,model' (8 devices)")
     parser.add_argument(
-        "--mesh", default="4,2", help="mesh shape as 'data,model' (default 4,2: 8 devices)"
+        "--ckpt-dir",
+        default=CKPT_DIR,
+        help="where step_<n> checkpoints go; {config} stands for the model sizes, e.g. "
+        + model_config_name(dict(zip(SIZE_FLAGS, SIZES["default"], strict=True))),
     )
-    parser.add_argument(
-        "--ckpt-dir", default="checkpoints/train_lm", help="where step_<n> checkpoints go"
-    )
-    parser.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default 3)")
+    parser.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
     parser.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in --ckpt-dir"
     )
-    parser.add_argument("--sample-chars", type=int, default=None, help="default 400 (quick: 120)")
-    parser.add_argument("--prompt", default="The ", help="start of the sampled text")
+    parser.add_argument(
+        "--prompt", default="The ", help="start of the sampled text (default: %(default)r)"
+    )
     parser.add_argument(
         "--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy"
     )
@@ -222,11 +266,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--quick", action="store_true", help="a tiny model and 60 steps (CI smoke test)"
     )
     args = parser.parse_args(argv)
-    for name, value in zip(names, SIZES["quick" if args.quick else "default"], strict=True):
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if args.sample_chars is None:
-        args.sample_chars = 120 if args.quick else 400
     try:
         args.mesh = tuple(int(n) for n in args.mesh.split(","))
     except ValueError:
@@ -239,7 +278,68 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--batch {args.batch} is not divisible by the data axis ({args.mesh[0]})")
     if args.keep < 1 or args.ckpt_every < 1 or args.steps < 1:
         parser.error("--steps, --keep and --ckpt-every must be positive")
+    args.ckpt_dir = args.ckpt_dir.replace("{config}", model_config_name(vars(args)))
     return args
+
+
+def model_config(args: argparse.Namespace, vocab: int) -> dict[str, Any]:
+    """What the checkpoint's shapes depend on: the model flags and the vocabulary size."""
+    return {**{name: getattr(args, name) for name in MODEL_FLAGS}, "vocab": vocab}
+
+
+def model_config_name(config: dict[str, Any]) -> str:
+    """A folder name for a model configuration, e.g. ``layers4-d128-heads4-seq128``."""
+    return "layers{layers}-d{d_model}-heads{heads}-seq{seq}".format(**config)
+
+
+def config_mismatch(saved: dict[str, Any], wanted: dict[str, Any], ckpt_dir: str) -> str | None:
+    """Why checkpoints written with config ``saved`` cannot resume ``wanted``, else None.
+
+    The message names the flags that resume them, and the other way out.
+    """
+    differ = [name for name in wanted if saved.get(name) != wanted[name]]
+    if not differ:
+        return None
+    if "vocab" in differ:
+        return (
+            f"--resume: the checkpoints in {ckpt_dir} have a {saved.get('vocab')}-character "
+            f"vocabulary but this Python's reference gives {wanted['vocab']}: they were "
+            "written with another Python version. Drop --resume to start afresh, or give "
+            "another --ckpt-dir."
+        )
+    got = ", ".join(
+        f"--{name.replace('_', '-')} {saved[name]} (this run: {wanted[name]})" for name in differ
+    )
+    flags = " ".join(f"--{name.replace('_', '-')} {saved[name]}" for name in MODEL_FLAGS)
+    use = f"resume them with {flags}"
+    for preset, sizes in SIZES.items():
+        preset_sizes = dict(zip(SIZE_FLAGS, sizes, strict=True))
+        if all(saved[name] == preset_sizes[name] for name in MODEL_FLAGS):
+            use = (
+                "they are --quick's sizes: resume them with --quick --resume"
+                if preset == "quick"
+                else "they are the default sizes: resume them with --resume and without "
+                "--quick or size flags"
+            )
+    return (
+        f"--resume: the checkpoints in {ckpt_dir} hold a model of other sizes: {got}; "
+        f"{use}. Or drop --resume to start afresh, or give another --ckpt-dir."
+    )
+
+
+def read_config(ckpt_dir: str) -> dict[str, Any] | None:
+    """The model config the checkpoints in ``ckpt_dir`` were written with, if recorded."""
+    try:
+        with open(os.path.join(ckpt_dir, CONFIG_FILE)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def write_config(ckpt_dir: str, config: dict[str, Any]) -> None:
+    os.makedirs(ckpt_dir, exist_ok=True)
+    with open(os.path.join(ckpt_dir, CONFIG_FILE), "w") as f:
+        json.dump(config, f, indent=1)
 
 
 def make_mesh(shape: tuple[int, int]) -> jax.sharding.Mesh:
@@ -324,12 +424,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     start = time.perf_counter()
     corpus = CharCorpus()
+    config = model_config(args, corpus.vocab)
+    saved = checkpoints(args.ckpt_dir)
+    if args.resume and saved:  # before anything slow: do these checkpoints fit this model?
+        mismatch = config_mismatch(read_config(args.ckpt_dir) or config, config, args.ckpt_dir)
+        if mismatch:
+            raise SystemExit(mismatch)
     mesh = make_mesh(args.mesh)
     platform = mesh.devices.flat[0].platform.upper()
     print(
         f"corpus: the Python Language Reference (pydoc_data.topics), {corpus.num_chars:,} "
         f"characters, {len(corpus.chars)} distinct (vocab padded to {corpus.vocab})\n"
-        f"mesh {dict(mesh.shape)} on {mesh.size} {platform} devices"
+        f"mesh {dict(mesh.shape)} on {mesh.size} {platform} devices\n"
+        f"checkpoints: {os.path.abspath(args.ckpt_dir)} (--ckpt-dir)"
     )
 
     model = GPT(corpus.vocab, args.seq, args.d_model, args.layers, args.heads)
@@ -351,13 +458,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
 
     # 2. The train state: restored from the latest checkpoint, or created in one step.
-    saved = checkpoints(args.ckpt_dir)
     resumed_from = None
     if args.resume and saved:
         resumed_from, path = list(saved.items())[-1]
         # Each array is read straight into the sharding `abstract` gives it (each device
         # reads its slice only); `apply_fn` and `tx`, not saved, come from `abstract`.
-        state = flaxlazy.restore(path, abstract)
+        try:
+            state = flaxlazy.restore(path, abstract)
+        except ValueError as e:  # e.g. checkpoints older than config.json, of other sizes
+            first, *more = str(e).splitlines()
+            raise SystemExit(
+                f"--resume: {path} does not fit this model: {first}"
+                + (f" (and {len(more)} more like it)" if more else "")
+                + "\nResume with the size flags (or --quick) it was written with, drop "
+                "--resume to start afresh, or give another --ckpt-dir."
+            ) from e
         print(f"resumed from {path} (step {int(state.step)})")
     else:
         if args.resume:
@@ -366,6 +481,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             print(f"starting from scratch: removing the old checkpoints in {args.ckpt_dir}")
             for old in saved.values():
                 shutil.rmtree(old)
+        write_config(args.ckpt_dir, config)  # what --resume checks against
         residual = nn.initializers.normal(stddev=0.02 / math.sqrt(2 * args.layers))
         initializers = {"block_*/attn/out/kernel": residual, "block_*/mlp/down/kernel": residual}
         state = flaxlazy.init_train_state(
@@ -438,7 +554,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"{tokens_per_second:,.0f} tokens/s"
     )
     kept = list(checkpoints(args.ckpt_dir))
-    print(f"checkpoints kept in {args.ckpt_dir}: steps {kept}")
+    print(f"checkpoints kept in {os.path.abspath(args.ckpt_dir)}: steps {kept}")
 
     # 5. Some text from the model, one jitted step per character.
     next_token = make_sampler(model, args.temperature)

@@ -1,5 +1,7 @@
-"""Smoke tests for the scripts in `examples/`: each runs end to end in quick mode."""
+"""Tests for the scripts in `examples/` (each runs end to end in quick mode, `--help`,
+checkpoint folders) and for the verdicts of `benchmarks/run.py`."""
 
+import argparse
 import importlib.util
 import math
 import pathlib
@@ -8,16 +10,54 @@ import sys
 import jax
 import pytest
 
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+ALL_EXAMPLES = sorted(p.stem for p in EXAMPLES.glob("*.py"))
 
 
-def load_example(name):
-    """Imports `examples/<name>.py` as a module (examples/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"examples_{name}", EXAMPLES / f"{name}.py")
+def load_script(path, name):
+    """Imports the script at `path` as module `name` (examples/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses (Flax modules) look their module up here
     spec.loader.exec_module(module)
     return module
+
+
+def load_example(name):
+    """Imports `examples/<name>.py` as a module."""
+    return load_script(EXAMPLES / f"{name}.py", f"examples_{name}")
+
+
+def help_entries(text):
+    """The option entries of an argparse `--help` text, each joined into one line."""
+    entries = []
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            entries.append(line.strip())
+        elif entries and line.startswith("   "):
+            entries[-1] += " " + line.strip()
+        elif not line.strip():
+            continue
+        elif entries:
+            break  # past the options
+    return entries
+
+
+@pytest.mark.parametrize("quick", [False, True], ids=["default", "quick"])
+@pytest.mark.parametrize("name", ALL_EXAMPLES)
+def test_example_help_shows_every_default(name, quick, capsys):
+    example = load_example(name)
+    with pytest.raises(SystemExit) as exit_:
+        example.parse_args(["--quick", "--help"] if quick else ["--help"])
+    assert exit_.value.code == 0
+    entries = help_entries(capsys.readouterr().out)
+    assert len(entries) > 3, entries
+    for entry in entries:
+        if not entry.startswith("-h, --help"):
+            assert "(default: " in entry and "(default: None" not in entry, entry
+    # --quick changes some defaults; --help shows both, and with --quick those that apply.
+    assert ("with --quick)" if quick else "; --quick: ") in " ".join(entries), entries
 
 
 def test_train_digits_quick_reaches_high_test_accuracy(capsys):
@@ -26,7 +66,7 @@ def test_train_digits_quick_reaches_high_test_accuracy(capsys):
     assert metrics["test_accuracy"] > 0.9, metrics
     assert metrics["num_params"] == 53_002
     out = capsys.readouterr().out
-    assert "params/Conv_0/kernel" in out  # the summary table was printed
+    assert out.count("params/Conv_0/kernel") == 1, out  # the summary table, printed once
     assert "test accuracy" in out
 
 
@@ -79,7 +119,7 @@ def test_train_lm_quick_loss_falls_and_resume_continues_exactly(tmp_path, capsys
     assert part1["checkpoints"] == [20, 30]
     assert part2["resumed_from"] == 30 and part2["steps"] == 60
     assert part2["checkpoints"] == [50, 60]
-    assert sorted(p.name for p in ckpt.iterdir()) == ["step_50", "step_60"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "step_50", "step_60"]
     assert straight["steps"] == 60
     # Training picks up where it stopped rather than starting over near log(vocab)...
     assert part2["first_loss"] < part1["first_loss"] - 0.8, (part1, part2)
@@ -88,6 +128,57 @@ def test_train_lm_quick_loss_falls_and_resume_continues_exactly(tmp_path, capsys
     assert part2["last_loss"] == pytest.approx(straight["last_loss"], rel=1e-5)
     assert part2["val_loss"] == pytest.approx(straight["val_loss"], rel=1e-5)
     assert part2["sample"] == straight["sample"]
+
+    # Resuming these --quick checkpoints with the default sizes says which flag to use...
+    with pytest.raises(SystemExit, match=r"--quick's sizes: resume them with --quick"):
+        train_lm.main(["--resume", "--ckpt-dir", str(ckpt)])
+    # ... and so it does, less precisely, for checkpoints without a recorded config.
+    (ckpt / "config.json").unlink()
+    with pytest.raises(
+        SystemExit, match=r"(?s)does not fit this model: .* more like it\)\nResume with .*--quick"
+    ):
+        train_lm.main(["--resume", "--ckpt-dir", str(ckpt)])
+
+
+def test_train_lm_keeps_one_default_checkpoint_folder_per_model_size():
+    train_lm = load_example("train_lm")
+    default = train_lm.parse_args([]).ckpt_dir
+    quick = train_lm.parse_args(["--quick"]).ckpt_dir
+    wider = train_lm.parse_args(["--d-model", "256"]).ckpt_dir
+    assert len({default, quick, wider}) == 3
+    assert pathlib.Path(default) == pathlib.Path("checkpoints/train_lm/layers4-d128-heads4-seq128")
+    assert pathlib.Path(quick).parent == pathlib.Path(default).parent
+    # Other flags (steps, batch, learning rate) do not change the checkpoints' shapes.
+    assert train_lm.parse_args(["--quick", "--steps", "5", "--batch", "8"]).ckpt_dir == quick
+    assert train_lm.parse_args(["--ckpt-dir", "runs/{config}"]).ckpt_dir == str(
+        pathlib.Path("runs/layers4-d128-heads4-seq128")
+    )
+
+
+def test_train_lm_resume_with_other_sizes_names_the_flag_to_use(tmp_path):
+    train_lm = load_example("train_lm")
+    vocab = train_lm.CharCorpus().vocab
+    default = train_lm.model_config(train_lm.parse_args([]), vocab)
+    quick = train_lm.model_config(train_lm.parse_args(["--quick"]), vocab)
+    wide = train_lm.model_config(train_lm.parse_args(["--d-model", "256"]), vocab)
+
+    assert train_lm.config_mismatch(default, default, "d") is None
+    message = train_lm.config_mismatch(default, quick, "d")  # --quick --resume on a default run
+    assert "--layers 4 (this run: 2)" in message and "--d-model 128 (this run: 64)" in message
+    assert "the default sizes: resume them with --resume and without --quick" in message
+    message = train_lm.config_mismatch(quick, default, "d")
+    assert "--quick's sizes: resume them with --quick --resume" in message
+    message = train_lm.config_mismatch(wide, default, "d")
+    assert "resume them with --layers 4 --d-model 256 --heads 4 --seq 128" in message
+    message = train_lm.config_mismatch({**default, "vocab": vocab + 64}, default, "d")
+    assert "another Python version" in message
+
+    # End to end: a --quick --resume in a folder of default-size checkpoints stops before
+    # building anything, with that message instead of a shape-mismatch traceback.
+    train_lm.write_config(tmp_path, default)
+    (tmp_path / "step_100").mkdir()
+    with pytest.raises(SystemExit, match=r"resume them with --resume and without --quick"):
+        train_lm.main(["--quick", "--resume", "--ckpt-dir", str(tmp_path)])
 
 
 def test_finetune_digits_quick_loads_backbone_and_learns_all_digits(tmp_path, capsys):
@@ -103,3 +194,93 @@ def test_finetune_digits_quick_loads_backbone_and_learns_all_digits(tmp_path, ca
     assert results["accuracy_after_new"] > 0.85, results  # digits never seen in pretraining
     out = capsys.readouterr().out
     assert "loaded backbone equals the pretrained one: True" in out
+
+
+# --------------------------------------------------------------------------
+# benchmarks/run.py: its verdicts, from made-up results (no benchmark runs here).
+
+
+def load_benchmark():
+    return load_script(ROOT / "benchmarks" / "run.py", "benchmarks_run")
+
+
+def fake_result(model, method, total_s=1.0, **fields):
+    result = {
+        "model": model,
+        "method": method,
+        "status": "ok",
+        "total_s": total_s,
+        "peak_rss": 10e6,
+        "variable_bytes": 10e6,
+        "compiles": 0,
+        "draw_s": total_s,
+    }
+    return {**result, **fields}
+
+
+# Times like the README's (2 CPU cores), by (model, method).
+TIMES = {
+    ("gpt12", "jit"): 11.0,
+    ("gpt12", "materialize_cold"): 4.2,
+    ("gpt48", "jit"): 32.6,
+    ("gpt48", "materialize_cold"): 5.3,
+    ("gpt48", "materialize_warm"): 0.55,
+    ("llama7b", "abstract"): 1.3,
+}
+
+
+def test_benchmark_quick_verdicts_judge_each_target_on_its_own_models_only():
+    run = load_benchmark()
+    plan = run.plan_runs(argparse.Namespace(models="", methods="", quick=True))
+    results = [
+        fake_result(model, method, TIMES.get((model, method), 1.0), draw_s=0.5)
+        for model, methods in plan
+        for method in methods
+    ]
+    # The quick run measures jit and materialize at 12 layers: 4.2 s vs 11.0 s, a 0.38
+    # ratio that the 0.25 target (set for 48 layers) must not judge.
+    assert run._find(results, "gpt12", "jit") and not run._find(results, "gpt48", "jit")
+
+    rows = {row["target"]: row for row in run.targets(results)}
+    verdicts = {name: row["pass"] for name, row in rows.items()}
+    assert verdicts == {
+        "materialize cold(gpt48) <= 0.25 x jit cold(gpt48)": None,
+        "materialize cold(gpt48) <= 1.5 x materialize cold(gpt12)": True,
+        "materialize warm(gpt48) recompiles nothing": True,
+        "materialize warm(gpt48) <= 1.3 x one-call draw": True,
+        "peak RSS materialize(gpt2_medium, 355M) <= 1.15 x variable bytes": None,
+        "abstract_init(llama7b) < 2 s": True,
+        "abstract_init(llama7b) < 100 MB RSS": True,
+        "abstract_init(llama70b) < 5 s": None,
+    }
+    assert rows["materialize cold(gpt48) <= 0.25 x jit cold(gpt48)"]["detail"] == (
+        "needs jit(gpt48): not measured in this run"
+    )
+    text = run.targets_text(list(rows.values()))
+    assert "FAIL" not in text and "gpt12) <= 0.25" not in text, text
+
+
+def test_benchmark_targets_fail_where_they_apply_and_fail():
+    run = load_benchmark()
+    results = [fake_result(m, method, t, draw_s=0.5) for (m, method), t in TIMES.items()]
+    rows = {row["target"]: row["pass"] for row in run.targets(results)}
+    assert rows["materialize cold(gpt48) <= 0.25 x jit cold(gpt48)"] is True  # 5.3 / 32.6
+
+    slow = [
+        fake_result("gpt48", "jit", 10.0),
+        fake_result("gpt48", "materialize_cold", 5.0),
+        fake_result("gpt48", "materialize_warm", 0.55, draw_s=0.2, compiles=3),
+    ]
+    rows = {row["target"]: row for row in run.targets(slow)}
+    failed = [name for name, row in rows.items() if row["pass"] is False]
+    assert failed == [
+        "materialize cold(gpt48) <= 0.25 x jit cold(gpt48)",
+        "materialize warm(gpt48) recompiles nothing",
+        "materialize warm(gpt48) <= 1.3 x one-call draw",
+    ]
+    assert run.targets_text(list(rows.values())).count("FAIL") == 3
+
+
+def test_benchmark_without_matplotlib_names_the_extra_to_install():
+    run = load_benchmark()
+    assert 'pip install -e ".[benchmarks]"' in run.NO_CHART

@@ -1,18 +1,150 @@
-"""The README's quick start runs as written."""
+"""Every ```python block of the README runs as written, each in a fresh process.
 
+A block runs in a new Python process with this test run's environment minus
+``XLA_FLAGS``, so a block that needs several devices has to ask for them itself, as a
+reader's script would. A block that is not meant to run says so with an HTML comment
+(invisible on GitHub) on the line right above its fence::
+
+    <!-- readme-test: skip (why it does not run) -->
+    ```python
+
+Blocks under some headings are followed by checks (``CHECKS``), run in the same process.
+"""
+
+import dataclasses
+import os
 import pathlib
 import re
+import subprocess
+import sys
 
-import jax.numpy as jnp
+import pytest
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+SKIP = re.compile(r"<!--\s*readme-test:\s*skip\s*\((?P<why>[^)]+)\)\s*-->")
 
 
-def test_quick_start_runs(capsys):
-    code = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)[0]
-    scope: dict = {}
-    exec(compile(code, str(README), "exec"), scope)  # noqa: S102 - our own README
-    params = scope["variables"]["params"]
-    assert (params["layers_2"]["kernel"] == 0).all()
-    assert float(jnp.abs(params["layers_0"]["kernel"]).max()) <= (6 / (784 + 256)) ** 0.5
-    assert "params/layers_0/kernel" in capsys.readouterr().out
+@dataclasses.dataclass(frozen=True)
+class Block:
+    heading: str  # the heading the block sits under
+    line: int  # 1-based line of its first line of code
+    code: str
+    skip: str | None  # why it is not run, or None
+
+
+def python_blocks(markdown: str) -> list[Block]:
+    """The ```python blocks of a Markdown text, with their heading and skip marker."""
+    blocks, heading, fence, previous = [], "", None, ""
+    for number, line in enumerate(markdown.splitlines(), 1):
+        if fence is not None:  # inside a fenced block
+            if line.strip() == "```":
+                if fence["python"]:
+                    blocks.append(
+                        Block(
+                            heading, fence["line"], "\n".join(fence["code"]) + "\n", fence["skip"]
+                        )
+                    )
+                fence = None
+            else:
+                fence["code"].append(line)
+            continue
+        if line.startswith("```"):
+            skip = SKIP.fullmatch(previous.strip())
+            fence = {
+                "python": line.strip() == "```python",
+                "line": number + 1,
+                "code": [],
+                "skip": skip["why"] if skip else None,
+            }
+        elif line.startswith("#"):
+            heading = line.lstrip("#").strip()
+        if line.strip():
+            previous = line
+    assert fence is None, "unclosed ``` fence"
+    return blocks
+
+
+BLOCKS = python_blocks(README.read_text())
+
+# Checks appended to the blocks under a heading, and what their output must contain.
+CHECKS = {
+    "Quick start": (
+        """
+import jax.numpy as jnp
+params = variables["params"]
+assert (params["layers_2"]["kernel"] == 0).all()
+assert float(jnp.abs(params["layers_0"]["kernel"]).max()) <= (6 / (784 + 256)) ** 0.5
+""",
+        ["params/layers_0/kernel"],
+    ),
+    "Sharded, on 8 simulated CPU devices": (
+        """
+assert jax.device_count() == 8, jax.devices()
+kernel, head = variables["params"]["layers_0"]["kernel"], variables["params"]["layers_2"]["kernel"]
+assert kernel.sharding.spec == P(None, "model"), kernel.sharding
+assert {s.data.shape for s in kernel.addressable_shards} == {(784, 32)}
+assert head.sharding.is_fully_replicated and len(head.sharding.device_set) == 8
+""",
+        ["largest per-device load", "on each of 8 devices"],
+    ),
+}
+
+
+def _id(block: Block) -> str:
+    return f"{re.sub(r'[^a-z0-9]+', '-', block.heading.lower()).strip('-')}-line{block.line}"
+
+
+@pytest.mark.parametrize("block", [b for b in BLOCKS if not b.skip], ids=_id)
+def test_readme_block_runs_as_written(block, tmp_path):
+    checks, expected = CHECKS.get(block.heading, ("", []))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run(
+        [sys.executable, "-c", block.code + checks],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, (
+        f"README.md line {block.line} (under {block.heading!r}) failed:\n{proc.stderr[-3000:]}"
+    )
+    for text in expected:
+        assert text in proc.stdout, (text, proc.stdout)
+
+
+def test_readme_runs_its_quick_start_and_sharding_blocks():
+    runnable = {b.heading for b in BLOCKS if not b.skip}
+    assert set(CHECKS) <= runnable, (set(CHECKS), runnable)
+    for block in BLOCKS:
+        assert block.skip is None or block.skip.strip(), block
+
+
+def test_python_blocks_finds_blocks_headings_and_skip_markers():
+    text = "\n".join(
+        [
+            "# Title",
+            "```bash",
+            "# not a heading",
+            "```",
+            "## Part",
+            "```python",
+            "x = 1",
+            "```",
+            "<!-- readme-test: skip (a fragment) -->",
+            "",
+            "```python",
+            "y = x",
+            "```",
+        ]
+    )
+    blocks = python_blocks(text)
+    assert blocks == [Block("Part", 7, "x = 1\n", None), Block("Part", 12, "y = x\n", "a fragment")]
+
+
+def test_readme_says_how_to_get_devices_and_what_the_benchmarks_need():
+    text = README.read_text()
+    assert "XLA_FLAGS=--xla_force_host_platform_device_count=8" in text
+    benchmarks = text[text.index("## Benchmarks") :]
+    benchmarks = benchmarks[: benchmarks.index("\n## ", 1)]
+    assert 'pip install -e ".[benchmarks]"' in benchmarks
