@@ -5,6 +5,20 @@ A checkpoint is one Orbax PyTree directory. Its leaves are named by the canonica
 sequence items by index, ``NamedTuple`` and dataclass fields by name), so the names that
 ``entries`` lists are the names that ``read`` takes and that the plan matches against.
 
+A checkpoint cannot be lost or silently corrupted:
+
+* ``save`` writes the new checkpoint beside ``path`` (``<path>.flaxlazy-tmp``) and moves it
+  into place only once it is complete, so a save that fails, at any point, leaves the
+  checkpoint already at ``path`` as it was, and no temporary directory behind.
+* ``save`` records a CRC-32 of every array it writes, one per written block (per shard
+  of a sharded array, so each process checksums only what it writes), in
+  ``flaxlazy_digests/`` inside the checkpoint. ``read`` checks the data it reads against
+  them and raises ``ValueError`` naming the checkpoint and the entry on a mismatch.
+  Checkpoints without that folder (written by plain Orbax) are read without checks.
+* A checkpoint whose metadata or data files are damaged or missing raises one
+  ``ValueError``, "checkpoint at PATH is damaged or incomplete: ...", from ``entries``
+  and ``read`` alike (``FileNotFoundError`` stays for a path holding no checkpoint).
+
 Examples:
   >>> import os, tempfile
   >>> import jax, jax.numpy as jnp
@@ -19,15 +33,29 @@ Examples:
 
 from __future__ import annotations
 
+import concurrent.futures
+import glob
+import itertools
+import json
 import os
+import shutil
+import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
 
+from flaxlazy._src import integrity
 from flaxlazy._src import paths
+
+_STAGING = ".flaxlazy-tmp"  # <path>.flaxlazy-tmp: the new checkpoint while it is written
+_ASIDE = ".flaxlazy-old"  # <path>.flaxlazy-old: the old one between the two renames
+_ORBAX_TMP = ".orbax-checkpoint-tmp"  # Orbax writes <dir>.orbax-checkpoint-tmp* first
+_ORBAX_FILES = ("manifest.ocdbt", "_CHECKPOINT_METADATA", "commit_success.txt", "d")
 
 _MISSING_ENTRY = (
     "Checkpoint {ckpt} has no entry {path!r}; closest entries: {closest}. Entry names are "
@@ -39,6 +67,12 @@ _MISMATCH = (
     "checkpoint was saved from a differently shaped model, or the entry is matched to the "
     "wrong parameter."
 )
+_UNSUPPORTED = (
+    "save: leaf {path!r} is of type {kind}, which Orbax cannot store. A checkpoint holds "
+    "jax.Arrays, numpy arrays, Python numbers and strings; convert the leaf or remove it "
+    "from the tree (static fields of a dataclass or TrainState are not saved)."
+)
+_SAVE_BARRIERS = itertools.count()  # every process saves in the same order
 
 
 def _orbax():
@@ -70,6 +104,157 @@ def _fmt(shape: tuple[int, ...], dtype: Any) -> str:
     return f"{np.dtype(dtype).name}{list(shape)}".replace(" ", "")
 
 
+# ------------------------------------------------------------------------------- save
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def _discard(staging: str) -> None:
+    """Removes a staging directory and Orbax's own temporary directories beside it."""
+    for leftover in [staging, *glob.glob(glob.escape(staging + _ORBAX_TMP) + "*")]:
+        _remove(leftover)
+
+
+def _tidy(path: str) -> None:
+    """Clears what an interrupted save left beside ``path`` (process 0, before saving)."""
+    aside = path + _ASIDE
+    if os.path.lexists(aside):
+        if os.path.lexists(path):
+            _remove(aside)
+        else:  # killed between its two renames: the old checkpoint is the last good one
+            os.rename(aside, path)
+    _discard(path + _STAGING)
+
+
+def _replace(staging: str, path: str) -> None:
+    """Moves the complete ``staging`` to ``path``; on failure ``path`` stays as it was."""
+    if not os.path.lexists(path):
+        os.rename(staging, path)
+        return
+    aside = path + _ASIDE
+    os.rename(path, aside)
+    try:
+        os.rename(staging, path)
+    except BaseException:
+        os.rename(aside, path)
+        raise
+    try:
+        _remove(aside)
+        fd = os.open(os.path.dirname(path), os.O_RDONLY)  # make the renames durable
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # pragma: no cover - the new checkpoint is in place; next save tidies
+        pass
+
+
+def _wait_for_orbax_writes(before: set[threading.Thread], timeout: float = 60.0) -> None:
+    """Joins the writer threads Orbax started since ``before`` (after a failed save).
+
+    When one array fails, Orbax raises at once while the writes of the others go on in
+    its threads; they would recreate the directories we are about to remove.
+    """
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread not in before and type(thread).__module__.startswith("orbax."):
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _barrier(ocp: Any, name: str) -> None:
+    if jax.process_count() > 1:
+        ocp.multihost.sync_global_processes(f"flaxlazy_save_{next(_SAVE_BARRIERS)}_{name}")
+
+
+def save(path: str | os.PathLike, tree: Any, *, force: bool = False) -> None:
+    """Writes a pytree of arrays to an Orbax checkpoint directory, blocking until done.
+
+    Flax boxes (``nn.Partitioned``, ``nn.LogicallyPartitioned``) are unboxed first, so
+    the checkpoint holds plain arrays. ``tree`` can be a variables dict, a Flax
+    ``TrainState`` (its ``apply_fn`` and ``tx`` are static and not saved) or any pytree
+    of ``jax.Array``s, numpy arrays and Python scalars (optax states included). Sharded
+    arrays are written shard by shard, by every process that holds shards; call ``save``
+    on all processes. It uses ``orbax.checkpoint.PyTreeCheckpointer`` (OCDBT format), so
+    Orbax and other tools can read the result too.
+
+    The checkpoint is written to ``<path>.flaxlazy-tmp`` and renamed to ``path`` once
+    complete (with ``force``, the old one is renamed aside first and deleted last), so a
+    failed save leaves an existing ``path`` intact and no temporary directory behind. With
+    several processes, all write to the same temporary directory and process 0 renames.
+    A CRC-32 per written shard goes to ``flaxlazy_digests/`` in the checkpoint, for
+    ``read`` to detect corrupted data.
+
+    Args:
+      path: the checkpoint directory to create (made absolute; parents are created).
+      tree: the pytree to save.
+      force: overwrite an existing ``path`` instead of raising.
+
+    Raises:
+      FileExistsError: ``path`` exists and ``force`` is false.
+      TypeError: a leaf Orbax cannot store (naming its path); nothing is written.
+      ValueError: ``tree`` has no leaves to save.
+
+    Examples:
+      >>> import os, tempfile
+      >>> import flax.linen as nn, jax.numpy as jnp
+      >>> ckpt = os.path.join(tempfile.mkdtemp(), "ckpt")
+      >>> save(ckpt, {"w": nn.Partitioned(jnp.ones((4, 2)), names=("data", None))})
+      >>> entries(ckpt)
+      {'w': ShapeDtypeStruct(shape=(4, 2), dtype=float32)}
+      >>> save(ckpt, {"w": jnp.zeros(3)}, force=True)
+      >>> entries(ckpt)
+      {'w': ShapeDtypeStruct(shape=(3,), dtype=float32)}
+      >>> save(ckpt, {"w": object()}, force=True)
+      Traceback (most recent call last):
+      TypeError: save: leaf 'w' is of type object, which Orbax cannot store...
+      >>> sorted(os.listdir(os.path.dirname(ckpt)))  # the old checkpoint, nothing else
+      ['ckpt']
+    """
+    ocp = _orbax()
+    path = _abspath(path)
+    tree = meta.unbox(tree)
+    flat, _ = paths.flatten(tree)
+    if not flat:
+        raise ValueError(f"Nothing to save to {path}: the tree has no leaves ({tree!r}).")
+    registry = _save_registry(ocp)
+    for p, leaf in flat:
+        if not registry.has(type(leaf)):
+            raise TypeError(_UNSUPPORTED.format(path=p, kind=type(leaf).__name__))
+    primary = jax.process_index() == 0
+    if primary:
+        _tidy(path)
+    _barrier(ocp, "tidy")
+    if os.path.lexists(path) and not force:
+        raise FileExistsError(
+            f"Checkpoint directory {path} already exists; pass force=True to overwrite it."
+        )
+    staging = path + _STAGING
+    threads = set(threading.enumerate())
+    try:
+        # Checksums are computed while Orbax writes (zlib releases the GIL).
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            records = pool.submit(integrity.record, flat)
+            # Replica-parallel saving compiles a slice per array and replica (seconds for
+            # the first save of a sharded model); each process writes its own shards anyway.
+            handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+            with ocp.Checkpointer(handler) as checkpointer:
+                checkpointer.save(staging, args=ocp.args.PyTreeSave(tree))
+            integrity.write(staging, records.result())
+        _barrier(ocp, "written")
+        if primary:
+            _replace(staging, path)
+        _barrier(ocp, "replaced")
+    except BaseException:
+        _wait_for_orbax_writes(threads)
+        if primary:
+            _discard(staging)
+        raise
+
+
+# ------------------------------------------------------------------------------- read
 def _find_checkpoints(path: str, depth: int = 2) -> list[str]:
     """Subdirectories that are checkpoints (CheckpointManager keeps ``<step>/<item>``)."""
     found = []
@@ -82,16 +267,25 @@ def _find_checkpoints(path: str, depth: int = 2) -> list[str]:
     return sorted(found)[:5]
 
 
-def _metadata_tree(path: str) -> Any:
-    """The checkpoint's tree with Orbax value metadata at the leaves (no array data read)."""
+def _open(path: str) -> tuple[Any, dict]:
+    """The checkpoint's tree of Orbax value metadata (no array data read) and _METADATA."""
     from etils import epath
 
     ocp = _orbax()
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"No checkpoint at {path}: the directory does not exist.")
-    try:
-        tree_meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path))
-    except FileNotFoundError as e:
+        aside = path + _ASIDE
+        hint = (
+            f" An interrupted save left the previous checkpoint at {aside}; the next "
+            "`flaxlazy.save` to this path moves it back, or rename it yourself."
+            if os.path.isdir(aside) else ""
+        )
+        raise FileNotFoundError(f"No checkpoint at {path}: the directory does not exist.{hint}")
+    metadata_file = os.path.join(path, "_METADATA")
+    if not os.path.isfile(metadata_file):
+        present = [n for n in os.listdir(path) if n in _ORBAX_FILES or n.startswith("ocdbt.")]
+        if present:
+            listing = ", ".join(sorted(present))
+            raise integrity.damaged(path, f"it has Orbax files ({listing}) but no _METADATA file.")
         inside = _find_checkpoints(path)
         hint = (
             f" It contains checkpoints at {inside}; pass one of those."
@@ -100,8 +294,21 @@ def _metadata_tree(path: str) -> Any:
         )
         raise FileNotFoundError(
             f"{path} is not an Orbax PyTree checkpoint (no _METADATA file).{hint}"
-        ) from e
-    return getattr(tree_meta, "tree", tree_meta)
+        )
+    try:
+        with open(metadata_file, "rb") as f:
+            info = json.loads(f.read())
+        if not isinstance(info, dict):
+            raise ValueError(f"a JSON {type(info).__name__}, not an object")
+    except (OSError, ValueError) as e:
+        raise integrity.damaged(path, f"its _METADATA file is not valid JSON ({e}).") from e
+    if info.get("use_ocdbt") and not os.path.isfile(os.path.join(path, "manifest.ocdbt")):
+        raise integrity.damaged(path, "its OCDBT manifest (manifest.ocdbt) is missing.")
+    try:
+        tree_meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path))
+    except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many kinds
+        raise integrity.damaged(path, integrity.reason(e)) from e
+    return getattr(tree_meta, "tree", tree_meta), info
 
 
 def _is_value(m: Any) -> bool:
@@ -122,60 +329,14 @@ def _default_sharding() -> jax.sharding.Sharding:
     return jax.sharding.SingleDeviceSharding(device)
 
 
-def save(path: str | os.PathLike, tree: Any, *, force: bool = False) -> None:
-    """Writes a pytree of arrays to an Orbax checkpoint directory, blocking until done.
-
-    Flax boxes (``nn.Partitioned``, ``nn.LogicallyPartitioned``) are unboxed first, so
-    the checkpoint holds plain arrays. ``tree`` can be a variables dict, a Flax
-    ``TrainState`` (its ``apply_fn`` and ``tx`` are static and not saved) or any pytree
-    of ``jax.Array``s, numpy arrays and Python scalars (optax states included). Sharded
-    arrays are written shard by shard, by every process that holds shards; call ``save``
-    on all processes. It uses ``orbax.checkpoint.PyTreeCheckpointer`` (OCDBT format), so
-    Orbax and other tools can read the result too.
-
-    Args:
-      path: the checkpoint directory to create (made absolute; parents are created).
-      tree: the pytree to save.
-      force: overwrite an existing ``path`` instead of raising.
-
-    Raises:
-      FileExistsError: ``path`` exists and ``force`` is false.
-      ValueError: ``tree`` has no leaves to save.
-
-    Examples:
-      >>> import os, tempfile
-      >>> import flax.linen as nn, jax.numpy as jnp
-      >>> ckpt = os.path.join(tempfile.mkdtemp(), "ckpt")
-      >>> save(ckpt, {"w": nn.Partitioned(jnp.ones((4, 2)), names=("data", None))})
-      >>> entries(ckpt)
-      {'w': ShapeDtypeStruct(shape=(4, 2), dtype=float32)}
-      >>> save(ckpt, {"w": jnp.zeros(3)}, force=True)
-      >>> entries(ckpt)
-      {'w': ShapeDtypeStruct(shape=(3,), dtype=float32)}
-    """
-    ocp = _orbax()
-    path = _abspath(path)
-    if os.path.exists(path) and not force:
-        raise FileExistsError(
-            f"Checkpoint directory {path} already exists; pass force=True to overwrite it."
-        )
-    tree = meta.unbox(tree)
-    if not jax.tree_util.tree_leaves(tree):
-        raise ValueError(f"Nothing to save to {path}: the tree has no leaves ({tree!r}).")
-    # Replica-parallel saving compiles a slice per array and replica (seconds for the
-    # first save of a sharded model); each process writes its own shards either way.
-    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_save_registry(ocp))
-    with ocp.Checkpointer(handler) as checkpointer:
-        checkpointer.save(path, args=ocp.args.PyTreeSave(tree), force=force)
-
-
 def entries(path: str | os.PathLike) -> dict[str, jax.ShapeDtypeStruct]:
     """The checkpoint's array leaves, by ``"/"``-joined path, from its metadata only.
 
-    No array data is read. Dtypes are as ``read`` returns them (jax's canonical dtype, so
-    a saved ``int64`` reads as ``int32`` unless x64 is enabled). Leaves that are not
-    numbers (strings) are left out. The shardings are ``None``: a checkpoint does not fix
-    where its arrays go.
+    No array data is read (so nothing is checked against the saved checksums; ``read``
+    does that). Dtypes are as ``read`` returns them (jax's canonical dtype, so a saved
+    ``int64`` reads as ``int32`` unless x64 is enabled). Leaves that are not numbers
+    (strings) are left out. The shardings are ``None``: a checkpoint does not fix where
+    its arrays go.
 
     Args:
       path: an Orbax PyTree checkpoint directory (as written by ``save``).
@@ -184,7 +345,8 @@ def entries(path: str | os.PathLike) -> dict[str, jax.ShapeDtypeStruct]:
       ``{path: jax.ShapeDtypeStruct}`` in the order of the saved tree's leaves.
 
     Raises:
-      FileNotFoundError: ``path`` is not a checkpoint directory.
+      FileNotFoundError: ``path`` holds no checkpoint.
+      ValueError: the checkpoint's metadata is damaged or incomplete.
 
     Examples:
       >>> import os, tempfile
@@ -197,7 +359,7 @@ def entries(path: str | os.PathLike) -> dict[str, jax.ShapeDtypeStruct]:
       params/kernel (3, 2) float32
       step () int32
     """
-    flat, _ = paths.flatten(_metadata_tree(_abspath(path)))
+    flat, _ = paths.flatten(_open(_abspath(path))[0])
     return {p: _struct(m) for p, m in flat if _is_value(m)}
 
 
@@ -233,6 +395,12 @@ def read(path: str | os.PathLike, targets: Mapping[str, Any]) -> dict[str, jax.A
     sharded array is made. Entries not in ``targets`` are not read at all. A ``None``
     sharding means jax's default device.
 
+    What is read is checked against the CRC-32s ``save`` recorded: each process checks
+    the saved shards it reads (a saved shard this process reads only part of is read whole
+    for the check). Checkpoints without recorded checksums (written by plain Orbax) are
+    read unchecked. An entry saved as 64-bit and read as 32-bit (x64 off) is read whole on
+    every process, checked, then cast.
+
     Args:
       path: an Orbax PyTree checkpoint directory (as written by ``save``).
       targets: ``{entry path: jax.ShapeDtypeStruct}`` (anything with ``shape``, ``dtype``
@@ -243,9 +411,11 @@ def read(path: str | os.PathLike, targets: Mapping[str, Any]) -> dict[str, jax.A
       target's shape, dtype and sharding.
 
     Raises:
-      FileNotFoundError: ``path`` is not a checkpoint directory.
+      FileNotFoundError: ``path`` holds no checkpoint.
       ValueError: an entry is missing from the checkpoint (the message suggests the
-        closest ones), or its shape or dtype differs from the target's.
+        closest ones), or its shape or dtype differs from the target's; or the checkpoint
+        is damaged or incomplete, or an entry's data differs from what was saved (naming
+        the checkpoint and the entry).
 
     Examples:
       >>> import os, tempfile
@@ -264,12 +434,16 @@ def read(path: str | os.PathLike, targets: Mapping[str, Any]) -> dict[str, jax.A
     """
     ocp = _orbax()
     ckpt = _abspath(path)
-    tree = _metadata_tree(ckpt)
+    tree, info = _open(ckpt)
     flat, _ = paths.flatten(tree)
     saved = {p: m for p, m in flat if _is_value(m)}
     _check_targets(ckpt, targets, {p: _struct(m) for p, m in saved.items()})
     if not targets:
         return {}
+    digests = integrity.load(ckpt)
+    if digests is not None and (lost := [p for p in targets if p not in digests]):
+        listing = ", ".join(map(repr, lost))
+        raise integrity.damaged(ckpt, f"{integrity.DIGESTS}/ has no checksum for {listing}.")
     shardings = {p: getattr(t, "sharding", None) or _default_sharding() for p, t in targets.items()}
 
     # The restore item mirrors the saved tree exactly; leaves we don't want are
@@ -281,27 +455,41 @@ def read(path: str | os.PathLike, targets: Mapping[str, Any]) -> dict[str, jax.A
         p = paths.path_str(keypath)
         if p not in targets:
             return ocp.PLACEHOLDER
-        if isinstance(m, ocp.metadata.ArrayMetadata):
-            return ocp.ArrayRestoreArgs(
-                restore_type=jax.Array,
-                sharding=shardings[p],
-                global_shape=tuple(targets[p].shape),
-                dtype=np.dtype(targets[p].dtype),
-            )
-        return ocp.RestoreArgs()  # A Python scalar: placed below.
+        if not isinstance(m, ocp.metadata.ArrayMetadata):
+            return ocp.RestoreArgs()  # A Python scalar: placed below.
+        if digests is not None and jnp.dtype(digests[p][0]) != jnp.dtype(targets[p].dtype):
+            # Saved wider than jax holds it (int64 with x64 off): read whole as numpy, at
+            # the saved dtype the checksum is of; cast and placed below.
+            return ocp.RestoreArgs(restore_type=np.ndarray)
+        return ocp.ArrayRestoreArgs(
+            restore_type=jax.Array,
+            sharding=shardings[p],
+            global_shape=tuple(targets[p].shape),
+            dtype=np.dtype(targets[p].dtype),
+        )
 
     with_path = jax.tree_util.tree_map_with_path
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        restored = checkpointer.restore(
-            ckpt,
-            args=ocp.args.PyTreeRestore(
-                item=with_path(item_leaf, tree), restore_args=with_path(restore_args, tree)
-            ),
-        )
+    names = {getattr(m, "name", None): p for p, m in saved.items()}
+    try:
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            restored = checkpointer.restore(
+                ckpt,
+                args=ocp.args.PyTreeRestore(
+                    item=with_path(item_leaf, tree), restore_args=with_path(restore_args, tree)
+                ),
+            )
+    except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many kinds
+        raise integrity.damaged(ckpt, integrity.reason(e, names)) from e
     values = dict(paths.flatten(restored)[0])
     out = {}
     for p, target in targets.items():
         value = values[p]
+        if digests is not None:
+            if digests[p][1] != tuple(saved[p].shape):
+                raise integrity.damaged(ckpt, f"the checksums of entry {p!r} are for shape "
+                                              f"{digests[p][1]}, the entry is {saved[p].shape}.")
+            read_box = integrity.box_reader(ckpt, info, p, saved[p].name)
+            integrity.verify(ckpt, p, digests[p], integrity.pieces(value, digests[p][0]), read_box)
         if not isinstance(value, jax.Array):  # Python scalars and numpy-saved arrays.
             value = np.asarray(value, dtype=target.dtype)
         if not isinstance(value, jax.Array) or value.sharding != shardings[p]:

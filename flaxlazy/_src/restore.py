@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
 from typing import NamedTuple
@@ -18,10 +19,19 @@ import jax
 
 from flaxlazy._src import checkpoint
 from flaxlazy._src import paths
+from flaxlazy._src import warn
 
 UNCONSUMED = (
     "from_checkpoint({path!r}): {n} checkpoint entr{ies} under {where} not used by the "
     "model: {listing}. Narrow `subtree`, add a `rename` rule, or {fix}."
+)
+
+
+_BAD_TARGET = (
+    "restore: target leaf {name!r} is {leaf!r} ({kind}), not an array or "
+    "jax.ShapeDtypeStruct; `target` names the shape, dtype and sharding of every entry to "
+    "read. Pass an abstract tree (flaxlazy.abstract_train_state(...), "
+    "flaxlazy.abstract_init(...) or jax.eval_shape(lambda: tree))."
 )
 
 
@@ -58,7 +68,7 @@ class CheckpointSource(NamedTuple):
         )
         if self.strict:
             raise ValueError(message)
-        warnings.warn(message, UserWarning, stacklevel=4)
+        warnings.warn(message, UserWarning, stacklevel=warn.user_stacklevel())
 
 
 def from_checkpoint(
@@ -102,24 +112,68 @@ def from_checkpoint(
     """
     if not isinstance(path, str | os.PathLike) or not os.fspath(path):
         raise TypeError(f"from_checkpoint: `path` must be a directory path, got {path!r}.")
-    path = os.fspath(path)
-    rename = tuple((str(a), str(b)) for a, b in (rename or ()))
-    for pattern, _ in rename:
-        re.compile(pattern)  # fail early on a bad regex
-    return CheckpointSource(path, subtree.strip(paths.SEP), rename, strict)
+    if not isinstance(subtree, str):
+        raise TypeError(
+            f"from_checkpoint: `subtree` must be a string, got {subtree!r}: 'params' (the "
+            "default) for a saved variables dict or train state, '' for a bare params tree."
+        )
+    if isinstance(rename, str | Mapping):
+        raise TypeError(
+            f"from_checkpoint: `rename` must be a list of (regex, replacement) pairs, got "
+            f"{rename!r}" + (" (for a dict, pass list(rename.items()))." if isinstance(
+                rename, Mapping) else ".")
+        )
+    rename = tuple(_check_rename(rule, i) for i, rule in enumerate(rename or ()))
+    return CheckpointSource(os.fspath(path), subtree.strip(paths.SEP), rename, strict)
+
+
+def _check_rename(rule: Any, index: int) -> tuple[str, str]:
+    """One ``rename`` rule as a checked ``(regex, replacement)`` pair of strings."""
+    where = f"from_checkpoint: `rename[{index}]`"
+    if isinstance(rule, str) or not isinstance(rule, tuple | list):
+        raise TypeError(
+            f"{where} must be a (regex, replacement) pair, got {rule!r}. Maybe you wrote "
+            "rename=(regex, replacement) instead of rename=[(regex, replacement)]?"
+        )
+    if len(rule) != 2:
+        raise ValueError(
+            f"{where} must be a (regex, replacement) pair, got {len(rule)} items: {rule!r}."
+        )
+    pattern, replacement = rule
+    if not isinstance(pattern, str) or not isinstance(replacement, str):
+        raise TypeError(f"{where} must hold two strings, got {rule!r}.")
+    try:
+        regex = re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{where}: the regex {pattern!r} does not compile: {e}.") from None
+    # Expand the template on a match of a regex with the same groups: this raises for a
+    # group the regex lacks (\3, \g<name>) or a bad escape, as a real match would later.
+    names = {number: name for name, number in regex.groupindex.items()}
+    groups = range(1, regex.groups + 1)
+    same_groups = "".join(f"(?P<{names[g]}>)" if g in names else "()" for g in groups)
+    try:
+        re.fullmatch(same_groups, "").expand(replacement)
+    except (re.error, IndexError) as e:
+        have = [f"\\{g}" for g in groups] + [f"\\g<{name}>" for name in regex.groupindex]
+        raise ValueError(
+            f"{where}: the replacement {replacement!r} does not fit the regex {pattern!r}: "
+            f"{e}. The regex has the groups: {', '.join(have) or 'none'}."
+        ) from None
+    return pattern, replacement
 
 
 def is_source(x: Any) -> bool:
     return isinstance(x, CheckpointSource)
 
 
-def restore(path: str, target: Any) -> Any:
+def restore(path: str | os.PathLike, target: Any) -> Any:
     """Reads a whole checkpointed tree into the structure and shardings of ``target``.
 
     ``target`` is an abstract tree, typically ``flaxlazy.abstract_train_state(...)`` or
     ``flaxlazy.abstract_init(..., mesh=...)``: each leaf is read straight into its
     ``sharding`` (the default device where it has none). Flax boxes in ``target`` are
-    kept around the restored arrays.
+    kept around the restored arrays. A ``None`` in ``target`` stays ``None`` where the
+    checkpoint has nothing (``save`` stores nothing for ``None``).
 
     Args:
       path: the checkpoint directory.
@@ -129,7 +183,10 @@ def restore(path: str, target: Any) -> Any:
       ``target`` with every leaf replaced by the array read from the checkpoint.
 
     Raises:
-      ValueError: a leaf missing from the checkpoint or of another shape or dtype.
+      TypeError: a leaf of ``target`` is not an array or ``jax.ShapeDtypeStruct`` (a
+        Python number, a string, or ``None`` where the checkpoint has data), naming it.
+      ValueError: a leaf missing from the checkpoint or of another shape or dtype; or a
+        damaged checkpoint, or data that differs from what was saved (see ``read``).
 
     Examples:
       >>> import tempfile, jax.numpy as jnp, flaxlazy
@@ -137,17 +194,40 @@ def restore(path: str, target: Any) -> Any:
       >>> flaxlazy.save(d, {"w": jnp.arange(3.0)})
       >>> flaxlazy.restore(d, {"w": jax.ShapeDtypeStruct((3,), jnp.float32)})["w"]
       Array([0., 1., 2.], dtype=float32)
+      >>> flaxlazy.restore(d, {"w": 3})
+      Traceback (most recent call last):
+      TypeError: restore: target leaf 'w' is 3 (int), not an array or jax.ShapeDtypeStruct...
     """
-    flat, treedef = paths.flatten(target)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(
+        target, is_leaf=lambda x: x is None or paths.is_box(x)
+    )
+    flat = [(paths.path_str(keypath), leaf) for keypath, leaf in leaves]
     targets = {}
     for name, leaf in flat:
         array = leaf.value if paths.is_box(leaf) else leaf
+        if array is None:
+            continue  # checked below, against the checkpoint
+        if not (hasattr(array, "shape") and hasattr(array, "dtype")) or isinstance(array, str):
+            raise TypeError(_BAD_TARGET.format(name=name or "<root>", leaf=array,
+                                               kind=type(array).__name__))
         targets[name] = jax.ShapeDtypeStruct(
             array.shape, array.dtype, sharding=getattr(array, "sharding", None)
         )
+    nones = [name for name, leaf in flat if leaf is None]
+    if nones:
+        saved = checkpoint.entries(path)
+        for name in nones:
+            under = [e for e in saved if not name or e == name or e.startswith(name + paths.SEP)]
+            if under:
+                raise TypeError(
+                    _BAD_TARGET.format(name=name or "<root>", leaf=None, kind="NoneType")
+                    + f" The checkpoint has {len(under)} entr{'y' if len(under) == 1 else 'ies'}"
+                    f" there: {', '.join(map(repr, under[:3]))}{', ...' if len(under) > 3 else ''}."
+                )
     arrays = checkpoint.read(path, targets)
-    leaves = [
-        leaf.replace_boxed(arrays[name]) if paths.is_box(leaf) else arrays[name]
+    out = [
+        leaf if leaf is None
+        else leaf.replace_boxed(arrays[name]) if paths.is_box(leaf) else arrays[name]
         for name, leaf in flat
     ]
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    return jax.tree_util.tree_unflatten(treedef, out)

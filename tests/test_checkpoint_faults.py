@@ -1,0 +1,331 @@
+"""Checkpoints that fail loudly: atomic overwrite, checksums, damaged files, bad arguments."""
+
+import json
+import os
+import re
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import flaxlazy
+from flaxlazy._src import checkpoint
+from flaxlazy._src import integrity
+
+OLD = {"params": {"kernel": jnp.arange(6.0).reshape(2, 3), "bias": jnp.ones(3)}, "step": 7}
+NEW = {"params": {"kernel": jnp.zeros((2, 3)), "bias": jnp.zeros(3)}, "step": 8}
+X = flaxlazy.spec("f32[1,2]")
+
+
+def _target(tree):
+    return jax.eval_shape(lambda: tree)
+
+
+def _assert_holds(path, tree):
+    chex.assert_trees_all_equal(flaxlazy.restore(path, _target(tree)), tree)
+
+
+def _files(path):
+    found = [os.path.join(root, f) for root, _, files in os.walk(path) for f in files]
+    return sorted(found, key=os.path.getsize)
+
+
+def _flip_middle(path, n=16):
+    """Flips ``n`` bytes in the middle of the largest file under ``path`` (array data)."""
+    largest = _files(path)[-1]
+    with open(largest, "r+b") as f:
+        data = bytearray(f.read())
+        middle = len(data) // 2
+        data[middle : middle + n] = bytes(b ^ 0xFF for b in data[middle : middle + n])
+        f.seek(0)
+        f.write(data)
+    return largest
+
+
+def _mesh(n):
+    if jax.device_count() < n:
+        pytest.skip(f"needs {n} devices")
+    return Mesh(np.array(jax.devices()[:n]), ("data",))
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    path = tmp_path / "ckpt"
+    flaxlazy.save(path, OLD)
+    return path
+
+
+# ------------------------------------------------------------------ atomic overwrite
+def _fail_orbax_write(monkeypatch, tree):
+    # Orbax fails mid-write on a deleted array (after creating its temporary directory).
+    monkeypatch.setattr(integrity, "record", lambda flat: {})
+    gone = jnp.ones(3)
+    gone.delete()
+    return {**tree, "gone": gone}, RuntimeError
+
+
+def _fail_after_write(monkeypatch, tree):
+    def disk_full(*args):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(integrity, "write", disk_full)
+    return tree, OSError
+
+
+def _fail_rename(monkeypatch, tree):
+    rename = os.rename
+
+    def failing(src, dst):
+        if os.fspath(src).endswith(".flaxlazy-tmp"):
+            raise PermissionError("rename refused")
+        return rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", failing)
+    return tree, PermissionError
+
+
+def _unsupported_leaf(monkeypatch, tree):
+    return {**tree, "params": {**tree["params"], "note": object()}}, TypeError
+
+
+@pytest.mark.parametrize(
+    "fail", [_unsupported_leaf, _fail_orbax_write, _fail_after_write, _fail_rename],
+    ids=["unsupported-leaf", "orbax-write", "after-write", "rename"],
+)
+def test_failed_overwrite_keeps_old_checkpoint(ckpt, monkeypatch, fail):
+    tree, error = fail(monkeypatch, NEW)
+    with pytest.raises(error):
+        flaxlazy.save(ckpt, tree, force=True)
+    monkeypatch.undo()
+    assert os.listdir(ckpt.parent) == ["ckpt"]  # no temporary directories left
+    _assert_holds(ckpt, OLD)
+    flaxlazy.save(ckpt, NEW, force=True)  # and the next save works
+    _assert_holds(ckpt, NEW)
+    assert os.listdir(ckpt.parent) == ["ckpt"]
+
+
+def test_unsupported_leaf_is_named(tmp_path):
+    with pytest.raises(TypeError, match=r"leaf 'params/note' is of type object"):
+        flaxlazy.save(tmp_path / "ckpt", {"params": {"w": jnp.ones(2), "note": object()}})
+    assert not os.listdir(tmp_path)
+
+
+def test_interrupted_save_is_recovered(ckpt):
+    # Killed between its two renames: the old checkpoint aside, a complete new one staged.
+    aside, staging = f"{ckpt}.flaxlazy-old", f"{ckpt}.flaxlazy-tmp"
+    os.rename(ckpt, aside)
+    flaxlazy.save(staging, NEW)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"previous checkpoint at {aside}")):
+        flaxlazy.restore(ckpt, _target(OLD))
+    with pytest.raises(FileExistsError, match="force=True"):  # the old one is back first
+        flaxlazy.save(ckpt, NEW)
+    assert os.listdir(ckpt.parent) == ["ckpt"]
+    _assert_holds(ckpt, OLD)
+
+
+# ------------------------------------------------------------------------ checksums
+@pytest.mark.parametrize("values", ["smooth", "random"])
+def test_flipped_bytes_are_detected(tmp_path, values):
+    # Smooth values compress well and zstd decodes the flipped stream to other numbers
+    # without an error (only the checksum sees it); random ones fail zstd's own check.
+    rng = np.random.default_rng(0)
+    data = {"smooth": np.arange(256 * 256, dtype=np.float32).reshape(256, 256),
+            "random": rng.standard_normal((256, 256), dtype=np.float32)}[values]
+    path = tmp_path / "ckpt"
+    flaxlazy.save(path, {"params": {"w": jnp.asarray(data), "b": jnp.ones(2)}})
+    _flip_middle(path)
+    match = rf"checkpoint at {re.escape(str(path))} is damaged .*entry 'params/w'"
+    with pytest.raises(ValueError, match=match):
+        flaxlazy.restore(path, {"params": {"w": jax.ShapeDtypeStruct(data.shape, data.dtype)}})
+    # Entries that are intact still read.
+    assert checkpoint.read(path, {"params/b": jax.ShapeDtypeStruct((2,), jnp.float32)})
+
+
+def test_sharded_save_checked_in_any_layout(tmp_path):
+    # 8 shards (8 checksummed blocks) of 1 MiB in all, read back three ways.
+    mesh = _mesh(8)
+    data = np.arange(1024 * 256, dtype=np.float32).reshape(1024, 256)
+    path = tmp_path / "ckpt"
+    flaxlazy.save(path, {"w": jax.device_put(data, NamedSharding(mesh, P("data")))})
+    assert len(integrity.load(str(path))["w"][2]) == 8
+    for sharding in (None, NamedSharding(mesh, P(None, "data")), NamedSharding(mesh, P())):
+        got = checkpoint.read(path, {"w": jax.ShapeDtypeStruct(data.shape, data.dtype,
+                                                               sharding=sharding)})
+        chex.assert_trees_all_equal(np.asarray(got["w"]), data)
+    _flip_middle(path)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))} .*entry 'w'"):
+        checkpoint.read(path, {"w": jax.ShapeDtypeStruct(data.shape, data.dtype)})
+
+
+def test_block_read_partly_here_is_read_whole(tmp_path):
+    # Another process reads the rest of a saved block: it is read from the checkpoint.
+    mesh = _mesh(2)
+    data = np.arange(32.0, dtype=np.float32).reshape(8, 4)
+    path = str(tmp_path / "ckpt")
+    flaxlazy.save(path, {"w": jax.device_put(data, NamedSharding(mesh, P("data")))})
+    digest = integrity.load(path)["w"]
+    assert sorted(digest[2]) == [((0, 4), (0, 4)), ((4, 8), (0, 4))]
+    with open(os.path.join(path, "_METADATA")) as f:
+        reader = integrity.box_reader(path, json.load(f), "w", "w")
+    np.testing.assert_array_equal(reader(((4, 8), (0, 4))), data[4:8])
+    calls = []
+
+    def read_box(box):
+        calls.append(box)
+        return reader(box)
+
+    here = {((0, 2), (0, 4)): lambda: data[:2]}  # rows 0-1 only
+    integrity.verify(path, "w", digest, here, read_box)
+    assert calls == [((0, 4), (0, 4))]  # the block under rows 0-1, not the other one
+    with pytest.raises(ValueError, match=r"entry 'w' differs from what was saved \(block \[0:4"):
+        integrity.verify(path, "w", digest, here, lambda box: reader(box) + 1)
+
+
+def test_wider_saved_dtype_is_checked(tmp_path):
+    # numpy int64, read as jax int32 (x64 off): checked at int64, then cast.
+    path = tmp_path / "ckpt"
+    flaxlazy.save(path, {"ids": np.arange(5), "x": 1.5})
+    got = checkpoint.read(path, checkpoint.entries(path))
+    chex.assert_trees_all_equal(got, {"ids": jnp.arange(5), "x": jnp.float32(1.5)})
+
+
+def test_plain_orbax_checkpoint_reads_unchecked(tmp_path):
+    path = str(tmp_path / "plain")
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        checkpointer.save(path, {"w": np.arange(4.0, dtype=np.float32)})
+    assert not os.path.exists(os.path.join(path, integrity.DIGESTS))
+    got = flaxlazy.restore(path, {"w": jax.ShapeDtypeStruct((4,), jnp.float32)})
+    chex.assert_trees_all_equal(got, {"w": jnp.arange(4.0)})
+
+
+# ------------------------------------------------------------------ damaged checkpoints
+def _garbage_metadata(path):
+    (path / "_METADATA").write_text("{not json")
+
+
+def _no_manifest(path):
+    os.remove(path / "manifest.ocdbt")
+
+
+def _truncated_data(path):
+    largest = _files(path)[-1]
+    os.truncate(largest, os.path.getsize(largest) // 2)
+
+
+def _no_metadata(path):
+    os.remove(path / "_METADATA")
+
+
+def _lost_checksum_file(path):
+    os.remove(path / integrity.DIGESTS / "process_0.json")
+    (path / integrity.DIGESTS / "process_1.json").write_text(
+        json.dumps({"process": 1, "process_count": 2, "entries": {}})
+    )
+
+
+def _garbage_checksum_file(path):
+    (path / integrity.DIGESTS / "process_0.json").write_text("\x00\x01")
+
+
+DAMAGES = {
+    "garbage-metadata": (_garbage_metadata, "_METADATA file is not valid JSON"),
+    "no-manifest": (_no_manifest, r"manifest \(manifest.ocdbt\) is missing"),
+    "truncated-data": (_truncated_data, "entry 'params/kernel'"),
+    "no-metadata": (_no_metadata, "no _METADATA file"),
+    "lost-checksums": (_lost_checksum_file, r"lacks the checksum files of processes \[0\]"),
+    "garbage-checksums": (_garbage_checksum_file, "checksum file .*process_0.json is unreadable"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_damaged_checkpoint_has_one_clear_error(tmp_path, damage):
+    big = {"params": {"kernel": jnp.arange(64 * 64.0).reshape(64, 64), "bias": jnp.ones(64)}}
+    path = tmp_path / "ckpt"
+    flaxlazy.save(path, big)
+    damage_fn, detail = DAMAGES[damage]
+    damage_fn(path)
+    match = rf"checkpoint at {re.escape(str(path))} is damaged or incomplete: .*{detail}"
+    with pytest.raises(ValueError, match=match):
+        flaxlazy.restore(path, _target(big))
+    with pytest.raises(ValueError, match=match):  # from_checkpoint: entries(), then read()
+        flaxlazy.materialize(nn.Dense(64), jax.random.key(0), flaxlazy.spec("f32[1,64]"),
+                             initializers={"**": flaxlazy.from_checkpoint(path)})
+    if damage in ("garbage-metadata", "no-manifest", "no-metadata"):
+        with pytest.raises(ValueError, match=match):
+            checkpoint.entries(path)
+
+
+def test_path_without_checkpoint_is_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        flaxlazy.restore(tmp_path / "nothing", {"w": jax.ShapeDtypeStruct((2,), jnp.float32)})
+    with pytest.raises(FileNotFoundError, match="not an Orbax PyTree checkpoint"):
+        checkpoint.entries(tmp_path)
+
+
+# ------------------------------------------------------------------- argument errors
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"subtree": None}, TypeError, r"`subtree` must be a string, got None"),
+        ({"rename": [("(", "x")]}, ValueError, r"`rename\[0\]`: the regex '\(' does not compile"),
+        ({"rename": [("a/(.*)", r"b/\3")]}, ValueError,
+         r"`rename\[0\]`: the replacement .* does not fit the regex 'a/\(\.\*\)': invalid "
+         r"group reference 3.* groups: \\1"),
+        ({"rename": [("(?P<x>a)", r"\g<name>")]}, ValueError,
+         r"`rename\[0\]`: .*unknown group name 'name'.* groups: \\1, \\g<x>"),
+        ({"rename": ("a", "b")}, TypeError,
+         r"`rename\[0\]` must be a \(regex, replacement\) pair, got 'a'\. Maybe you wrote"),
+        ({"rename": [("a", "b"), ("a", "b", "c")]}, ValueError,
+         r"`rename\[1\]` must be a \(regex, replacement\) pair, got 3 items"),
+        ({"rename": [("a", 1)]}, TypeError, r"`rename\[0\]` must hold two strings"),
+        ({"rename": {"a": "b"}}, TypeError, r"`rename` must be a list .*list\(rename.items\(\)\)"),
+    ],
+)
+def test_from_checkpoint_argument_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        flaxlazy.from_checkpoint("ckpt", **kwargs)
+
+
+def test_rename_groups_that_exist_are_fine():
+    source = flaxlazy.from_checkpoint("ckpt", rename=[(r"(?P<m>enc)/(.*)", r"\g<m>oder/\2")])
+    assert source.entry("enc/Dense_0/kernel") == "params/encoder/Dense_0/kernel"
+
+
+@pytest.mark.parametrize(
+    "leaf, shown",
+    [(3, r"3 \(int\)"), ("kernel", r"'kernel' \(str\)"), (None, r"None \(NoneType\)")],
+)
+def test_restore_target_leaf_must_be_array_like(ckpt, leaf, shown):
+    target = _target(OLD)
+    target["params"]["bias"] = leaf
+    with pytest.raises(TypeError, match=rf"target leaf 'params/bias' is {shown}, not an array"):
+        flaxlazy.restore(ckpt, target)
+
+
+def test_restore_keeps_none_where_nothing_was_saved(ckpt):
+    target = {**_target(OLD), "extra": None}
+    assert flaxlazy.restore(ckpt, target)["extra"] is None
+
+
+# ----------------------------------------------------------------------------- warnings
+def test_unused_entries_warning_points_at_the_caller(tmp_path):
+    path = tmp_path / "ckpt"
+    params = {"kernel": jnp.ones((2, 5)), "bias": jnp.zeros(5), "unused": jnp.ones(2)}
+    flaxlazy.save(path, {"params": params})
+    with pytest.warns(UserWarning, match=r"not used .*'params/unused'") as rec:
+        flaxlazy.materialize(nn.Dense(5), jax.random.key(0), X,
+                             initializers={"**": flaxlazy.from_checkpoint(path)})
+    assert [w.filename for w in rec] == [__file__]
+
+
+def test_directory_of_other_files_is_no_checkpoint_not_a_damaged_one(tmp_path):
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(FileNotFoundError, match="no _METADATA"):
+        checkpoint.read(tmp_path, {})
