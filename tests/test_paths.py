@@ -40,8 +40,9 @@ def test_bad_globs(bad, match):
 
 
 def test_pattern_type_error():
-    with pytest.raises(TypeError, match="str glob or a compiled re.Pattern"):
-        paths.compile_pattern(3)
+    with pytest.raises(TypeError, match=r"`initializers`: a path pattern must be a str glob .*"
+                                        r"got int 3"):
+        paths.compile_pattern(3, "initializers")
 
 
 def test_flatten_keeps_boxes_and_joins_paths():

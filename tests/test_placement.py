@@ -11,6 +11,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import flaxlazy
+from flaxlazy._src import paths
+from flaxlazy._src import placement
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
@@ -98,3 +100,25 @@ def test_lazy_init_on_mesh(mesh):
     net = flaxlazy.lazy(Model())
     got = net.init(jax.random.key(0), X, mesh=mesh, partition_rules=RULES)
     assert got["params"]["Dense_0"]["kernel"].sharding.spec == P(None, "model")
+
+
+def test_broadcast_prefix_trees(mesh):
+    f32 = jnp.float32
+    shapes = {
+        "params": {"u": jax.ShapeDtypeStruct((8, 4), f32), "w": jax.ShapeDtypeStruct((6,), f32)},
+        "batch_stats": {"m": jax.ShapeDtypeStruct((16,), f32)},
+    }
+    rep, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("model"))
+    flat = placement.broadcast(rep, shapes)
+    assert list(flat) == [p for p, _ in paths.flatten(shapes)[0]] and set(flat.values()) == {rep}
+    flat = placement.broadcast({"params": rep, "batch_stats": split}, shapes)
+    assert flat["batch_stats/m"] == split and flat["params/u"] == rep
+    flat = placement.broadcast({"params": None, "batch_stats": rep}, shapes)
+    assert flat["params/u"] is None
+    scalar = {"params": {"t": jax.ShapeDtypeStruct((), f32)}}
+    assert placement.broadcast(split, scalar)["params/t"].spec == P()
+    with pytest.raises(ValueError, match=r"pytree prefix of the variables tree"):
+        placement.broadcast({"parms": rep}, shapes)
+    with pytest.raises(ValueError, match=r"`shardings` gives 'params/w' \(float32\[6\]\)"
+                                         r" the spec P\(\('data', 'model'\),\)"):
+        placement.broadcast(NamedSharding(mesh, P(("data", "model"))), shapes)

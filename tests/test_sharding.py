@@ -4,6 +4,7 @@ The end-to-end tests build the plan with per-leaf shardings and execute it on th
 simulated CPU devices that ``conftest.py`` asks for; they skip when fewer exist.
 """
 
+import functools
 import math
 import re
 
@@ -23,7 +24,9 @@ from flaxlazy._src import abstract as abstract_lib
 from flaxlazy._src import engine
 from flaxlazy._src import materialize as materialize_lib
 from flaxlazy._src import paths
+from flaxlazy._src import programs
 from flaxlazy._src import sharding as sharding_lib
+from flaxlazy._src import summary as summary_lib
 from flaxlazy._src.compiles import count_compiles
 
 X = flaxlazy.spec("f32[4,16]")
@@ -129,7 +132,6 @@ def materialize_sharded(model, key, spec, shardings_by_path):
     call = abstract_lib.make_call(model, key, (spec,), {})
     plan = materialize_lib.make_plan(
         call, shardings=lambda path, leaf: shardings_by_path[path],
-        cache_key=tuple(shardings_by_path.items()),
     )
     return plan, engine.execute(plan, key, [spec])
 
@@ -278,6 +280,133 @@ def test_box_own_rules_and_concrete_trees():
 
 
 # --------------------------------------------------------------------------
+# No rules: shard exactly as Flax does; unannotated leaves replicated.
+
+
+class LogicalHalf(nn.Module):
+    """Logical annotations on the kernels only: biases and batch stats are unannotated."""
+
+    @nn.compact
+    def __call__(self, x):
+        k = with_logical(nn.initializers.lecun_normal(), ("embed", "mlp"))
+        x = nn.Dense(64, kernel_init=k, name="up")(x)
+        x = nn.BatchNorm(use_running_average=True)(x)
+        k = with_logical(nn.initializers.lecun_normal(), ("mlp", "embed"))
+        return nn.Dense(16, kernel_init=k, name="down")(x)
+
+
+class PartitionedHalf(nn.Module):
+    """``nn.with_partitioning`` (mesh axes) on one kernel; the rest unannotated."""
+
+    @nn.compact
+    def __call__(self, x):
+        k = with_parts(nn.initializers.lecun_normal(), (None, "model"))
+        x = nn.Dense(64, kernel_init=k, name="up")(x)
+        return nn.Dense(16, name="down")(x)
+
+
+LOGICAL = [("batch", "data"), ("embed", "data"), ("mlp", "model")]
+
+
+def flax_shardings(model, mesh, logical_axis_rules=None):
+    """What Flax itself gives: nn.get_partition_spec, then nn.logical_to_mesh_sharding."""
+    boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(X.shape))
+    specs = nn.get_partition_spec(boxed)
+    if logical_axis_rules is None:  # nn.with_partitioning names are mesh axes
+        return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                            is_leaf=lambda x: isinstance(x, P))
+    return nn.logical_to_mesh_sharding(specs, mesh, logical_axis_rules)
+
+
+@needs_8
+@pytest.mark.parametrize("model, logical", [(LogicalHalf(), LOGICAL), (PartitionedHalf(), None)],
+                         ids=["logical", "partitioned"])
+def test_annotated_model_without_rules_shards_as_flax(model, logical):
+    mesh = make_mesh((2, 4), ("data", "model"))
+    key = jax.random.key(0)
+    want = flax_shardings(model, mesh, logical)
+    got = flaxlazy.shardings(shapes_of(model), mesh, logical_axis_rules=logical)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for path, g in jax.tree_util.tree_flatten_with_path(got)[0]:
+        w = want
+        for k in path:
+            w = w[k.key]
+        assert g == w, jax.tree_util.keystr(path)
+    # Unannotated leaves (biases, batch stats) are replicated, as in Flax.
+    assert got["params"]["down"]["bias"].spec == P()
+    # materialize places every leaf there, with jit(model.init)'s values.
+    variables = flaxlazy.materialize(model, key, X, mesh=mesh, logical_axis_rules=logical)
+    reference = jax.jit(model.init, out_shardings=want)(key, jnp.zeros(X.shape))
+    arrays = nn.meta.unbox(variables)
+    chex.assert_trees_all_equal(arrays, nn.meta.unbox(reference))
+    shardings_got = jax.tree.map(lambda a: a.sharding, arrays)
+    assert shardings_got == jax.tree.map(lambda a: a.sharding, nn.meta.unbox(reference))
+
+
+def test_require_rules():
+    mesh = make_mesh((2, 4), ("data", "model"))
+    shapes = shapes_of(LogicalHalf())
+    lr = LOGICAL
+    # No rules: not required, uncovered leaves replicated (and reported as such).
+    chosen = sharding_lib.choose(shapes, mesh, logical_axis_rules=lr)
+    assert chosen["params/up/bias"] == (P(), chosen["params/up/bias"].source, "default")
+    assert chosen["params/up/kernel"].kind == "annotation"
+    # require_rules=True: every leaf needs a rule or an annotation.
+    with pytest.raises(ValueError, match=r"`partition_rules`: no partition rule matches "
+                                         r"'batch_stats/BatchNorm_0/mean', .*'up/bias' and they "
+                                         r"carry no Flax.*`require_rules=False`"):
+        sharding_lib.partition_specs(shapes, mesh, logical_axis_rules=lr, require_rules=True)
+    # Rules given: required by default (a forgotten rule is an error)...
+    rules = [("down/bias", P("model"))]
+    with pytest.raises(ValueError, match=r"no partition rule matches 'batch_stats/BatchNorm_0/"):
+        sharding_lib.partition_specs(shapes, mesh, partition_rules=rules, logical_axis_rules=lr)
+    # ...unless require_rules=False.
+    specs = sharding_lib.partition_specs(
+        shapes, mesh, partition_rules=rules, logical_axis_rules=lr, require_rules=False
+    )
+    assert specs["params/down/bias"] == P("model")
+    assert specs["params/up/bias"] == P() and specs["batch_stats/BatchNorm_0/mean"] == P()
+    assert specs["params/up/kernel"] == P("data", "model")
+
+
+# --------------------------------------------------------------------------
+# Paths as summary prints them work as patterns.
+
+
+@needs_8
+def test_collection_qualified_partition_rules():
+    mesh = make_mesh((2, 4), ("data", "model"))
+    key = jax.random.key(0)
+    short = [("up/kernel", P(None, "model")), ("**", P())]
+    for rules in (
+        [("params/up/kernel", P(None, "model")), ("**", P())],
+        [("params/up/**", None), ("params/up/kernel", P(None, "model")), ("**", P())],
+        [(re.compile(r"params/up/kernel"), P(None, "model")), ("**", P())],
+        [(re.compile(r"up/kernel"), P(None, "model")), ("**", P())],
+        {"params": {"up": {"kernel": P(None, "model"), "bias": P()}, "Dense_0": P(),
+                    "BatchNorm_0": P(), "head": P()}, "batch_stats": P()},
+    ):
+        assert sharding_lib.partition_specs(shapes_of(Plain()), mesh, partition_rules=rules) == (
+            sharding_lib.partition_specs(shapes_of(Plain()), mesh, partition_rules=short)
+        ), rules
+    # Through the public API, with the path exactly as summary prints it.
+    printed = next(r.split()[0] for r in flaxlazy.summary(shapes_of(Plain())).splitlines()
+                   if r.startswith("params/up/kernel"))
+    rules = [(printed, P(None, "model")), ("params/**", P()), ("batch_stats/**", P())]
+    tree = flaxlazy.shardings(shapes_of(Plain()), mesh, rules)
+    assert tree["params"]["up"]["kernel"].spec == P(None, "model")
+    variables = flaxlazy.materialize(Plain(), key, X, mesh=mesh, partition_rules=rules)
+    assert variables["params"]["up"]["kernel"].sharding.spec == P(None, "model")
+    assert variables["params"]["head"]["kernel"].sharding.spec == P()
+    with pytest.raises(ValueError, match=r"key 'params/\*\*' of the nested-dict form .* "
+                                         r"contains '\*'"):
+        flaxlazy.shardings(shapes_of(Plain()), mesh, {"params": {"**": P()}, "batch_stats": P()})
+    # A qualified glob never matches another collection.
+    with pytest.raises(ValueError, match=r"no partition rule matches 'batch_stats/BatchNorm_0/"):
+        flaxlazy.shardings(shapes_of(Plain()), mesh, [("params/**", P())])
+
+
+# --------------------------------------------------------------------------
 # Errors.
 
 
@@ -291,7 +420,7 @@ ERRORS = [
     ),
     pytest.param(
         Plain, [("up/kernel", P(None, "tensor")), ("**", P())], None,
-        r"partition_rules: pattern 'up/kernel' gives 'params/up/kernel' \(float32\[32,64\]\) "
+        r"`partition_rules`: pattern 'up/kernel' gives 'params/up/kernel' \(float32\[32,64\]\) "
         r"the spec P\(None, 'tensor'\), but the mesh has no axis 'tensor'\. Mesh axis sizes: "
         r"\{'data': 2, 'model': 4\}",
         id="unknown-axis",
@@ -321,14 +450,15 @@ ERRORS = [
     ),
     pytest.param(
         Plain, [("Dense_9/kernel", P()), ("**", P())], None,
-        r"partition_rules: pattern 'Dense_9/kernel' matches no parameter\. Closest real paths: "
+        r"`partition_rules`: pattern 'Dense_9/kernel' matches no parameter\. Closest real paths: "
         r"'Dense_0/kernel'",
         id="unused-rule",
     ),
     pytest.param(
-        Plain, [("params/up/kernel", P("model")), ("**", P())], None,
-        r"matches no parameter.*matched without the 'params/' prefix",
-        id="params-prefix-hint",
+        Plain, [("params/Dense_9/**", P("model")), ("**", P())], None,
+        r"pattern 'params/Dense_9/\*\*' matches no parameter\. Closest real paths: "
+        r"'params/Dense_0/",
+        id="qualified-unused-rule-hints-qualified-paths",
     ),
     pytest.param(
         Annotated, [], [("layers", None), ("mlp", "model")],
@@ -377,7 +507,7 @@ def test_unpartitioned_with_annotations_suggests_keeping_them():
             return nn.Dense(16, kernel_init=k)(x)
 
     with pytest.raises(ValueError, match=r"'Dense_0/bias'.*end with \[\.\.\., \('\*\*', None\), "):
-        sharding_lib.partition_specs(shapes_of(Half()), mesh)
+        sharding_lib.partition_specs(shapes_of(Half()), mesh, require_rules=True)
     specs = sharding_lib.partition_specs(
         shapes_of(Half()), mesh, partition_rules=[("**", None), ("**", P())]
     )
@@ -392,13 +522,14 @@ def test_unused_rules_opt_out_and_bad_rule_values():
         shapes, mesh, partition_rules=rules, allow_unused_rules=True
     )
     assert set(specs.values()) == {P()}
-    with pytest.raises(TypeError, match=r"pattern '\*\*' maps to \('model',\); expected a "
-                                        r"jax.sharding.PartitionSpec"):
+    with pytest.raises(TypeError, match=r"`partition_rules`: pattern '\*\*' maps to tuple "
+                                        r"\('model',\); expected a jax.sharding.PartitionSpec.*"
+                                        r"Maybe you meant PartitionSpec\('model',\)\?"):
         sharding_lib.partition_specs(shapes, mesh, partition_rules=[("**", ("model",))])
 
 
 # --------------------------------------------------------------------------
-# The shardings tree, bytes per device, prefix trees.
+# The shardings tree.
 
 
 def test_shardings_tree_feeds_jit():
@@ -418,35 +549,6 @@ def test_shardings_tree_feeds_jit():
     specs = sharding_lib.partition_specs(shapes, mesh, logical_axis_rules=logical_rules(mesh))
     _, got = materialize_sharded(model, key, X, named(specs, mesh))
     chex.assert_trees_all_equal(nn.meta.unbox(got), expected)
-
-
-def test_per_device_bytes():
-    mesh = make_mesh((2, 4), ("data", "model"))
-    assert sharding_lib.per_device_bytes((64, 32), jnp.float32, NamedSharding(mesh, P())) == 8192
-    assert sharding_lib.per_device_bytes(
-        (64, 32), jnp.bfloat16, NamedSharding(mesh, P("data", "model"))
-    ) == 64 * 32 * 2 // 8
-    assert sharding_lib.per_device_bytes((64, 32), "float32", None) == 8192
-    assert sharding_lib.per_device_bytes((), "int32", NamedSharding(mesh, P())) == 4
-
-
-def test_broadcast_prefix_trees():
-    mesh = make_mesh((2, 4), ("data", "model"))
-    shapes = shapes_of(Plain())
-    rep, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("model"))
-    flat = sharding_lib.broadcast(rep, shapes)
-    assert list(flat) == [p for p, _ in paths.flatten(shapes)[0]] and set(flat.values()) == {rep}
-    flat = sharding_lib.broadcast({"params": rep, "batch_stats": split}, shapes)
-    assert flat["batch_stats/BatchNorm_0/mean"] == split and flat["params/up/kernel"] == rep
-    flat = sharding_lib.broadcast({"params": None, "batch_stats": rep}, shapes)
-    assert flat["params/up/kernel"] is None
-    scalar = {"params": {"t": jax.ShapeDtypeStruct((), jnp.float32)}}
-    assert sharding_lib.broadcast(split, scalar)["params/t"].spec == P()
-    with pytest.raises(ValueError, match=r"pytree prefix of the variables tree"):
-        sharding_lib.broadcast({"parms": rep}, shapes)
-    with pytest.raises(ValueError, match=r"`shardings` gives 'params/head/bias' \(float32\[6\]\)"
-                                         r" the spec P\(\('data', 'model'\),\)"):
-        sharding_lib.broadcast(NamedSharding(mesh, P(("data", "model"))), shapes)
 
 
 # --------------------------------------------------------------------------
@@ -521,10 +623,11 @@ def test_no_full_copy_on_any_device():
     for leaf in plan.leaves:
         assert leaf.source == "flax", leaf.path
         key_spec = None if leaf.key is None else jax.ShapeDtypeStruct((), key.dtype)
-        compiled = jax.jit(leaf.fn, out_shardings=leaf.sharding).lower(key_spec).compile()
+        run = functools.partial(programs.runner(leaf.program), leaf.program.runtime_consts)
+        compiled = jax.jit(run, out_shardings=leaf.sharding).lower(key_spec).compile()
         stats = compiled.memory_analysis()
         full = math.prod(leaf.shape) * 4
-        shard = sharding_lib.per_device_bytes(leaf.shape, leaf.dtype, leaf.sharding)
+        shard = summary_lib.per_device_bytes(leaf.shape, leaf.dtype, leaf.sharding)
         assert shard == full // 8
         assert stats.output_size_in_bytes == shard, leaf.path
         assert stats.output_size_in_bytes + stats.temp_size_in_bytes <= 5 * shard, leaf.path

@@ -1,5 +1,6 @@
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import flaxlazy
@@ -18,6 +19,15 @@ import flaxlazy
         ("i8[1]", (1,), jnp.int8),
         ("i16[1]", (1,), jnp.int16),
         ("u32[1]", (1,), jnp.uint32),
+        ("c64[2]", (2,), jnp.complex64),
+        # The full names flaxlazy prints in its own messages (np.dtype(...).name).
+        ("float32[2,3]", (2, 3), jnp.float32),
+        ("bfloat16[4]", (4,), jnp.bfloat16),
+        ("int32[8,128]", (8, 128), jnp.int32),
+        ("bool[]", (), jnp.bool_),
+        ("uint8[3]", (3,), jnp.uint8),
+        ("float16[1]", (1,), jnp.float16),
+        ("float8_e4m3fn[2]", (2,), jnp.float8_e4m3fn),
     ],
 )
 def test_string_specs(text, shape, dtype):
@@ -30,6 +40,29 @@ def test_string_specs(text, shape, dtype):
 def test_tuple_spec_defaults_to_float32():
     assert flaxlazy.spec((2, 3)) == jax.ShapeDtypeStruct((2, 3), jnp.float32)
     assert flaxlazy.spec((2, 3), jnp.int32).dtype == jnp.int32
+
+
+@pytest.mark.parametrize(
+    "shape, dtype, want",
+    [
+        ((np.int64(2), np.int32(3)), None, jax.ShapeDtypeStruct((2, 3), jnp.float32)),
+        ([4], "bf16", jax.ShapeDtypeStruct((4,), jnp.bfloat16)),
+        (np.int64(5), "i8", jax.ShapeDtypeStruct((5,), jnp.int8)),  # i8 is int8, as in 'i8[5]'
+        ((2,), "float32", jax.ShapeDtypeStruct((2,), jnp.float32)),
+        ((2,), np.dtype("int16"), jax.ShapeDtypeStruct((2,), jnp.int16)),
+        ((), jax.random.key(0).dtype, jax.ShapeDtypeStruct((), jax.random.key(0).dtype)),
+    ],
+)
+def test_numpy_ints_and_dtype_names(shape, dtype, want):
+    assert flaxlazy.spec(shape, dtype) == want
+
+
+def test_spec_string_round_trips_what_flaxlazy_prints():
+    from flaxlazy._src import sharding
+
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.int32, jnp.uint8, jnp.bool_):
+        text = sharding._fmt((2, 3), dtype)  # how flaxlazy's messages print a leaf
+        assert flaxlazy.spec(text) == jax.ShapeDtypeStruct((2, 3), dtype), text
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,16 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import flaxlazy
+from flaxlazy._src import summary as summary_lib
+
+needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
 
 class CNN(nn.Module):
@@ -53,3 +61,14 @@ def test_rows_in_natural_order():
                        for i in (0, 1, 2, 10, 11)}}
     rows = [r.split()[0] for r in flaxlazy.summary(tree).splitlines()[2:7]]
     assert rows == [f"params/block_{i}/w" for i in (0, 1, 2, 10, 11)]
+
+
+@needs_8
+def test_per_device_bytes():
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+    assert summary_lib.per_device_bytes((64, 32), jnp.float32, NamedSharding(mesh, P())) == 8192
+    assert summary_lib.per_device_bytes(
+        (64, 32), jnp.bfloat16, NamedSharding(mesh, P("data", "model"))
+    ) == 64 * 32 * 2 // 8
+    assert summary_lib.per_device_bytes((64, 32), "float32", None) == 8192
+    assert summary_lib.per_device_bytes((), "int32", NamedSharding(mesh, P())) == 4

@@ -13,6 +13,7 @@ from flax.core import meta
 Pattern = str | re.Pattern
 
 SEP = "/"
+PARAMS = "params"
 
 
 def is_box(x: Any) -> bool:
@@ -81,15 +82,44 @@ def glob_to_regex(pattern: str) -> re.Pattern:
     return re.compile("".join(out))
 
 
-def compile_pattern(pattern: Pattern) -> re.Pattern:
-    """A glob string or an already compiled regex, as a regex to ``fullmatch``."""
+def compile_pattern(pattern: Pattern, what: str = "pattern") -> re.Pattern:
+    """A glob string or an already compiled regex, as a regex to ``fullmatch``.
+
+    Args:
+      pattern: a glob (see ``glob_to_regex``) or a compiled ``re.Pattern``.
+      what: how to name the argument the pattern came from in errors.
+
+    Raises:
+      TypeError: for anything else (naming ``what``).
+    """
     if isinstance(pattern, re.Pattern):
         return pattern
     if not isinstance(pattern, str):
         raise TypeError(
-            f"A path pattern must be a str glob or a compiled re.Pattern, got {pattern!r}."
+            f"`{what}`: a path pattern must be a str glob such as '**/kernel' or a compiled "
+            f"re.Pattern, got {type(pattern).__name__} {pattern!r}."
         )
     return glob_to_regex(pattern)
+
+
+def split_params(path: str) -> tuple[str, str]:
+    """The two printed forms of a path: inside ``params``, and collection-qualified.
+
+    A path of another collection has one form only (both entries equal).
+
+    Examples:
+      >>> split_params("params/Block_0/kernel")
+      ('Block_0/kernel', 'params/Block_0/kernel')
+      >>> split_params("batch_stats/BatchNorm_0/mean")
+      ('batch_stats/BatchNorm_0/mean', 'batch_stats/BatchNorm_0/mean')
+    """
+    prefix = PARAMS + SEP
+    return (path[len(prefix):], path) if path.startswith(prefix) else (path, path)
+
+
+def is_qualified(pattern: str) -> bool:
+    """True for a pattern written with the ``params`` collection (``"params/head/**"``)."""
+    return pattern == PARAMS or pattern.startswith(PARAMS + SEP)
 
 
 def pattern_text(pattern: Pattern) -> str:

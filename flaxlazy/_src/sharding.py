@@ -3,18 +3,24 @@
 Each leaf's ``PartitionSpec`` is chosen in this order (the first that applies wins):
 
 1. a 0-d leaf (a scalar) is replicated, ``PartitionSpec()``, whatever the rules say;
-2. the first partition rule whose pattern matches the leaf's *rule path* (below) and
-   whose value is a ``PartitionSpec``. A rule whose value is ``None`` means "keep the
-   Flax annotation": it stops the search for an annotated leaf and is skipped for a
-   leaf without one;
-3. the leaf's Flax annotation: ``nn.Partitioned`` (``nn.with_partitioning``) names are
-   mesh axes; ``nn.LogicallyPartitioned`` (``nn.with_logical_partitioning``) names are
-   logical axes, mapped to mesh axes by ``logical_axis_rules`` as
-   ``nn.logical_to_mesh_axes`` does (except that a logical name no rule mentions is an
-   error, not silently replicated: map it to ``None`` to replicate). ``nn.scan``-stacked
-   parameters carry the name given by ``metadata_params={nn.PARTITION_NAME: "layers"}``
-   on their extra axis, mapped like any other;
-4. otherwise: a ``ValueError`` naming the leaf. Nothing is silently replicated.
+2. the first partition rule whose pattern matches the leaf's path (below) and whose
+   value is a ``PartitionSpec``. A rule whose value is ``None`` means "keep the Flax
+   annotation": it stops the search for an annotated leaf and is skipped for a leaf
+   without one;
+3. the leaf's Flax annotation, exactly as Flax reads it (``nn.get_partition_spec``):
+   ``nn.Partitioned`` (``nn.with_partitioning``) names are mesh axes;
+   ``nn.LogicallyPartitioned`` (``nn.with_logical_partitioning``) names are logical
+   axes, mapped to mesh axes by ``logical_axis_rules`` as ``nn.logical_to_mesh_axes``
+   does (one difference: a logical name no rule mentions is an error, not silently
+   replicated; map it to ``None`` to replicate). ``nn.scan``-stacked parameters carry
+   the name given by ``metadata_params={nn.PARTITION_NAME: "layers"}`` on their extra
+   axis, mapped like any other;
+4. otherwise the leaf is *uncovered*. By default (``require_rules=None``) an uncovered
+   leaf is an error when ``partition_rules`` are given (so a forgotten rule never
+   silently replicates a large leaf), and replicated, as Flax does, when they are not
+   (an annotated model needs no rules). ``require_rules=True`` makes uncovered leaves an
+   error always, ``require_rules=False`` replicates them always. ``summary(..., mesh=)``
+   marks leaves replicated this way.
 
 So explicit rules override annotations. A catch-all ``("**", PartitionSpec())`` last
 replicates everything else, annotated leaves included; to keep annotations and
@@ -22,16 +28,16 @@ replicate only the unannotated rest, end with ``("**", None), ("**", PartitionSp
 Whatever chose a spec, it is checked against the leaf's shape and the mesh.
 
 Rule paths. Rules are an ordered list (or mapping) of ``(pattern, PartitionSpec)`` with
-the same patterns as ``initializers=`` (globs with ``*`` within a segment and ``**``
-across segments, or a compiled regex; the whole path must match; the first match wins).
-A parameter in the ``params`` collection is matched by its path *inside* ``params``,
-exactly as ``initializers=`` sees it (``"Dense_0/kernel"``). A leaf of any other
-collection is matched by its path *including* the collection
-(``"batch_stats/BatchNorm_0/mean"``), so ``"**"`` matches everything, ``"**/kernel"``
-matches kernels in every collection and ``"batch_stats/**"`` one whole collection. A
-tree without a collection level (e.g. ``variables["params"]``) is matched by its paths
-as they are. Results are keyed by the full, collection-qualified path
-(``"params/Dense_0/kernel"``).
+the same patterns as ``initializers=`` (``flaxlazy._src.rules``: globs with ``*`` within
+a segment and ``**`` across segments, or compiled regexes; the whole path must match;
+the first match wins). A parameter is matched by its path inside ``params``
+(``"Dense_0/kernel"``, as ``initializers=`` sees it) or, for a glob starting with
+``params/``, by its full path as ``summary`` prints it (``"params/Dense_0/kernel"``); a
+regex may match either. A leaf of any other collection is matched by its path including
+the collection (``"batch_stats/BatchNorm_0/mean"``), so ``"**"`` matches everything,
+``"**/kernel"`` matches kernels in every collection and ``"batch_stats/**"`` one whole
+collection. A tree without a collection level (e.g. ``variables["params"]``) is matched
+by its paths as they are. Results are keyed by the full, collection-qualified path.
 """
 
 from __future__ import annotations
@@ -40,11 +46,13 @@ import math
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import numpy as np
 from flax.core import meta
+from jax.sharding import AbstractMesh
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
@@ -52,16 +60,23 @@ from jax.sharding import PartitionSpec
 from flaxlazy._src import paths
 from flaxlazy._src import rules as rules_lib
 
-PARAMS = "params"
+PARAMS = paths.PARAMS
 WHAT = "partition_rules"
 _MAX_LISTED = 10
 
+# How a leaf's spec was chosen (``Choice.kind``).
+SCALAR = "scalar"
+RULE = "rule"
+ANNOTATION = "annotation"
+DEFAULT = "default"  # uncovered, replicated because rules are not required
+
 UNPARTITIONED = (
-    "{what}: no partition rule matches {listing} and {it} carr{ies} no Flax partitioning "
+    "`{what}`: no partition rule matches {listing} and {it} carr{ies} no Flax partitioning "
     "annotation. Add a rule for {them} (patterns match the path inside 'params', e.g. "
-    "'Dense_0/kernel', and the collection-qualified path elsewhere, e.g. "
-    "'batch_stats/**'), or put a catch-all ('**', PartitionSpec()) last to replicate "
-    "everything else."
+    "'Dense_0/kernel', or the full path as summary prints it, 'params/Dense_0/kernel'; "
+    "other collections by their full path, e.g. 'batch_stats/**'), put a catch-all "
+    "('**', PartitionSpec()) last to replicate everything else, or pass "
+    "`require_rules=False` to replicate every leaf no rule or annotation covers."
 )
 BAD_SPEC = (
     "{source} gives {path!r} ({shape}) the spec {spec}, but {reason}. Mesh axis sizes: "
@@ -71,15 +86,142 @@ KEEP_ANNOTATIONS_HINT = (
     " Rules override Flax annotations, so to keep the annotated leaves' own specs and "
     "replicate only the rest, end with [..., ('**', None), ('**', PartitionSpec())]."
 )
-PARAMS_PREFIX_HINT = (
-    " Note: paths inside the 'params' collection are matched without the 'params/' "
-    "prefix (write 'Dense_0/kernel', not 'params/Dense_0/kernel'); other collections keep "
-    "theirs ('batch_stats/**')."
+BAD_MESH = (
+    "`{what}` must be a jax.sharding.Mesh{abstract}, got {type} {value!r}. Build one with "
+    "jax.make_mesh((2, 4), ('data', 'model')) or "
+    "Mesh(np.array(jax.devices()).reshape(2, 4), ('data', 'model')).{hint}"
+)
+BAD_LOGICAL = (
+    "`logical_axis_rules` must be a sequence of (logical_name, mesh_axes) pairs such as "
+    "[('batch', 'data'), ('embed', None), ('mlp', ('model', 'expert'))], where mesh_axes "
+    "is a mesh axis name, a tuple of them, or None; {problem}."
 )
 
 
+class Choice(NamedTuple):
+    """One leaf's ``PartitionSpec`` and what chose it.
+
+    Attributes:
+      spec: the ``PartitionSpec``.
+      source: what chose it, in words (for messages).
+      kind: ``"scalar"``, ``"rule"``, ``"annotation"`` or ``"default"`` (no rule and no
+        annotation covers the leaf, and it was replicated).
+    """
+
+    spec: PartitionSpec
+    source: str
+    kind: str
+
+
+def check_mesh(mesh: Any, *, concrete: bool = False, what: str = "mesh") -> None:
+    """Checks that ``mesh`` is a ``Mesh`` (or, unless ``concrete``, an ``AbstractMesh``).
+
+    Args:
+      mesh: the value to check.
+      concrete: require devices (to create arrays), so no ``AbstractMesh``.
+      what: the argument name for the message.
+
+    Raises:
+      TypeError: naming ``what``, what was given and how to build a mesh.
+
+    Examples:
+      >>> check_mesh(("data", "model"))
+      Traceback (most recent call last):
+      ...
+      TypeError: `mesh` must be a jax.sharding.Mesh or jax.sharding.AbstractMesh, got
+      tuple ('data', 'model'). ...
+    """
+    if isinstance(mesh, Mesh) or (isinstance(mesh, AbstractMesh) and not concrete):
+        return
+    hint = ""
+    if isinstance(mesh, AbstractMesh):
+        hint = (" An AbstractMesh describes shapes only: use it with abstract_init or "
+                "flaxlazy.shardings, and a Mesh of real devices to create arrays.")
+    elif isinstance(mesh, NamedSharding):
+        hint = f" This is a NamedSharding; pass its mesh: `{what}=sharding.mesh`."
+    elif isinstance(mesh, (list, tuple, np.ndarray)) and any(
+        isinstance(d, jax.Device) for d in np.ravel(np.asarray(mesh, dtype=object))
+    ):
+        hint = " This is a list of devices; wrap it in a Mesh with axis names."
+    raise TypeError(BAD_MESH.format(
+        what=what, abstract="" if concrete else " or jax.sharding.AbstractMesh",
+        type=type(mesh).__name__, value=mesh, hint=hint,
+    ))
+
+
+def check_logical_axis_rules(rules: Any) -> tuple[tuple[str, Any], ...] | None:
+    """Validates ``logical_axis_rules`` and returns them as a tuple of pairs.
+
+    Args:
+      rules: None, a mapping ``{logical_name: mesh_axes}``, or a sequence of
+        ``(logical_name, mesh_axes)`` pairs; ``mesh_axes`` is a mesh axis name, a tuple
+        of names, or None.
+
+    Returns:
+      The rules as a tuple of ``(str, str | tuple[str, ...] | None)``, or None.
+
+    Raises:
+      TypeError: for anything else, naming the offending entry.
+
+    Examples:
+      >>> check_logical_axis_rules({"embed": "data", "mlp": ["model"]})
+      (('embed', 'data'), ('mlp', ('model',)))
+      >>> check_logical_axis_rules([("embed", "data"), "mlp"])
+      Traceback (most recent call last):
+      ...
+      TypeError: `logical_axis_rules` must be a sequence of (logical_name, mesh_axes) pairs
+      ...; entry 1 is 'mlp', not a pair.
+    """
+    if rules is None:
+        return None
+    if isinstance(rules, Mapping):
+        rules = list(rules.items())
+    elif not isinstance(rules, Sequence) or isinstance(rules, (str, bytes)):
+        raise TypeError(BAD_LOGICAL.format(problem=f"got {type(rules).__name__} {rules!r}"))
+    out = []
+    for i, entry in enumerate(rules):
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
+            raise TypeError(BAD_LOGICAL.format(problem=f"entry {i} is {entry!r}, not a pair"))
+        name, axes = entry
+        if not isinstance(name, str):
+            raise TypeError(BAD_LOGICAL.format(
+                problem=f"entry {i} {tuple(entry)!r} has logical name {name!r}, not a str"))
+        if isinstance(axes, list):
+            axes = tuple(axes)
+        if isinstance(axes, PartitionSpec) or not (axes is None or isinstance(axes, str) or (
+            isinstance(axes, tuple) and all(isinstance(a, str) for a in axes)
+        )):
+            fix = ""
+            if isinstance(axes, PartitionSpec):
+                fix = f" (a PartitionSpec; write the mesh axes themselves: {tuple(axes)!r})"
+            raise TypeError(BAD_LOGICAL.format(
+                problem=f"entry {i} {tuple(entry)!r} maps {name!r} to {axes!r}{fix}"))
+        out.append((name, axes))
+    return tuple(out)
+
+
+def strict(require_rules: bool | None, partition_rules: Any) -> bool:
+    """Whether uncovered leaves are an error (see the module docstring).
+
+    Args:
+      require_rules: the user's ``require_rules`` (None, True or False).
+      partition_rules: the user's ``partition_rules`` (None when not given).
+
+    Raises:
+      TypeError: for a ``require_rules`` that is not None or a bool.
+    """
+    if require_rules is None:
+        return partition_rules is not None
+    if not isinstance(require_rules, bool):
+        raise TypeError(
+            f"`require_rules` must be None (required exactly when `partition_rules` are "
+            f"given), True or False; got {require_rules!r}."
+        )
+    return require_rules
+
+
 def rule_path(path: str) -> str:
-    """The path partition rules match: inside ``params`` without the collection.
+    """The path errors show for a leaf: inside ``params`` without the collection.
 
     Examples:
       >>> rule_path("params/Block_0/Dense_1/kernel")
@@ -87,8 +229,7 @@ def rule_path(path: str) -> str:
       >>> rule_path("batch_stats/BatchNorm_0/mean")
       'batch_stats/BatchNorm_0/mean'
     """
-    prefix = PARAMS + paths.SEP
-    return path[len(prefix):] if path.startswith(prefix) else path
+    return paths.split_params(path)[0]
 
 
 def _array(leaf: Any) -> Any:
@@ -205,27 +346,69 @@ def check_spec(
 
 def _check_rule_values(rules: Sequence[rules_lib.Rule]) -> None:
     for rule in rules:
-        if rule.value is not None and not isinstance(rule.value, PartitionSpec):
+        value = rule.value
+        if value is not None and not isinstance(value, PartitionSpec):
+            hint = ""
+            if isinstance(value, (tuple, list)):
+                hint = f" Maybe you meant PartitionSpec{tuple(value)!r}?"
+            elif isinstance(value, str):
+                hint = f" Maybe you meant PartitionSpec({value!r})?"
             raise TypeError(
-                f"{WHAT}: {rule.label} maps to {rule.value!r}; expected a "
+                f"`{WHAT}`: {rule.label} maps to {type(value).__name__} {value!r}; expected a "
                 "jax.sharding.PartitionSpec, e.g. PartitionSpec(None, 'model') "
-                "(PartitionSpec() replicates), or None (keep the Flax annotation)."
+                f"(PartitionSpec() replicates), or None (keep the Flax annotation).{hint}"
             )
+
+
+def _logical_spec(path: str, box: Any, logical_axis_rules: Any) -> PartitionSpec:
+    rules = logical_axis_rules
+    if rules is None:
+        rules = box.rules if box.rules is not None else nn.get_logical_axis_rules()
+        rules = check_logical_axis_rules(rules)
+    known = {name for name, _ in rules}
+    missing = [n for n in box.names if isinstance(n, str) and n not in known]
+    if missing:
+        raise ValueError(
+            f"{path!r} is annotated with logical axes {tuple(box.names)} "
+            f"(nn.LogicallyPartitioned), but `logical_axis_rules` has no rule for "
+            f"{', '.join(map(repr, missing))}. Pass logical_axis_rules=[(logical_name, "
+            "mesh_axis_or_None), ...], e.g. "
+            f"[{', '.join(f'({n!r}, None)' for n in missing)}] to replicate "
+            f"{'it' if len(missing) == 1 else 'them'}; unlike Flax, unmapped logical axes "
+            "are an error rather than silently replicated."
+        )
+    try:
+        return nn.logical_to_mesh_axes(tuple(box.names), list(rules))
+    except ValueError as e:  # e.g. a logical name used for two dimensions
+        raise ValueError(f"{path!r} (nn.LogicallyPartitioned{tuple(box.names)}): {e}") from None
+
+
+def _annotation(path: str, leaf: Any, logical_axis_rules: Any) -> tuple[Any, str] | None:
+    """(spec, source) from a leaf's Flax box, or None when it has no annotation."""
+    if isinstance(leaf, nn.LogicallyPartitioned):
+        spec = _logical_spec(path, leaf, logical_axis_rules)
+        return spec, f"nn.LogicallyPartitioned{tuple(leaf.names)} via logical_axis_rules"
+    if isinstance(leaf, meta.Partitioned):
+        return PartitionSpec(*leaf.names), f"nn.Partitioned{tuple(leaf.names)}"
+    if paths.is_box(leaf) and hasattr(leaf, "get_partition_spec"):
+        return leaf.get_partition_spec(), f"{type(leaf).__name__} annotation"
+    return None
 
 
 def _resolve(
     path: str, leaf: Any, rules: Sequence[rules_lib.Rule], logical_axis_rules: Any
-) -> tuple[PartitionSpec, str] | None:
-    """(spec, what chose it) for one leaf, or None when nothing partitions it."""
-    name = rule_path(path)
+) -> Choice | None:
+    """The choice for one leaf from rules and annotations, or None when nothing covers it."""
+    short, full = paths.split_params(path)
     for rule in rules:
-        if rule.regex.fullmatch(name):
+        if rule.matches(short, full):
             if rule.value is not None:
-                return rule.value, f"{WHAT}: {rule.label}"
+                return Choice(rule.value, f"`{WHAT}`: {rule.label}", RULE)
             if paths.is_box(leaf):  # ``None``: keep the annotation, if there is one
                 break
     # Only now: an overridden annotation is never resolved (nor its logical axes checked).
-    return _annotation(path, leaf, logical_axis_rules)
+    found = _annotation(path, leaf, logical_axis_rules)
+    return None if found is None else Choice(*found, ANNOTATION)
 
 
 def _unpartitioned(missing: Sequence[str], annotated: bool) -> str:
@@ -242,55 +425,65 @@ def _unpartitioned(missing: Sequence[str], annotated: bool) -> str:
     return message
 
 
-def _assign(rules, names, allow_unused):
-    try:
-        return rules_lib.assign(rules, names, what=WHAT, allow_unused=allow_unused)
-    except ValueError as e:
-        qualified = [PARAMS + paths.SEP + n for n in names]
-        if any(r.regex.fullmatch(q) for r in rules for q in qualified):
-            raise ValueError(str(e) + PARAMS_PREFIX_HINT) from None
-        raise
+def choose(
+    abstract_tree: Any,
+    mesh: Mesh | AbstractMesh,
+    *,
+    partition_rules: Any = None,
+    logical_axis_rules: Any = None,
+    allow_unused_rules: bool = False,
+    require_rules: bool | None = None,
+) -> dict[str, Choice]:
+    """Every leaf's ``Choice`` (spec and what chose it), validated; see ``partition_specs``.
 
-
-def _logical_spec(path: str, box: Any, logical_axis_rules: Any) -> PartitionSpec:
-    rules = logical_axis_rules
-    if rules is None:
-        rules = box.rules if box.rules is not None else nn.get_logical_axis_rules()
-    rules = tuple(tuple(r) for r in (rules.items() if isinstance(rules, Mapping) else rules))
-    known = {name for name, _ in rules}
-    missing = [n for n in box.names if isinstance(n, str) and n not in known]
+    Examples:
+      >>> import jax, numpy as np, flax.linen as nn, flaxlazy
+      >>> from jax.sharding import Mesh, PartitionSpec as P
+      >>> mesh = Mesh(np.array(jax.devices()[:1]), ("model",))
+      >>> dense = nn.Dense(4, kernel_init=nn.with_partitioning(
+      ...     nn.initializers.lecun_normal(), (None, "model")))
+      >>> shapes = flaxlazy.abstract_init(dense, jax.random.key(0), flaxlazy.spec("f32[2,3]"))
+      >>> {path: c.kind for path, c in choose(shapes, mesh).items()}
+      {'params/bias': 'default', 'params/kernel': 'annotation'}
+    """
+    check_mesh(mesh)
+    require = strict(require_rules, partition_rules)
+    logical_axis_rules = check_logical_axis_rules(logical_axis_rules)
+    flat, _ = paths.flatten(abstract_tree)
+    rules = rules_lib.normalize(partition_rules, what=WHAT)
+    _check_rule_values(rules)
+    rules_lib.assign(
+        rules, [p for p, _ in flat], what=f"`{WHAT}`", allow_unused=allow_unused_rules,
+        qualified=True,
+    )
+    out: dict[str, Choice] = {}
+    missing = []
+    for path, leaf in flat:
+        shape, dtype = _shape_dtype(leaf)
+        if not shape:
+            out[path] = Choice(PartitionSpec(), "a scalar", SCALAR)
+            continue
+        found = _resolve(path, leaf, rules, logical_axis_rules)
+        if found is None:
+            if require:
+                missing.append(rule_path(path))
+                continue
+            found = Choice(PartitionSpec(), "no rule or annotation (replicated)", DEFAULT)
+        check_spec(path, shape, dtype, found.spec, mesh, found.source)
+        out[path] = found
     if missing:
-        raise ValueError(
-            f"{path!r} is annotated with logical axes {tuple(box.names)} "
-            f"(nn.LogicallyPartitioned), but `logical_axis_rules` has no rule for "
-            f"{', '.join(map(repr, missing))}. Pass logical_axis_rules=[(logical_name, "
-            "mesh_axis_or_None), ...], e.g. "
-            f"[{', '.join(f'({n!r}, None)' for n in missing)}] to replicate "
-            f"{'it' if len(missing) == 1 else 'them'}; unlike Flax, unmapped logical axes "
-            "are an error rather than silently replicated."
-        )
-    return nn.logical_to_mesh_axes(tuple(box.names), list(rules))
-
-
-def _annotation(path: str, leaf: Any, logical_axis_rules: Any) -> tuple[Any, str] | None:
-    """(spec, source) from a leaf's Flax box, or None when it has no annotation."""
-    if isinstance(leaf, nn.LogicallyPartitioned):
-        spec = _logical_spec(path, leaf, logical_axis_rules)
-        return spec, f"nn.LogicallyPartitioned{tuple(leaf.names)} via logical_axis_rules"
-    if isinstance(leaf, meta.Partitioned):
-        return PartitionSpec(*leaf.names), f"nn.Partitioned{tuple(leaf.names)}"
-    if paths.is_box(leaf) and hasattr(leaf, "get_partition_spec"):
-        return leaf.get_partition_spec(), f"{type(leaf).__name__} annotation"
-    return None
+        raise ValueError(_unpartitioned(missing, any(map(paths.is_box, dict(flat).values()))))
+    return out
 
 
 def partition_specs(
     abstract_tree: Any,
-    mesh: Mesh,
+    mesh: Mesh | AbstractMesh,
     *,
     partition_rules: Mapping | Sequence[tuple[Any, PartitionSpec]] | None = None,
     logical_axis_rules: Sequence[tuple[str, Any]] | None = None,
     allow_unused_rules: bool = False,
+    require_rules: bool | None = None,
 ) -> dict[str, PartitionSpec]:
     """The ``PartitionSpec`` of every leaf, from rules and Flax annotations, validated.
 
@@ -299,25 +492,29 @@ def partition_specs(
     Args:
       abstract_tree: a variables tree (``abstract_init``'s result, or concrete arrays),
         with Flax boxes (``nn.Partitioned``, ``nn.LogicallyPartitioned``) kept.
-      mesh: the ``jax.sharding.Mesh`` the specs refer to.
+      mesh: the ``jax.sharding.Mesh`` (or ``AbstractMesh``) the specs refer to.
       partition_rules: ``[(pattern, PartitionSpec)]`` or ``{pattern: PartitionSpec}``
         (globs or compiled regexes, first match wins), or a nested dict mirroring the
         tree, or None.
-      logical_axis_rules: ``[(logical_name, mesh_axis)]`` as in ``nn.logical_axis_rules``
-        (``mesh_axis`` a name, a tuple of names or None; earlier rules have priority;
-        a mapping also works), used for
-        ``nn.LogicallyPartitioned`` leaves. Default: the box's own rules, else the rules
-        set with ``nn.logical_axis_rules(...)``.
+      logical_axis_rules: ``[(logical_name, mesh_axes)]`` as in ``nn.logical_axis_rules``
+        (``mesh_axes`` a name, a tuple of names or None; earlier rules have priority;
+        a mapping also works), used for ``nn.LogicallyPartitioned`` leaves. Default: the
+        box's own rules, else the rules set with ``nn.logical_axis_rules(...)``.
       allow_unused_rules: accept rules that match no leaf (shared rule sets).
+      require_rules: whether every leaf (but scalars) must be covered by a rule or a
+        Flax annotation. None (default): required exactly when ``partition_rules`` is
+        given; otherwise uncovered leaves are replicated, as Flax does. True: always
+        required. False: uncovered leaves are replicated even with rules.
 
     Returns:
       ``{collection-qualified path: PartitionSpec}`` in tree order.
 
     Raises:
-      ValueError: a leaf with no rule and no annotation, a rule matching nothing, a
+      ValueError: an uncovered leaf when rules are required, a rule matching nothing, a
         logical axis with no logical rule, or a spec that does not fit the leaf or the
         mesh (naming path, shape, spec and mesh axis sizes).
-      TypeError: a rule value that is not a ``PartitionSpec``.
+      TypeError: a mesh that is not a mesh, a rule value that is not a
+        ``PartitionSpec``, or malformed ``logical_axis_rules``.
 
     Examples:
       >>> import jax, numpy as np, flax.linen as nn, flaxlazy
@@ -328,37 +525,22 @@ def partition_specs(
       ...     ("**/kernel", P(None, "model")), ("**", P())])
       {'params/bias': P(), 'params/kernel': P(None, 'model')}
     """
-    flat, _ = paths.flatten(abstract_tree)
-    rules = rules_lib.normalize(partition_rules, what=WHAT)
-    _check_rule_values(rules)
-    _assign(rules, [rule_path(p) for p, _ in flat], allow_unused_rules)
-
-    out: dict[str, PartitionSpec] = {}
-    missing = []
-    for path, leaf in flat:
-        shape, dtype = _shape_dtype(leaf)
-        if not shape:
-            out[path] = PartitionSpec()
-            continue
-        found = _resolve(path, leaf, rules, logical_axis_rules)
-        if found is None:
-            missing.append(rule_path(path))
-            continue
-        spec, source = found
-        check_spec(path, shape, dtype, spec, mesh, source)
-        out[path] = spec
-    if missing:
-        raise ValueError(_unpartitioned(missing, any(map(paths.is_box, dict(flat).values()))))
-    return out
+    chosen = choose(
+        abstract_tree, mesh, partition_rules=partition_rules,
+        logical_axis_rules=logical_axis_rules, allow_unused_rules=allow_unused_rules,
+        require_rules=require_rules,
+    )
+    return {path: c.spec for path, c in chosen.items()}
 
 
 def shardings(
     abstract_tree: Any,
-    mesh: Mesh,
+    mesh: Mesh | AbstractMesh,
     partition_rules: Mapping | Sequence[tuple[Any, PartitionSpec]] | None = None,
     logical_axis_rules: Sequence[tuple[str, Any]] | None = None,
     *,
     allow_unused_rules: bool = False,
+    require_rules: bool | None = None,
 ) -> Any:
     """The tree of ``NamedSharding``s for a variables tree (what ``materialize`` uses).
 
@@ -366,14 +548,16 @@ def shardings(
     replaced by its ``jax.sharding.NamedSharding``, ready for
     ``jax.jit(..., in_shardings=..., out_shardings=...)`` on the unboxed variables
     (``nn.meta.unbox``) or for checkpoint restore. Specs are chosen and validated as in
-    ``partition_specs``.
+    ``partition_specs``. For an annotated model and no ``partition_rules`` this is what
+    ``nn.logical_to_mesh_sharding(nn.get_partition_spec(tree), mesh, rules)`` gives.
 
     Args:
       abstract_tree: a variables tree, abstract or concrete, Flax boxes kept.
-      mesh: the ``jax.sharding.Mesh``.
+      mesh: the ``jax.sharding.Mesh`` (an ``AbstractMesh`` works too).
       partition_rules: as in ``partition_specs``.
       logical_axis_rules: as in ``partition_specs``.
       allow_unused_rules: as in ``partition_specs``.
+      require_rules: as in ``partition_specs``.
 
     Returns:
       The tree of ``NamedSharding``s.
@@ -388,120 +572,34 @@ def shardings(
       >>> dense = nn.Dense(4, kernel_init=nn.with_partitioning(
       ...     nn.initializers.lecun_normal(), (None, "model")))
       >>> shapes = flaxlazy.abstract_init(dense, jax.random.key(0), flaxlazy.spec("f32[2,3]"))
-      >>> tree = shardings(shapes, mesh, [("bias", P())])
-      >>> tree["params"]["kernel"].spec
-      P(None, 'model')
+      >>> tree = shardings(shapes, mesh)
+      >>> tree["params"]["kernel"].spec, tree["params"]["bias"].spec
+      (P(None, 'model'), P())
     """
     flat, treedef = paths.flatten(abstract_tree)
     specs = partition_specs(
         abstract_tree, mesh, partition_rules=partition_rules,
         logical_axis_rules=logical_axis_rules, allow_unused_rules=allow_unused_rules,
+        require_rules=require_rules,
     )
     return jax.tree_util.tree_unflatten(
         treedef, [NamedSharding(mesh, specs[path]) for path, _ in flat]
     )
 
 
-def per_device_bytes(shape: Sequence[int], dtype: Any, sharding: Any) -> int:
-    """The bytes of one shard of an array of ``shape`` and ``dtype`` under ``sharding``.
-
-    Args:
-      shape: the global shape.
-      dtype: the dtype.
-      sharding: a ``jax.sharding.Sharding``, or None for an unsharded array.
-
-    Returns:
-      The bytes one device holds (the whole array when replicated or unsharded).
-
-    Examples:
-      >>> import jax, numpy as np
-      >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-      >>> mesh = Mesh(np.array(jax.devices()[:1]), ("model",))
-      >>> per_device_bytes((1024, 512), "float32", NamedSharding(mesh, P(None, "model")))
-      2097152
-      >>> per_device_bytes((1024, 512), "bfloat16", None)
-      1048576
-    """
-    shape = tuple(shape)
-    shard = shape if sharding is None else sharding.shard_shape(shape)
-    try:
-        itemsize = np.dtype(dtype).itemsize
-    except TypeError:  # extended dtypes such as PRNG keys
-        itemsize = getattr(dtype, "itemsize", 0)
-    return math.prod(shard) * itemsize
-
-
-def broadcast(shardings_tree: Any, abstract_tree: Any) -> dict[str, Any]:
-    """Spreads one sharding, or a pytree prefix of shardings, over every leaf.
-
-    For ``materialize(..., shardings=...)``: a single ``Sharding`` applies to every leaf;
-    a tree applies each of its leaves to the whole subtree below it (``None`` leaves a
-    subtree on JAX's default device). 0-d leaves under a ``NamedSharding`` are
-    replicated over its mesh. Each ``NamedSharding`` is validated like a rule.
-
-    Args:
-      shardings_tree: a ``jax.sharding.Sharding`` or a pytree prefix of them.
-      abstract_tree: the variables tree (Flax boxes count as leaves).
-
-    Returns:
-      ``{collection-qualified path: Sharding or None}`` in tree order.
-
-    Raises:
-      ValueError: a tree that is not a prefix of the variables tree, or a sharding that
-        does not fit its leaf.
-
-    Examples:
-      >>> import jax, numpy as np
-      >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-      >>> mesh = Mesh(np.array(jax.devices()[:1]), ("model",))
-      >>> tree = {"params": {"w": jax.ShapeDtypeStruct((4, 2), "float32")}}
-      >>> broadcast({"params": NamedSharding(mesh, P("model"))}, tree)["params/w"].spec
-      P('model',)
-    """
-    flat, treedef = paths.flatten(abstract_tree)
-    if shardings_tree is None or isinstance(shardings_tree, jax.sharding.Sharding):
-        given = [shardings_tree] * len(flat)
-    else:
-        try:
-            given = treedef.flatten_up_to(
-                jax.tree.broadcast(
-                    shardings_tree, jax.tree_util.tree_unflatten(treedef, [0] * len(flat)),
-                    is_leaf=lambda x: x is None or isinstance(x, jax.sharding.Sharding),
-                )
-            )
-        except (ValueError, TypeError) as e:
-            top = sorted(abstract_tree) if isinstance(abstract_tree, Mapping) else "?"
-            raise ValueError(
-                "`shardings` must be one jax.sharding.Sharding or a pytree prefix of the "
-                f"variables tree (whose top-level keys are {top}); it does not match: {e}"
-            ) from None
-    out = {}
-    for (path, leaf), sharding in zip(flat, given, strict=True):
-        shape, dtype = _shape_dtype(leaf)
-        if isinstance(sharding, NamedSharding):
-            if not shape:
-                sharding = NamedSharding(sharding.mesh, PartitionSpec())
-            check_spec(path, shape, dtype, sharding.spec, sharding.mesh, "`shardings`")
-        elif sharding is not None and not isinstance(sharding, jax.sharding.Sharding):
-            raise TypeError(
-                f"`shardings` gives {path!r} {sharding!r}; expected a jax.sharding.Sharding "
-                "or None."
-            )
-        out[path] = sharding
-    return out
-
-
 def with_shardings(
     abstract_tree: Any,
-    mesh: Mesh,
+    mesh: Mesh | AbstractMesh,
     *,
     partition_rules: Any = None,
     logical_axis_rules: Any = None,
     allow_unused_rules: bool = False,
+    require_rules: bool | None = None,
 ) -> Any:
     """``abstract_tree`` with each ``ShapeDtypeStruct`` carrying its ``NamedSharding``.
 
-    Flax boxes are kept around the sharded ``ShapeDtypeStruct``s.
+    Flax boxes are kept around the sharded ``ShapeDtypeStruct``s. Arguments as in
+    ``partition_specs``.
 
     Examples:
       >>> import jax, numpy as np
@@ -515,6 +613,7 @@ def with_shardings(
     specs = partition_specs(
         abstract_tree, mesh, partition_rules=partition_rules,
         logical_axis_rules=logical_axis_rules, allow_unused_rules=allow_unused_rules,
+        require_rules=require_rules,
     )
     flat, treedef = paths.flatten(abstract_tree)
     out = []

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
 
+import flax.linen as nn
 import numpy as np
 from flax.training import train_state
 from jax.sharding import NamedSharding
@@ -14,6 +17,21 @@ from jax.sharding import NamedSharding
 from flaxlazy._src import paths
 from flaxlazy._src import plan as plan_lib
 from flaxlazy._src import sharding as sharding_lib
+
+NOT_A_TREE = (
+    "{fn}: `tree` is {what}, not a variables tree. Pass the variables' shapes, "
+    "flaxlazy.abstract_init(module, key, *inputs) (free: nothing is computed), or the "
+    "variables themselves (flaxlazy.materialize or module.init output, or a train state)."
+)
+BAD_LEAF = (
+    "{fn}: `tree` has {what} at {path!r}; expected arrays, jax.ShapeDtypeStructs and "
+    "numbers (a variables tree from abstract_init, materialize or module.init)."
+)
+DEFAULT_MARK = "*"
+DEFAULT_NOTE = (
+    "{mark} replicated by default: no partition rule or Flax annotation covers {it} "
+    "({n} leaves, {size} each device); pass require_rules=True to make that an error"
+)
 
 
 def _leaf_array(x: Any) -> Any:
@@ -34,14 +52,44 @@ def _itemsize(x: Any) -> int:
         return getattr(dtype, "itemsize", 0)
 
 
-def _arrays(tree: Any) -> list[tuple[str, Any]]:
+def _describe(x: Any) -> str:
+    text = repr(x)
+    return f"{type(x).__name__} {text[:60] + '...' if len(text) > 60 else text}"
+
+
+def _check_tree(tree: Any, fn: str) -> None:
+    """Rejects what is clearly not a variables tree (a module, a string...)."""
+    if isinstance(tree, nn.Module):
+        what = f"a flax.linen.Module ({type(tree).__name__})"
+    elif isinstance(tree, type):
+        what = f"the class {tree.__name__}"
+    elif isinstance(tree, (str, bytes)):
+        what = f"a {type(tree).__name__} ({tree!r})"
+    else:
+        return
+    raise TypeError(NOT_A_TREE.format(fn=fn, what=what))
+
+
+def _leaves(tree: Any, fn: str) -> list[tuple[str, Any, Any]]:
+    """``[(path, leaf, array-like)]``, the leaf as in the tree (boxed), the array unboxed.
+
+    Array-likes are arrays, ``ShapeDtypeStruct``s and numbers (as NumPy scalars).
+    """
+    _check_tree(tree, fn)
     flat, _ = paths.flatten(tree)
     out = []
     for path, leaf in flat:
-        leaf = _leaf_array(leaf)
-        if hasattr(leaf, "shape") and hasattr(leaf, "dtype") or np.isscalar(leaf):
-            out.append((path, leaf))
+        array = _leaf_array(leaf)
+        if isinstance(array, (numbers.Number, np.bool_)):
+            array = np.asarray(array)
+        elif not (hasattr(array, "shape") and hasattr(array, "dtype")):
+            raise TypeError(BAD_LEAF.format(fn=fn, what=_describe(array), path=path))
+        out.append((path, leaf, array))
     return out
+
+
+def _arrays(tree: Any, fn: str) -> list[tuple[str, Any]]:
+    return [(path, array) for path, _, array in _leaves(tree, fn)]
 
 
 def num_params(tree: Any) -> int:
@@ -49,17 +97,35 @@ def num_params(tree: Any) -> int:
 
     Pass ``variables["params"]`` to count parameters only.
 
+    Args:
+      tree: a variables tree (or any pytree of arrays, ``ShapeDtypeStruct``s, numbers).
+
+    Returns:
+      The total number of elements.
+
+    Raises:
+      TypeError: for a module, a string, or a leaf that is not an array or number.
+
     Examples:
       >>> import jax, flax.linen as nn, flaxlazy
       >>> shapes = flaxlazy.abstract_init(nn.Dense(3), jax.random.key(0), flaxlazy.spec("f32[1,5]"))
       >>> flaxlazy.num_params(shapes)
       18
     """
-    return sum(_size(x) for _, x in _arrays(tree))
+    return sum(_size(x) for _, x in _arrays(tree, "num_params"))
 
 
 def nbytes(tree: Any) -> int:
     """The bytes of all array leaves of ``tree`` (abstract or concrete).
+
+    Args:
+      tree: as in ``num_params``.
+
+    Returns:
+      The total bytes (each leaf's elements times its itemsize).
+
+    Raises:
+      TypeError: as ``num_params``.
 
     Examples:
       >>> import jax, flax.linen as nn, flaxlazy
@@ -67,7 +133,7 @@ def nbytes(tree: Any) -> int:
       >>> flaxlazy.nbytes(shapes)
       72
     """
-    return sum(_size(x) * _itemsize(x) for _, x in _arrays(tree))
+    return sum(_size(x) * _itemsize(x) for _, x in _arrays(tree, "nbytes"))
 
 
 def _natural(path: str) -> list:
@@ -101,27 +167,37 @@ def render(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence
     return "\n".join([line(header), rule, *(line(r) for r in rows)])
 
 
-def _group(path: str, tree: Any) -> str:
-    """The total a leaf counts towards: its collection, or its train-state field."""
-    grouped = isinstance(tree, train_state.TrainState) or (
-        isinstance(tree, Mapping) and all(isinstance(v, Mapping) for v in tree.values())
+def _grouped(tree: Any) -> bool:
+    """Whether the top level of ``tree`` is collections (or train-state fields).
+
+    A variables dict has a ``params`` collection; a params subtree
+    (``variables["params"]``, ``state.params``) has layers at its top level instead.
+    """
+    return isinstance(tree, train_state.TrainState) or (
+        isinstance(tree, Mapping) and paths.PARAMS in tree
+        and all(isinstance(v, Mapping) for v in tree.values())
     )
-    return path.split(paths.SEP, 1)[0] if grouped else "total"
 
 
-def _leaf_shardings(tree: Any, flat: list, mesh: Any, partition_rules: Any,
-                    logical_axis_rules: Any) -> list:
+def _leaf_shardings(tree: Any, flat: list, mesh: Any, rules: dict) -> tuple[list, list]:
+    """Each leaf's NamedSharding (or None) and whether it was replicated by default."""
     if mesh is not None:
-        specs = sharding_lib.partition_specs(
-            tree, mesh, partition_rules=partition_rules,
-            logical_axis_rules=logical_axis_rules, allow_unused_rules=True,
-        )
-        return [NamedSharding(mesh, specs[path]) for path, _ in flat]
+        chosen = sharding_lib.choose(tree, mesh, allow_unused_rules=True, **rules)
+        return ([NamedSharding(mesh, chosen[path].spec) for path, _ in flat],
+                [chosen[path].kind == sharding_lib.DEFAULT for path, _ in flat])
     out = []
     for _, leaf in flat:
         sh = getattr(_leaf_array(leaf), "sharding", None)
         out.append(sh if isinstance(sh, NamedSharding) else None)
-    return out
+    return out, [False] * len(flat)
+
+
+def _num_devices(shardings: list) -> int:
+    named = [sh for sh in shardings if sh is not None]
+    try:
+        return len({d for sh in named for d in sh.device_set})
+    except ValueError:  # an AbstractMesh has no devices, only a size
+        return max(sh.mesh.size for sh in named)
 
 
 def summary(
@@ -130,24 +206,32 @@ def summary(
     mesh: Any = None,
     partition_rules: Any = None,
     logical_axis_rules: Any = None,
+    require_rules: bool | None = None,
 ) -> str:
     """A readable table of a variables tree: path, shape, dtype, count and bytes.
 
     Works for abstract trees (``abstract_init``) and concrete ones (``materialize``,
     ``module.init``); Flax partitioning boxes show their axis names. Totals are given per
-    collection (``params``, ``batch_stats``...) and overall. Sharded trees (leaves that
-    carry a ``NamedSharding``, or any tree with ``mesh=``) also show each leaf's
-    ``PartitionSpec`` and bytes per device, and the largest per-device load.
+    collection (``params``, ``batch_stats``...) for a variables dict, per field for a
+    train state, and overall. Sharded trees (leaves that carry a ``NamedSharding``, or
+    any tree with ``mesh=``) also show each leaf's ``PartitionSpec`` and bytes per
+    device, and the largest per-device load. With ``mesh=``, leaves that no partition
+    rule or annotation covers, and that were therefore replicated, are marked ``*``.
 
     Args:
-      tree: a variables tree, or any pytree of arrays / ``ShapeDtypeStruct``s.
+      tree: a variables tree, a params subtree, a train state, or any pytree of arrays /
+        ``ShapeDtypeStruct``s.
       mesh: a mesh to lay the tree out on (specs from ``partition_rules`` and the Flax
         annotations, as in ``materialize``).
       partition_rules: with ``mesh``, as in ``materialize``.
       logical_axis_rules: with ``mesh``, as in ``materialize``.
+      require_rules: with ``mesh``, as in ``flaxlazy.shardings``.
 
     Returns:
       The table as a string (``print`` it).
+
+    Raises:
+      TypeError: for a module, a string, or a leaf that is not an array or number.
 
     Examples:
       >>> import jax, flax.linen as nn, flaxlazy
@@ -161,25 +245,35 @@ def summary(
       params                              18   72 B
       total                               18   72 B
     """
-    flat, _ = paths.flatten(tree)
-    flat = [(p, leaf) for p, leaf in flat if hasattr(_leaf_array(leaf), "shape")]
-    flat.sort(key=lambda item: _natural(item[0]))  # block_2 before block_10
-    shardings = _leaf_shardings(tree, flat, mesh, partition_rules, logical_axis_rules)
+    leaves = sorted(_leaves(tree, "summary"), key=lambda item: _natural(item[0]))
+    flat = [(path, leaf) for path, leaf, _ in leaves]  # block_2 before block_10
+    if mesh is None:
+        given = [n for n, v in (("partition_rules", partition_rules),
+                                ("logical_axis_rules", logical_axis_rules),
+                                ("require_rules", require_rules)) if v is not None]
+        if given:
+            raise TypeError(f"summary: {' and '.join(f'`{n}`' for n in given)} need a `mesh=`.")
+    rules = dict(partition_rules=partition_rules, logical_axis_rules=logical_axis_rules,
+                 require_rules=require_rules)
+    shardings, defaulted = _leaf_shardings(tree, flat, mesh, rules)
     sharded = any(sh is not None for sh in shardings)
     has_names = any(paths.is_box(leaf) for _, leaf in flat)
-    rows, totals = [], {}
-    for (path, leaf), sh in zip(flat, shardings, strict=True):
-        array = _leaf_array(leaf)
+    grouped = _grouped(tree)
+    rows, totals, by_default = [], {}, []
+    for (path, leaf, array), sh, default in zip(leaves, shardings, defaulted, strict=True):
         count, size = _size(array), _size(array) * _itemsize(array)
         row = [path, str(tuple(array.shape)), _dtype_name(array), f"{count:,}", format_bytes(size)]
         if has_names:
             row.append(str(getattr(leaf, "names", "")) if paths.is_box(leaf) else "")
         per_device = size
         if sharded:
-            per_device = sharding_lib.per_device_bytes(array.shape, array.dtype, sh)
-            row += [str(tuple(sh.spec)) if sh is not None else "", format_bytes(per_device)]
+            per_device = per_device_bytes(array.shape, array.dtype, sh)
+            spec = str(tuple(sh.spec)) if sh is not None else ""
+            row += [spec + (" " + DEFAULT_MARK if default else ""), format_bytes(per_device)]
+        if default:
+            by_default.append(per_device)
         rows.append(row)
-        group = _group(path, tree)
+        group = path.split(paths.SEP, 1)[0] if grouped else "total"
         c, b, d = totals.get(group, (0, 0, 0))
         totals[group] = (c + count, b + size, d + per_device)
     header = ["path", "shape", "dtype", "params", "bytes"]
@@ -198,9 +292,42 @@ def summary(
     rule = table[1]
     lines = table[: 2 + len(rows)] + [rule] + table[2 + len(rows) :]
     if sharded:
-        devices = {d for sh in shardings if sh is not None for d in sh.device_set}
         lines.append(
-            f"largest per-device load: {format_bytes(totals['total'][2])} "
-            f"on each of {len(devices)} devices (unsharded: {format_bytes(totals['total'][1])})"
+            f"largest per-device load: {format_bytes(totals['total'][2])} on each of "
+            f"{_num_devices(shardings)} devices (unsharded: {format_bytes(totals['total'][1])})"
         )
+    if by_default:
+        lines.append(DEFAULT_NOTE.format(
+            mark=DEFAULT_MARK, it="it" if len(by_default) == 1 else "them",
+            n=len(by_default), size=format_bytes(sum(by_default)),
+        ))
     return "\n".join(lines)
+
+
+def per_device_bytes(shape: Sequence[int], dtype: Any, sharding: Any) -> int:
+    """The bytes of one shard of an array of ``shape`` and ``dtype`` under ``sharding``.
+
+    Args:
+      shape: the global shape.
+      dtype: the dtype.
+      sharding: a ``jax.sharding.Sharding``, or None for an unsharded array.
+
+    Returns:
+      The bytes one device holds (the whole array when replicated or unsharded).
+
+    Examples:
+      >>> import jax, numpy as np
+      >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+      >>> mesh = Mesh(np.array(jax.devices()[:1]), ("model",))
+      >>> per_device_bytes((1024, 512), "float32", NamedSharding(mesh, P(None, "model")))
+      2097152
+      >>> per_device_bytes((1024, 512), "bfloat16", None)
+      1048576
+    """
+    shape = tuple(shape)
+    shard = shape if sharding is None else sharding.shard_shape(shape)
+    try:
+        itemsize = np.dtype(dtype).itemsize
+    except TypeError:  # extended dtypes such as PRNG keys
+        itemsize = getattr(dtype, "itemsize", 0)
+    return math.prod(shard) * itemsize

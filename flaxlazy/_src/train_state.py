@@ -1,16 +1,18 @@
 """Train states: parameters and optax state created together, sharded alike.
 
-The optimizer state is laid out from the parameters' placement: a state leaf that
-mirrors a parameter (optax's ``mu``/``nu``/``trace``..., found by path suffix and shape)
-gets that parameter's sharding, scalars (``count``) are replicated, and anything else
-must be covered by a partition rule on its ``opt_state/...`` path. Nothing is silently
-replicated.
+The optimizer state is laid out from the parameters' placement, through the same rule
+engine and the same checks as the parameters: a state leaf that mirrors a parameter
+(optax's ``mu``/``nu``/``trace``..., found by path suffix and shape) gets that
+parameter's sharding, scalars (``count``) are replicated, and any other leaf is placed by
+the first partition rule matching its ``opt_state/...`` path (globs, regexes or a nested
+``{"opt_state": ...}`` dict, as for parameters). A leaf nothing covers is an error when
+rules are required (``require_rules``, by default when ``partition_rules`` are given),
+and replicated otherwise, like an unannotated parameter.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -23,18 +25,31 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
 from flaxlazy._src import abstract as abstract_lib
+from flaxlazy._src import lazy as lazy_lib
 from flaxlazy._src import materialize as materialize_lib
 from flaxlazy._src import paths
 from flaxlazy._src import plan as plan_lib
 from flaxlazy._src import rules as rules_lib
+from flaxlazy._src import sharding as sharding_lib
 
-PARAMS = "params"
+PARAMS = paths.PARAMS
 OPT_STATE = "opt_state"
+WHAT = sharding_lib.WHAT
 
 NO_MIRROR = (
-    "optimizer state leaf {path!r} ({shape}) mirrors no parameter (no parameter path is a "
-    "suffix of it with the same shape) and no partition rule matches it. Add a rule for "
-    "it, e.g. ('opt_state/**', PartitionSpec()) to replicate such leaves."
+    "`partition_rules`: optimizer state {leaves} {listing} mirror{s} no parameter (no "
+    "parameter path is a suffix of {it} with the same shape) and no partition rule matches "
+    "{it}. Add a rule, e.g. ('opt_state/**', PartitionSpec()) to replicate such leaves, or "
+    "pass `require_rules=False` to replicate every leaf no rule covers."
+)
+OPT_RULE_HINT = (
+    " Optimizer-state leaves that mirror no parameter are matched by the same rules as "
+    "the parameters, on their 'opt_state/...' path; put a rule for them first, e.g. "
+    "('opt_state/**', PartitionSpec())."
+)
+NOT_A_TX = (
+    "{fn}: `tx` must be an optax.GradientTransformation such as optax.adamw(1e-3), got "
+    "{got}.{hint}"
 )
 
 
@@ -73,35 +88,152 @@ def _mirror(opt_path: str, shape, param_shapes: dict[str, Any]) -> str | None:
     return best
 
 
-def _opt_shardings(
-    abstract_opt: Any, abstract_params: Any, mesh: Any, partition_rules: Any
-) -> Any:
-    """A sharding per optimizer-state leaf (None everywhere without a mesh)."""
-    flat, treedef = paths.flatten(abstract_opt)
-    if mesh is None:
-        return jax.tree_util.tree_unflatten(treedef, [None] * len(flat))
-    params = dict(paths.flatten(abstract_params)[0])
-    rules = rules_lib.normalize(partition_rules, what="partition_rules")
-    out = []
-    for path, leaf in flat:
-        if leaf.ndim == 0:
-            out.append(NamedSharding(mesh, PartitionSpec()))
-            continue
-        mirror = _mirror(path, leaf.shape, params)
-        if mirror is not None:
-            out.append(params[mirror].sharding)
-            continue
-        rule = next(
-            (r for r in rules if r.regex.fullmatch(f"{OPT_STATE}/{path}")), None
+def check_tx(tx: Any, *, fn: str) -> None:
+    """Raises a ``TypeError`` naming ``tx`` unless it is an optax ``GradientTransformation``.
+
+    Examples:
+      >>> import optax
+      >>> check_tx(optax.adam, fn="init_train_state")
+      Traceback (most recent call last):
+      ...
+      TypeError: init_train_state: `tx` must be an optax.GradientTransformation such as
+      optax.adamw(1e-3), got function adam. Call it to build the transformation, e.g.
+      optax.adam(1e-3).
+    """
+    if isinstance(tx, optax.GradientTransformation):
+        return
+    hint = ""
+    if callable(tx) and getattr(tx, "__module__", "").startswith("optax"):
+        got = f"{type(tx).__name__} {tx.__name__}"
+        hint = f" Call it to build the transformation, e.g. optax.{tx.__name__}(1e-3)."
+    else:
+        text = repr(tx)
+        got = f"{type(tx).__name__} {text}" if len(text) < 60 else type(tx).__name__
+        if isinstance(tx, str):
+            hint = f" Build it instead of naming it, e.g. optax.{tx}(1e-3)."
+    raise TypeError(NOT_A_TX.format(fn=fn, got=got, hint=hint))
+
+
+class _Layout:
+    """Where every leaf of a train state goes: variables, then optimizer state."""
+
+    def __init__(self, mesh, partition_rules, logical_axis_rules, allow_unused_rules,
+                 require_rules):
+        self.mesh = mesh
+        self.logical_axis_rules = logical_axis_rules
+        self.allow_unused = allow_unused_rules
+        self.require = sharding_lib.strict(require_rules, partition_rules)
+        self.given = partition_rules is not None
+        self.rules = rules_lib.normalize(partition_rules, what=WHAT)
+
+    def check_unused(self, names: list[str]) -> None:
+        """Every rule must match a variable or an optimizer-state leaf (unless allowed)."""
+        rules_lib.assign(
+            self.rules, names, what=f"`{WHAT}`", allow_unused=self.allow_unused,
+            qualified=True,
         )
-        if rule is None:
-            raise ValueError(NO_MIRROR.format(path=f"{OPT_STATE}/{path}", shape=leaf.shape))
-        out.append(NamedSharding(mesh, rule.value))
-    return jax.tree_util.tree_unflatten(treedef, out)
+
+    def variables(self, variables: Any) -> Any:
+        """The tree of ``NamedSharding``s for the variables (boxes replaced)."""
+        choices = sharding_lib.choose(
+            variables, self.mesh, partition_rules=self.rules if self.given else None,
+            logical_axis_rules=self.logical_axis_rules, allow_unused_rules=True,
+            require_rules=self.require,
+        )
+        flat, treedef = paths.flatten(variables)
+        return jax.tree_util.tree_unflatten(
+            treedef, [NamedSharding(self.mesh, choices[path].spec) for path, _ in flat]
+        )
+
+    def opt_state(self, abstract_opt: Any, abstract_params: Any) -> Any:
+        """A sharding per optimizer-state leaf (see the module docstring)."""
+        flat, treedef = paths.flatten(abstract_opt)
+        params = dict(paths.flatten(abstract_params)[0])
+        out, missing = [], []
+        for inner, leaf in flat:
+            path = f"{OPT_STATE}{paths.SEP}{inner}"
+            spec = self._opt_spec(path, inner, leaf, params)
+            if spec is None:
+                missing.append(inner)
+            out.append(spec)
+        if missing:
+            leaves = dict(flat)
+            listing = ", ".join(
+                f"{OPT_STATE + paths.SEP + p!r} "
+                f"({sharding_lib._fmt(leaves[p].shape, leaves[p].dtype)})"
+                for p in missing[:5]
+            )
+            if len(missing) > 5:
+                listing += f" and {len(missing) - 5} more"
+            one = len(missing) == 1
+            raise ValueError(NO_MIRROR.format(
+                leaves="leaf" if one else "leaves", listing=listing, s="s" if one else "",
+                it="it" if one else "them",
+            ))
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    def _opt_spec(self, path: str, inner: str, leaf: Any, params: dict) -> Any:
+        if leaf.ndim == 0:
+            return NamedSharding(self.mesh, PartitionSpec())
+        mirror = _mirror(inner, leaf.shape, params)
+        if mirror is not None:
+            return params[mirror].sharding
+        for rule in self.rules:
+            if rule.value is not None and rule.matches(path, path):
+                try:
+                    sharding_lib.check_spec(path, leaf.shape, leaf.dtype, rule.value,
+                                            self.mesh, f"`{WHAT}`: {rule.label}")
+                except ValueError as e:
+                    raise ValueError(f"{e}{OPT_RULE_HINT}") from None
+                return NamedSharding(self.mesh, rule.value)
+        if self.require:
+            return None
+        return NamedSharding(self.mesh, PartitionSpec())
 
 
 def _with_sharding(leaf: jax.ShapeDtypeStruct, sharding: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+
+def _abstract(
+    fn: str, module: Any, tx: Any, rngs: Any, inputs: tuple, kwargs: dict, *, mesh: Any,
+    partition_rules: Any, logical_axis_rules: Any, allow_unused_rules: bool,
+    require_rules: bool | None, concrete: bool,
+) -> tuple[TrainState, Any]:
+    """The abstract train state, and the variables' shardings tree (None without a mesh)."""
+    lazy_lib.check_module(module, fn=fn)
+    check_tx(tx, fn=fn)
+    if mesh is None:
+        given = [n for n, v in ((WHAT, partition_rules),
+                                ("logical_axis_rules", logical_axis_rules),
+                                ("require_rules", require_rules)) if v is not None]
+        if given:
+            raise TypeError(f"{fn}: {' and '.join(f'`{n}`' for n in given)} need a `mesh=`.")
+    else:
+        sharding_lib.check_mesh(mesh, concrete=concrete)
+        sharding_lib.check_logical_axis_rules(logical_axis_rules)
+    variables = abstract_lib.abstract_init(module, rngs, *inputs, **kwargs)
+    variable_shardings = None
+    if mesh is not None:
+        layout = _Layout(mesh, partition_rules, logical_axis_rules, allow_unused_rules,
+                         require_rules)
+        variable_shardings = layout.variables(variables)
+        variables = jax.tree.map(
+            lambda leaf, sh: _with_sharding(plan_lib.unbox(leaf), sh), variables,
+            variable_shardings, is_leaf=paths.is_box,
+        )
+    params, collections = _split(variables)
+    opt = jax.eval_shape(tx.init, params)
+    if mesh is not None:
+        opt_names = [f"{OPT_STATE}{paths.SEP}{p}" for p, _ in paths.flatten(opt)[0]]
+        layout.check_unused([p for p, _ in paths.flatten(variables)[0]] + opt_names)
+        opt = jax.tree.map(_with_sharding, opt, layout.opt_state(opt, params))
+    step_sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+    state = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=step_sharding),
+        apply_fn=module.apply, params=params, tx=tx, opt_state=opt, collections=collections,
+    )
+    return state, variable_shardings
 
 
 def abstract_train_state(
@@ -109,9 +241,11 @@ def abstract_train_state(
     tx: optax.GradientTransformation,
     rngs: Any,
     *inputs: Any,
-    mesh: jax.sharding.Mesh | None = None,
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
     partition_rules: Any = None,
     logical_axis_rules: Any = None,
+    allow_unused_rules: bool = False,
+    require_rules: bool | None = None,
     **kwargs: Any,
 ) -> TrainState:
     """The train state ``init_train_state`` would create, as sharded shapes only.
@@ -125,14 +259,27 @@ def abstract_train_state(
       tx: an optax ``GradientTransformation``.
       rngs: a key or a dict of keys, as for ``module.init``.
       *inputs: input arrays, specs or Python values, as for ``abstract_init``.
-      mesh: optional mesh; with it every leaf carries its ``NamedSharding``.
-      partition_rules: as in ``materialize``; rules whose pattern starts with
-        ``opt_state/`` place optimizer-state leaves that mirror no parameter.
+      mesh: optional ``Mesh`` (or ``AbstractMesh``); with it every leaf carries its
+        ``NamedSharding``.
+      partition_rules: as in ``materialize``; rules matching ``opt_state/...`` paths
+        (``"opt_state/**"``, a regex, or a nested ``{"opt_state": ...}``) place
+        optimizer-state leaves that mirror no parameter.
       logical_axis_rules: as in ``materialize``.
+      allow_unused_rules: accept partition rules that match no variable and no
+        optimizer-state leaf.
+      require_rules: as in ``flaxlazy.shardings``; also decides whether an
+        optimizer-state leaf that mirrors no parameter and matches no rule is an error
+        or replicated.
       **kwargs: keyword inputs for the module.
 
     Returns:
       A ``flaxlazy.TrainState`` whose array leaves are ``jax.ShapeDtypeStruct``s.
+
+    Raises:
+      TypeError: a ``module`` or ``tx`` of the wrong type, or malformed placement
+        arguments.
+      ValueError: as ``flaxlazy.shardings``, for optimizer-state leaves too (naming
+        their ``opt_state/...`` path).
 
     Examples:
       >>> import jax, optax, flax.linen as nn, flaxlazy
@@ -141,29 +288,12 @@ def abstract_train_state(
       >>> state.opt_state[0].mu["kernel"]
       ShapeDtypeStruct(shape=(5, 3), dtype=float32)
     """
-    variables = abstract_lib.abstract_init(
-        module, rngs, *inputs, mesh=mesh, partition_rules=_variable_rules(partition_rules),
-        logical_axis_rules=logical_axis_rules, **kwargs,
+    state, _ = _abstract(
+        "abstract_train_state", module, tx, rngs, inputs, kwargs, mesh=mesh,
+        partition_rules=partition_rules, logical_axis_rules=logical_axis_rules,
+        allow_unused_rules=allow_unused_rules, require_rules=require_rules, concrete=False,
     )
-    params, collections = _split(variables)
-    opt = jax.eval_shape(tx.init, params)
-    opt = jax.tree.map(_with_sharding, opt, _opt_shardings(opt, params, mesh, partition_rules))
-    step_sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec())
-    return TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=step_sharding),
-        apply_fn=module.apply, params=params, tx=tx, opt_state=opt, collections=collections,
-    )
-
-
-def _variable_rules(partition_rules: Any) -> Any:
-    """The partition rules for the variables: all but the ``opt_state/...`` ones."""
-    if partition_rules is None:
-        return None
-    items = partition_rules.items() if isinstance(partition_rules, Mapping) else partition_rules
-    return [
-        (pattern, spec) for pattern, spec in items
-        if not (isinstance(pattern, str) and pattern.startswith(OPT_STATE + paths.SEP))
-    ]
+    return state
 
 
 def init_train_state(
@@ -174,6 +304,8 @@ def init_train_state(
     mesh: jax.sharding.Mesh | None = None,
     partition_rules: Any = None,
     logical_axis_rules: Any = None,
+    allow_unused_rules: bool = False,
+    require_rules: bool | None = None,
     initializers: Any = None,
     device: Any = None,
     **kwargs: Any,
@@ -193,9 +325,10 @@ def init_train_state(
       rngs: a key or a dict of keys, as for ``module.init``.
       *inputs: input arrays, specs or Python values.
       mesh: optional mesh; see ``materialize``.
-      partition_rules: as in ``materialize``, plus ``opt_state/...`` rules for optimizer
-        leaves that mirror no parameter.
+      partition_rules: as in ``abstract_train_state``.
       logical_axis_rules: as in ``materialize``.
+      allow_unused_rules: as in ``abstract_train_state``.
+      require_rules: as in ``abstract_train_state``.
       initializers: the initializer tree, as in ``materialize``.
       device: without a mesh, the device to create everything on.
       **kwargs: keyword inputs for the module.
@@ -204,6 +337,9 @@ def init_train_state(
       A ``flaxlazy.TrainState`` (a ``flax.training.train_state.TrainState`` with the
       model's other collections in ``collections``), ``step`` 0.
 
+    Raises:
+      TypeError, ValueError: as ``abstract_train_state`` and ``materialize``.
+
     Examples:
       >>> import jax, optax, flax.linen as nn, flaxlazy
       >>> state = flaxlazy.init_train_state(
@@ -211,14 +347,16 @@ def init_train_state(
       >>> int(state.step), state.params["kernel"].shape
       (0, (5, 3))
     """
-    abstract = abstract_train_state(
-        module, tx, rngs, *inputs, mesh=mesh, partition_rules=partition_rules,
-        logical_axis_rules=logical_axis_rules, **kwargs,
+    if mesh is not None and device is not None:
+        raise TypeError("init_train_state: pass only one of `device` and `mesh`.")
+    abstract, variable_shardings = _abstract(
+        "init_train_state", module, tx, rngs, inputs, kwargs, mesh=mesh,
+        partition_rules=partition_rules, logical_axis_rules=logical_axis_rules,
+        allow_unused_rules=allow_unused_rules, require_rules=require_rules, concrete=True,
     )
     variables = materialize_lib.materialize(
-        module, rngs, *inputs, initializers=initializers, device=device, mesh=mesh,
-        partition_rules=_variable_rules(partition_rules),
-        logical_axis_rules=logical_axis_rules, **kwargs,
+        module, rngs, *inputs, initializers=initializers, device=device,
+        shardings=variable_shardings, **kwargs,
     )
     params, collections = _split(variables)
     opt_shardings = jax.tree.map(lambda s: s.sharding, abstract.opt_state)
