@@ -27,6 +27,7 @@ creation and JAX backend start-up; ``peak_rss`` is that peak minus the RSS at th
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -125,8 +126,8 @@ def _plan_counts(model, key) -> dict | None:
 def _draw_function(plan):
     """One jitted ``key -> arrays`` drawing every leaf of ``plan`` with its own initializer.
 
-    Leaves of one signature (same initializer, arguments, shape and dtype) are drawn by
-    one ``lax.map`` of that initializer over as many keys as there are leaves, so the call
+    Leaves of one signature (the same traced initializer program, so the same shape and
+    dtype) are drawn by one ``lax.map`` of it over as many keys as there are leaves, so the call
     produces the same number of values with the same distributions as the plan, while
     compiling only one initializer per signature (a Python loop inside one jit compiles
     for minutes at 48 layers; ``vmap`` runs about 2x slower than either on CPU). Leaves
@@ -135,22 +136,30 @@ def _draw_function(plan):
     import jax
     import jax.numpy as jnp
 
+    from flaxlazy._src import programs
+
     groups: dict = {}
     extra = []
     for leaf in plan.leaves:
-        if leaf.fn is not None and leaf.signature is not None:
-            groups.setdefault(leaf.signature, [leaf.fn, leaf.key is not None, 0])[2] += 1
+        program = leaf.program
+        if program is not None and program.key is not None:
+            run = programs.runner(program)
+            group = groups.setdefault(
+                program.key, [run, program.runtime_consts, leaf.key is not None, 0]
+            )
+            group[3] += 1
         else:
             extra.append((leaf.shape, leaf.dtype))
 
     def draw(key):
         keys = jax.random.split(key, len(groups) + len(extra))
         out = []
-        for k, (fn, takes_key, n) in zip(keys, groups.values(), strict=False):
+        for k, (run, consts, takes_key, n) in zip(keys, groups.values(), strict=False):
             if takes_key:
+                fn = functools.partial(run, consts)
                 out.append(jax.lax.map(fn, jax.random.split(k, n)))
             else:
-                value = fn(None)
+                value = run(consts)
                 out.append(jnp.broadcast_to(value, (n, *value.shape)))
         for k, (shape, dtype) in zip(keys[len(groups):], extra, strict=True):
             if jnp.issubdtype(dtype, jnp.floating):

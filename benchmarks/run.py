@@ -326,11 +326,17 @@ def targets(results: list[dict]) -> list[dict]:
     out = []
     for name, limit, strict, needs, measure in TARGETS:
         found = [_find(results, model, method) for model, method in needs]
-        missing = [f"{method}({model})" for (model, method), r in zip(needs, found, strict=True)
+        missing = [(model, method) for (model, method), r in zip(needs, found, strict=True)
                    if r is None]
         if missing:
+            tried = {(r["model"], r["method"]): r["status"] for r in results}
+            why = "; ".join(
+                f"{method}({model}) " + (f"ended in {tried[model, method]}"
+                                         if (model, method) in tried else "was not measured")
+                for model, method in missing
+            )
             out.append({"target": name, "value": None, "limit": limit, "pass": None,
-                        "detail": f"needs {', '.join(missing)}: not measured in this run"})
+                        "detail": f"{why} in this run"})
             continue
         value, detail = measure(*found, results)
         ok = value < limit if strict else value <= limit

@@ -254,7 +254,7 @@ def test_benchmark_quick_verdicts_judge_each_target_on_its_own_models_only():
         "abstract_init(llama70b) < 5 s": None,
     }
     assert rows["materialize cold(gpt48) <= 0.25 x jit cold(gpt48)"]["detail"] == (
-        "needs jit(gpt48): not measured in this run"
+        "jit(gpt48) was not measured in this run"
     )
     text = run.targets_text(list(rows.values()))
     assert "FAIL" not in text and "gpt12) <= 0.25" not in text, text
@@ -279,6 +279,15 @@ def test_benchmark_targets_fail_where_they_apply_and_fail():
         "materialize warm(gpt48) <= 1.3 x one-call draw",
     ]
     assert run.targets_text(list(rows.values())).count("FAIL") == 3
+
+    # A measurement that broke is no verdict either, and the row says it broke.
+    broken = {**slow[2], "status": "error", "note": "AttributeError"}
+    rows = {row["target"]: row for row in run.targets([*slow[:2], broken])}
+    row = rows["materialize warm(gpt48) recompiles nothing"]
+    assert (
+        row["pass"] is None
+        and row["detail"] == "materialize_warm(gpt48) ended in error in this run"
+    )
 
 
 def test_benchmark_without_matplotlib_names_the_extra_to_install():
