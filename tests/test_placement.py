@@ -1,5 +1,7 @@
 """materialize / abstract_init / summary on a mesh: the public wiring of sharding."""
 
+import re
+
 import chex
 import flax.linen as nn
 import jax
@@ -122,3 +124,66 @@ def test_broadcast_prefix_trees(mesh):
     with pytest.raises(ValueError, match=r"`shardings` gives 'params/w' \(float32\[6\]\)"
                                          r" the spec P\(\('data', 'model'\),\)"):
         placement.broadcast(NamedSharding(mesh, P(("data", "model"))), shapes)
+
+
+def test_options_without_a_mesh_are_errors_not_ignored():
+    shapes = flaxlazy.abstract_init(Model(), jax.random.key(0), X)
+    with pytest.raises(TypeError, match=r"`require_rules` need a `mesh=`; got no mesh, so they "
+                                        r"would be ignored"):
+        placement.resolve(shapes, require_rules=True)
+    with pytest.raises(TypeError, match=r"`partition_rules` and `logical_axis_rules` need a"):
+        placement.resolve(shapes, partition_rules=[], logical_axis_rules=[])
+    with pytest.raises(TypeError, match=r"`mesh` must be a jax\.sharding\.Mesh, got AbstractMesh"):
+        placement.resolve(shapes, mesh=jax.sharding.AbstractMesh((8,), ("model",)))
+
+
+def test_require_rules_through_resolve(mesh):
+    shapes = flaxlazy.abstract_init(Model(), jax.random.key(0), X)
+    # No rules: the annotated Dense_1 kernel follows its annotation, the rest is replicated.
+    got = placement.resolve(shapes, mesh=mesh)
+    assert got["params/Dense_1/kernel"].spec == P("model", None)
+    assert got["params/Dense_0/kernel"].spec == P()
+    assert got["batch_stats/BatchNorm_0/mean"].spec == P()
+    with pytest.raises(ValueError, match=r"no partition rule matches .*'Dense_0/kernel'"):
+        placement.resolve(shapes, mesh=mesh, require_rules=True)
+
+
+# Paths as summary prints them, and mappings mixing regex and glob keys, as initializers.
+
+ONES = nn.initializers.ones
+INITIALIZER_FORMS = [
+    {"params/Dense_1/**": ONES},
+    {"Dense_1/**": ONES},
+    {re.compile(r"params/Dense_1/.*"): ONES},
+    {re.compile(r"Dense_1/(kernel|bias)"): ONES},
+    {re.compile(r"Dense_1/kernel"): ONES, re.compile(r"Dense_1/bias"): jnp.ones(16)},
+    {re.compile(r"Dense_1/kernel"): ONES, "params/Dense_1/bias": jnp.ones(16)},
+]
+
+
+@pytest.mark.parametrize("initializers", INITIALIZER_FORMS)
+def test_initializer_patterns_as_summary_prints_them(initializers):
+    key = jax.random.key(0)
+    got = flaxlazy.materialize(Model(), key, X, initializers=initializers)
+    want = Model().init(key, jnp.zeros(X.shape))
+    chex.assert_trees_all_equal(got["params"]["Dense_0"], want["params"]["Dense_0"])
+    kernel = got["params"]["Dense_1"]["kernel"].value
+    chex.assert_trees_all_equal(kernel, jnp.ones_like(kernel))
+    chex.assert_trees_all_equal(got["params"]["Dense_1"]["bias"], jnp.ones(16))
+
+
+def test_printed_path_patterns_on_a_mesh(mesh):
+    key = jax.random.key(0)
+    shapes = flaxlazy.abstract_init(Model(), key, X)
+    printed = [line.split()[0] for line in flaxlazy.summary(shapes).splitlines()
+               if line.startswith("params/")]
+    assert "params/Dense_0/kernel" in printed
+    rules = [("params/Dense_0/kernel", P(None, "model")), ("params/Dense_0/bias", P("model")),
+             ("**", None), ("**", P())]
+    got = flaxlazy.materialize(Model(), key, X, mesh=mesh, partition_rules=rules,
+                               initializers={"params/Dense_0/bias": nn.initializers.ones})
+    assert got["params"]["Dense_0"]["kernel"].sharding.spec == P(None, "model")
+    assert got["params"]["Dense_0"]["bias"].sharding.spec == P("model")
+    chex.assert_trees_all_equal(jax.device_get(got["params"]["Dense_0"]["bias"]), np.ones(64))
+    tree = flaxlazy.shardings(shapes, mesh, rules)
+    assert tree["params"]["Dense_0"]["bias"].spec == P("model")

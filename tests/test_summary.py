@@ -72,3 +72,56 @@ def test_per_device_bytes():
     ) == 64 * 32 * 2 // 8
     assert summary_lib.per_device_bytes((64, 32), "float32", None) == 8192
     assert summary_lib.per_device_bytes((), "int32", NamedSharding(mesh, P())) == 4
+
+
+class Wide(nn.Module):
+    """A logically annotated kernel next to a large unannotated head."""
+
+    @nn.compact
+    def __call__(self, x):
+        k = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
+        x = nn.Dense(64, kernel_init=k, name="up")(x)
+        return nn.Dense(1024, name="head")(x)
+
+
+@needs_8
+def test_marks_leaves_replicated_by_default():
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+    shapes = flaxlazy.abstract_init(Wide(), jax.random.key(0), flaxlazy.spec("f32[2,16]"))
+    lr = [("embed", "data"), ("mlp", "model")]
+    lines = flaxlazy.summary(shapes, mesh=mesh, logical_axis_rules=lr).splitlines()
+    rows = {line.split()[0]: line for line in lines[2:6]}
+    assert "('data', 'model')" in rows["params/up/kernel"] and "*" not in rows["params/up/kernel"]
+    for path in ("params/head/kernel", "params/head/bias", "params/up/bias"):
+        assert "() *" in rows[path], rows[path]
+    assert lines[-1] == (
+        "* replicated by default: no partition rule or Flax annotation covers these 3 leaves "
+        "(260.2 KiB on each device; largest 'params/head/kernel', 256.0 KiB). Pass "
+        "require_rules=True to make uncovered leaves an error."
+    )
+    # A rule that replicates is no default: nothing marked.
+    table = flaxlazy.summary(shapes, mesh=mesh, logical_axis_rules=lr,
+                             partition_rules=[("**", None), ("**", P())])
+    assert "*" not in table.replace("**", "")
+    with pytest.raises(ValueError, match=r"no partition rule matches 'head/bias'"):
+        flaxlazy.summary(shapes, mesh=mesh, logical_axis_rules=lr, require_rules=True)
+
+
+def test_params_subtree_totals_are_not_per_layer(key):
+    shapes = flaxlazy.abstract_init(CNN(), key, flaxlazy.spec("f32[1,5,5,1]"))
+    lines = flaxlazy.summary(shapes["params"]).splitlines()
+    assert [line.split()[0] for line in lines if not line.startswith(("-", "path"))][-1:] == [
+        "total"]
+    assert not any(line.split()[0] in ("Conv_0", "Dense_0", "BatchNorm_0") for line in lines)
+    assert lines[-1].split()[:2] == ["total", "250"]
+    # A variables dict and a train state still get per-collection / per-field totals.
+    assert flaxlazy.summary(shapes).splitlines()[-3].split()[0] == "batch_stats"
+
+
+def test_train_state_params_subtree(key):
+    import optax
+
+    state = flaxlazy.abstract_train_state(CNN(), optax.sgd(0.1), key, flaxlazy.spec("f32[1,5,5,1]"))
+    totals = [line.split()[0] for line in flaxlazy.summary(state).splitlines()[-4:]]
+    assert totals == ["collections", "params", "step", "total"]
+    assert flaxlazy.summary(state.params).splitlines()[-1].split()[:2] == ["total", "250"]

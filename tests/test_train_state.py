@@ -1,5 +1,7 @@
 """init_train_state / abstract_train_state: params + optax state, sharded alike."""
 
+import re
+
 import chex
 import flax.linen as nn
 import jax
@@ -109,3 +111,88 @@ def test_optimizer_leaf_without_mirror_needs_a_rule(mesh):
         Net(), tx, jax.random.key(0), X, mesh=mesh,
         partition_rules=rules + [("opt_state/**", P())])
     assert state.opt_state is not None
+
+
+class Annotated(nn.Module):
+    """Logical annotations on the kernels only (biases, batch stats unannotated)."""
+
+    @nn.compact
+    def __call__(self, x):
+        k = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
+        x = nn.Dense(32, kernel_init=k)(x)
+        x = nn.BatchNorm(use_running_average=True)(x)
+        k = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("mlp", "embed"))
+        return nn.Dense(8, kernel_init=k, name="head")(x)
+
+
+LOGICAL = [("embed", "data"), ("mlp", "model")]
+
+
+def test_annotated_model_without_rules(mesh):
+    """As Flax: annotations shard, the rest is replicated; so are unmirrored moments."""
+    key = jax.random.key(0)
+    tx = optax.adafactor(1e-3, min_dim_size_to_factor=4)
+    state = flaxlazy.init_train_state(Annotated(), tx, key, X, mesh=mesh,
+                                      logical_axis_rules=LOGICAL)
+    assert state.params["Dense_0"]["kernel"].sharding.spec == P("data", "model")
+    assert state.params["Dense_0"]["bias"].sharding.spec == P()
+    factored = state.opt_state[0].v_row["Dense_0"]["kernel"]  # mirrors no parameter
+    assert factored.ndim == 1 and factored.sharding.spec == P()
+    keep = [("params/**", None), ("params/**", P()), ("batch_stats/**", P())]
+    with pytest.raises(ValueError, match=r"optimizer state leaves "
+                                         r"'opt_state/0/v_row/BatchNorm_0/bias' \(float32\[1\]\)"):
+        flaxlazy.abstract_train_state(Annotated(), tx, key, X, mesh=mesh,
+                                      logical_axis_rules=LOGICAL, partition_rules=keep)
+    relaxed = flaxlazy.abstract_train_state(Annotated(), tx, key, X, mesh=mesh,
+                                            logical_axis_rules=LOGICAL, partition_rules=keep,
+                                            require_rules=False)
+    assert relaxed.opt_state[0].v_row["Dense_0"]["kernel"].sharding.spec == P()
+    adam = flaxlazy.init_train_state(Annotated(), optax.adam(1e-3), key, X, mesh=mesh,
+                                     logical_axis_rules=LOGICAL)
+    assert adam.opt_state[0].mu["head"]["kernel"].sharding.spec == P("model", "data")
+    chex.assert_trees_all_close(
+        jax.device_get(adam.params),
+        nn.meta.unbox(Annotated().init(key, jnp.zeros(X.shape))["params"]), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "opt_rules",
+    [
+        [("opt_state/*/v_row/Dense_0/kernel", P("model")),
+         ("opt_state/*/v_col/head/kernel", P("model")), ("opt_state/**", P())],
+        [(re.compile(r"opt_state/\d+/v_(row/Dense_0|col/head)/kernel"), P("model")),
+         (re.compile(r"opt_state/.*"), P())],
+        {"opt_state": {"0": {"v_row": {"Dense_0": {"kernel": P("model"), "bias": P()}, "head": P(),
+                                       "BatchNorm_0": P()},
+                             "v_col": {"head": {"kernel": P("model"), "bias": P()}, "Dense_0": P(),
+                                       "BatchNorm_0": P()},
+                             "v": P()}},
+         "params": {"Dense_0": {"kernel": P(None, "model"), "bias": P()}, "BatchNorm_0": P(),
+                    "head": {"kernel": P("model", None), "bias": P()}},
+         "batch_stats": P()},
+    ],
+    ids=["glob", "regex", "nested"],
+)
+def test_optimizer_state_rules_in_every_form(opt_rules, mesh):
+    tx = optax.adafactor(1e-3, min_dim_size_to_factor=4)
+    rules = opt_rules if isinstance(opt_rules, dict) else opt_rules + RULES
+    state = flaxlazy.abstract_train_state(Net(), tx, jax.random.key(0), X, mesh=mesh,
+                                          partition_rules=rules)
+    factored = state.opt_state[0]
+    assert factored.v_row["Dense_0"]["kernel"].sharding.spec == P("model")  # (32,)
+    assert factored.v_col["head"]["kernel"].sharding.spec == P("model")  # (32,)
+    assert factored.v_row["head"]["kernel"].sharding.spec == P()
+    assert state.params["Dense_0"]["kernel"].sharding.spec == P(None, "model")
+    full = flaxlazy.init_train_state(Net(), tx, jax.random.key(0), X, mesh=mesh,
+                                     partition_rules=rules)
+    assert [x.sharding for x in jax.tree.leaves(full)] == [
+        x.sharding for x in jax.tree.leaves(state)]
+
+
+def test_collection_qualified_rules_for_parameters(mesh):
+    rules = [("params/Dense_0/kernel", P(None, "model")), ("params/head/kernel", P("model")),
+             ("**", P())]
+    state = flaxlazy.init_train_state(Net(), optax.adam(1e-3), jax.random.key(0), X,
+                                      mesh=mesh, partition_rules=rules)
+    assert state.params["Dense_0"]["kernel"].sharding.spec == P(None, "model")
+    assert state.opt_state[0].nu["head"]["kernel"].sharding.spec == P("model")

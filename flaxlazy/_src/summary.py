@@ -29,8 +29,9 @@ BAD_LEAF = (
 )
 DEFAULT_MARK = "*"
 DEFAULT_NOTE = (
-    "{mark} replicated by default: no partition rule or Flax annotation covers {it} "
-    "({n} leaves, {size} each device); pass require_rules=True to make that an error"
+    "{mark} replicated by default: no partition rule or Flax annotation covers {these} "
+    "({size} on each device; largest {largest!r}, {largest_size}). Pass "
+    "require_rules=True to make uncovered leaves an error."
 )
 
 
@@ -271,7 +272,7 @@ def summary(
             spec = str(tuple(sh.spec)) if sh is not None else ""
             row += [spec + (" " + DEFAULT_MARK if default else ""), format_bytes(per_device)]
         if default:
-            by_default.append(per_device)
+            by_default.append((per_device, path))
         rows.append(row)
         group = path.split(paths.SEP, 1)[0] if grouped else "total"
         c, b, d = totals.get(group, (0, 0, 0))
@@ -297,9 +298,11 @@ def summary(
             f"{_num_devices(shardings)} devices (unsharded: {format_bytes(totals['total'][1])})"
         )
     if by_default:
+        largest_size, largest = max(by_default)
+        these = "this leaf" if len(by_default) == 1 else f"these {len(by_default)} leaves"
         lines.append(DEFAULT_NOTE.format(
-            mark=DEFAULT_MARK, it="it" if len(by_default) == 1 else "them",
-            n=len(by_default), size=format_bytes(sum(by_default)),
+            mark=DEFAULT_MARK, these=these, size=format_bytes(sum(b for b, _ in by_default)),
+            largest=largest, largest_size=format_bytes(largest_size),
         ))
     return "\n".join(lines)
 

@@ -184,6 +184,8 @@ class _Layout:
                     sharding_lib.check_spec(path, leaf.shape, leaf.dtype, rule.value,
                                             self.mesh, f"`{WHAT}`: {rule.label}")
                 except ValueError as e:
+                    if rule.target.startswith(OPT_STATE):  # written for optimizer state
+                        raise
                     raise ValueError(f"{e}{OPT_RULE_HINT}") from None
                 return NamedSharding(self.mesh, rule.value)
         if self.require:
