@@ -3,6 +3,9 @@
 import json
 import os
 import re
+import socket
+import subprocess
+import sys
 
 import chex
 import flax.linen as nn
@@ -329,3 +332,85 @@ def test_directory_of_other_files_is_no_checkpoint_not_a_damaged_one(tmp_path):
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(FileNotFoundError, match="no _METADATA"):
         checkpoint.read(tmp_path, {})
+
+
+# --------------------------------------------------------------------- two processes
+WORKER = r'''
+import json, os, sys
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import orbax.checkpoint as ocp
+from flaxlazy._src import checkpoint, integrity
+
+pid, port, root = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+if "jax_cpu_collectives_implementation" in jax.config.values:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                           process_id=pid, initialization_timeout=40)
+mesh = Mesh(np.asarray(jax.devices()).reshape(2, 4), ("data", "model"))
+full = np.arange(128 * 64, dtype=np.float32).reshape(128, 64)
+
+def array(data, spec):
+    return jax.make_array_from_callback(data.shape, NamedSharding(mesh, spec), lambda i: data[i])
+
+def read(spec):
+    target = jax.ShapeDtypeStruct(full.shape, full.dtype, sharding=NamedSharding(mesh, spec))
+    w = checkpoint.read(path, {"w": target})["w"]
+    return all(np.array_equal(np.asarray(s.data), full[s.index]) for s in w.addressable_shards)
+
+path, report = os.path.join(root, "ckpt"), {}
+checkpoint.save(path, {"w": array(-full, P("data", "model")), "step": 1})
+checkpoint.save(path, {"w": array(full, P("data", "model")), "step": 2}, force=True)
+report["listing"] = sorted(n for n in os.listdir(root) if not n.startswith("process_"))
+report["checksum files"] = sorted(os.listdir(os.path.join(path, integrity.DIGESTS)))
+report["reads"] = [read(spec) for spec in (P("data", "model"), P("model", "data"), P())]
+ocp.multihost.sync_global_processes("flip")
+if pid == 0:
+    files = [os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs]
+    with open(max(files, key=os.path.getsize), "r+b") as f:
+        data = bytearray(f.read())
+        data[len(data) // 2] ^= 0xFF
+        f.seek(0)
+        f.write(data)
+ocp.multihost.sync_global_processes("flipped")
+try:
+    read(P())
+    report["corrupt"] = "no error"
+except ValueError as e:
+    report["corrupt"] = str(e)
+with open(os.path.join(root, f"process_{pid}.json"), "w") as f:
+    json.dump(report, f)
+jax.distributed.shutdown()
+'''
+
+
+def test_two_processes_save_overwrite_and_check(tmp_path):
+    """Both write shards to one staging directory, process 0 renames; reads check blocks."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                   os.environ.get("XLA_FLAGS", ""))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": repo,
+           "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=4".strip()}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", WORKER, str(i), str(port), str(tmp_path)],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, output in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, output[-3000:]
+    for i in range(2):
+        with open(tmp_path / f"process_{i}.json") as f:
+            report = json.load(f)
+        assert report["listing"] == ["ckpt"]
+        assert report["checksum files"] == ["process_0.json", "process_1.json"]
+        assert report["reads"] == [True, True, True]
+        assert re.match(rf"checkpoint at {re.escape(str(tmp_path / 'ckpt'))} is damaged .*"
+                        r"entry 'w'", report["corrupt"]), report["corrupt"]

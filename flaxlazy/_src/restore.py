@@ -100,15 +100,22 @@ def from_checkpoint(
       A ``CheckpointSource`` to use as an ``initializers=`` value.
 
     Raises:
+      TypeError: ``path`` is not a path, ``subtree`` not a string, or a ``rename`` rule
+        not a pair of strings (naming the argument).
+      ValueError: a ``rename`` regex that does not compile, or a replacement that refers
+        to a group its regex lacks (``\\3``, ``\\g<name>``), naming the rule.
       (at materialization) ValueError: a matched parameter missing from the checkpoint,
         or with another shape or dtype, naming the model path, the checkpoint entry and
-        both shapes.
+        both shapes; or a damaged checkpoint, or data that differs from what was saved.
 
     Examples:
       >>> import flaxlazy
       >>> src = flaxlazy.from_checkpoint("/tmp/ckpt", rename=[(r"encoder/(.*)", r"backbone/\\1")])
       >>> src.entry("encoder/Dense_0/kernel")
       'params/backbone/Dense_0/kernel'
+      >>> flaxlazy.from_checkpoint("/tmp/ckpt", rename=[(r"encoder/(.*)", r"backbone/\\2")])
+      Traceback (most recent call last):
+      ValueError: from_checkpoint: `rename[0]`: the replacement ... does not fit the regex ...
     """
     if not isinstance(path, str | os.PathLike) or not os.fspath(path):
         raise TypeError(f"from_checkpoint: `path` must be a directory path, got {path!r}.")
