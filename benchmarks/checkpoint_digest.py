@@ -49,7 +49,10 @@ def gpt2_medium_tree(layers: int, seed: int = 0) -> dict:
 def plain_orbax_save(path: str, tree: dict) -> None:
     """The write ``save`` wraps: same Orbax handler, no checksums, no rename."""
     ocp = checkpoint._orbax()
-    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=checkpoint._save_registry(ocp))
+    registry = checkpoint._save_registry(ocp)
+    handler = ocp.PyTreeCheckpointHandler(
+        **({} if registry is None else {"type_handler_registry": registry})
+    )
     with ocp.Checkpointer(handler) as checkpointer:
         checkpointer.save(path, args=ocp.args.PyTreeSave(tree))
 

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
 
+from flaxlazy._src import _compat
 from flaxlazy._src import integrity
 from flaxlazy._src import paths
 
@@ -84,12 +85,14 @@ def _orbax():
 
 
 def _save_registry(ocp: Any) -> Any:
-    """Orbax's default type handlers, with arrays saved without replica parallelism."""
-    from orbax.checkpoint._src.serialization import type_handler_registry as registries
+    """Orbax's default type handlers, with arrays saved without replica parallelism.
 
+    ``None`` on an Orbax layout without them: Orbax's global registry is used.
+    """
+    registries = _compat.orbax_type_handler_registry()
     defaults = getattr(registries, "_DEFAULT_TYPE_HANDLERS", None)
-    if defaults is None:  # another Orbax layout: keep its defaults
-        return registries.GLOBAL_TYPE_HANDLER_REGISTRY
+    if defaults is None:  # another Orbax layout: keep its defaults (the global registry)
+        return None
     array_handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
     handlers = [(jax.Array, array_handler)] + [(t, h) for t, h in defaults if t is not jax.Array]
     return registries.create_type_handler_registry(*handlers)
@@ -220,8 +223,9 @@ def save(path: str | os.PathLike, tree: Any, *, force: bool = False) -> None:
     if not flat:
         raise ValueError(f"Nothing to save to {path}: the tree has no leaves ({tree!r}).")
     registry = _save_registry(ocp)
+    supported = registry.has if registry is not None else ocp.type_handlers.has_type_handler
     for p, leaf in flat:
-        if not registry.has(type(leaf)):
+        if not supported(type(leaf)):
             raise TypeError(_UNSUPPORTED.format(path=p, kind=type(leaf).__name__))
     primary = jax.process_index() == 0
     if primary:
@@ -239,7 +243,9 @@ def save(path: str | os.PathLike, tree: Any, *, force: bool = False) -> None:
             records = pool.submit(integrity.record, flat)
             # Replica-parallel saving compiles a slice per array and replica (seconds for
             # the first save of a sharded model); each process writes its own shards anyway.
-            handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+            handler = ocp.PyTreeCheckpointHandler(
+                **({} if registry is None else {"type_handler_registry": registry})
+            )
             with ocp.Checkpointer(handler) as checkpointer:
                 checkpointer.save(staging, args=ocp.args.PyTreeSave(tree))
             integrity.write(staging, records.result())

@@ -25,8 +25,6 @@ UNCONSUMED = (
     "from_checkpoint({path!r}): {n} checkpoint entr{ies} under {where} not used by the "
     "model: {listing}. Narrow `subtree`, add a `rename` rule, or {fix}."
 )
-
-
 _BAD_TARGET = (
     "restore: target leaf {name!r} is {leaf!r} ({kind}), not an array or "
     "jax.ShapeDtypeStruct; `target` names the shape, dtype and sharding of every entry to "
