@@ -274,11 +274,39 @@ def test_initializer_errors(initializers, error, match):
         flaxlazy.materialize(Net(), jax.random.key(0), X, initializers=initializers)
 
 
-def test_bad_rngs_and_module():
-    with pytest.raises(TypeError, match="`rngs` must be a PRNG key"):
-        flaxlazy.materialize(Net(), 0, X)
-    with pytest.raises(TypeError, match="Expected a flax.linen.Module"):
+@pytest.mark.parametrize(
+    "rngs, match",
+    [
+        (0, r"materialize: `rngs` must be a PRNG key .*got 0"),
+        (jnp.zeros(2), r"`rngs` must be a PRNG key .*got ArrayImpl of dtype float32"),
+        (jnp.zeros(3, jnp.uint32), r"`rngs` must be .*shape \(3,\)"),
+        ({"params": jax.random.key(0), "dropout": 1.5}, r"`rngs\['dropout'\]` must be"),
+    ],
+)
+def test_rngs_that_are_not_keys(rngs, match):
+    with pytest.raises(TypeError, match=match):
+        flaxlazy.materialize(Net(), rngs, X)
+    with pytest.raises(TypeError, match=match.replace("materialize", "abstract_init")):
+        flaxlazy.abstract_init(Net(), rngs, X)
+
+
+def test_rngs_without_params_key_when_params_are_created():
+    rngs = {"dropout": jax.random.key(0)}
+    for fn in (flaxlazy.materialize, flaxlazy.abstract_init):
+        with pytest.raises(ValueError, match=r"`rngs` has no 'params' key \(it has \['dropout'\]"):
+            fn(Net(), rngs, X)
+
+
+def test_module_that_is_not_a_linen_module():
+    with pytest.raises(TypeError, match=r"materialize: `module` must be a flax.linen.Module"):
         flaxlazy.materialize(lambda x: x, jax.random.key(0), X)
+    with pytest.raises(TypeError, match=r"abstract_init: `module` .*Create an instance"):
+        flaxlazy.abstract_init(nn.Dense, jax.random.key(0), X)
+
+
+def test_raw_uint32_keys_still_work():
+    got = flaxlazy.materialize(Net(), jax.random.PRNGKey(0), X)
+    chex.assert_trees_all_equal(got, jax.jit(Net().init)(jax.random.PRNGKey(0), jnp.ones(X.shape)))
 
 
 def test_override_without_params_key():

@@ -9,6 +9,8 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import numpy as np
+from flax import errors as flax_errors
 from flax.core.scope import DenyList
 
 from flaxlazy._src import _compat
@@ -66,6 +68,43 @@ def dynamic_inputs(args: tuple, kwargs: dict) -> list:
     return [x for x in leaves if specs.is_array_like(x)]
 
 
+NOT_A_MODULE = (
+    "{fn}: `{what}` must be a flax.linen.Module instance such as nn.Dense(4), got "
+    "{got}.{hint}"
+)
+
+
+def check_module(module: Any, *, fn: str, what: str = "module") -> None:
+    """Raises a ``TypeError`` naming ``what`` unless ``module`` is a Linen module instance.
+
+    Examples:
+      >>> import flax.linen as nn
+      >>> check_module(nn.Dense, fn="lazy")
+      Traceback (most recent call last):
+      ...
+      TypeError: lazy: `module` must be a flax.linen.Module instance such as nn.Dense(4),
+      got the class Dense. Create an instance: Dense(...).
+    """
+    if isinstance(module, nn.Module):
+        return
+    hint = ""
+    if isinstance(module, type):
+        got = f"the class {module.__name__}"
+        if issubclass(module, nn.Module):
+            hint = f" Create an instance: {module.__name__}(...)."
+    else:
+        text = repr(module)
+        got = f"{type(module).__name__} {text}" if len(text) < 60 and "\n" not in text else (
+            f"a {type(module).__module__}.{type(module).__name__}")
+        if type(module).__module__.startswith("flax.nnx") or any(
+            c.__module__.startswith("flax.nnx") for c in type(module).__mro__
+        ):
+            hint = " NNX modules are not supported yet; flaxlazy handles Linen modules."
+        elif callable(module):
+            hint = " To wrap a function, make it a Linen module (nn.compact __call__)."
+    raise TypeError(NOT_A_MODULE.format(fn=fn, what=what, got=got, hint=hint))
+
+
 def root_params_key(rngs: Any) -> Any:
     """The key Flax derives parameter keys from: ``rngs`` or ``rngs["params"]``."""
     if isinstance(rngs, Mapping):
@@ -73,14 +112,31 @@ def root_params_key(rngs: Any) -> Any:
     return rngs
 
 
-def _check_rngs(rngs: Any) -> None:
-    leaves = rngs.values() if isinstance(rngs, Mapping) else [rngs]
-    for leaf in leaves:
-        if not specs.is_array_like(leaf):
-            raise TypeError(
-                "`rngs` must be a PRNG key (jax.random.key(0) or jax.random.PRNGKey(0)) or a "
-                f"dict of them such as {{'params': k1, 'dropout': k2}}, got {rngs!r}."
+RNGS_FORM = (
+    "a PRNG key (jax.random.key(0), or the raw uint32[2] of jax.random.PRNGKey(0)) or a "
+    "dict of them such as {'params': k1, 'dropout': k2}"
+)
+
+
+def _is_key(x: Any) -> bool:
+    dtype = getattr(x, "dtype", None)
+    if dtype is None or not specs.is_array_like(x):
+        return False
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return True
+    return np.dtype(dtype) == np.uint32 and tuple(np.shape(x))[-1:] == (2,)
+
+
+def _check_rngs(rngs: Any, *, fn: str) -> None:
+    items = rngs.items() if isinstance(rngs, Mapping) else [(None, rngs)]
+    for name, leaf in items:
+        if not _is_key(leaf):
+            where = "`rngs`" if name is None else f"`rngs[{name!r}]`"
+            got = (
+                f"{type(leaf).__name__} of dtype {leaf.dtype} and shape {np.shape(leaf)}"
+                if hasattr(leaf, "dtype") else repr(leaf)
             )
+            raise TypeError(f"{fn}: {where} must be {RNGS_FORM}; got {got}.")
 
 
 def make_call(
@@ -92,11 +148,11 @@ def make_call(
     method: Any = None,
     mutable: Any = DEFAULT_MUTABLE,
     init_kwargs: Mapping[str, Any] | None = None,
+    fn: str = "materialize",
 ) -> InitCall:
     """Splits a ``module.init`` call into its abstract inputs and static parts."""
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"Expected a flax.linen.Module, got {type(module).__name__}: {module!r}.")
-    _check_rngs(rngs)
+    check_module(module, fn=fn)
+    _check_rngs(rngs, fn=fn)
     leaves, treedef = jax.tree_util.tree_flatten((tuple(args), dict(kwargs)))
     static = tuple(_DYNAMIC if specs.is_array_like(x) else x for x in leaves)
     inputs = tuple(specs.to_spec(x) for x in dynamic_inputs(args, kwargs))
@@ -124,7 +180,7 @@ class Traced:
     records: Mapping[tuple[str, tuple[str, ...]], recorder_lib.Record]
 
 
-def trace(call: InitCall) -> Traced:
+def trace(call: InitCall, *, record: bool = True) -> Traced:
     """Runs ``module.init`` under ``jax.eval_shape`` and records variable creation.
 
     Never cached: what a module creates can depend on anything its code reads (fields,
@@ -134,7 +190,7 @@ def trace(call: InitCall) -> Traced:
     recorded and every variable comes from the compiled ``module.init``.
     """
     found = {"records": {}}
-    record = _compat.warn_if_fallback()
+    record = record and _compat.warn_if_fallback()
 
     def fn(rngs, dyn):
         if not record:
@@ -142,10 +198,18 @@ def trace(call: InitCall) -> Traced:
         with recorder_lib.recording(root_params_key(rngs)) as rec:
             variables = call.run(rngs, dyn)
         rec.mark_final(variables)
-        found["records"] = rec.records
+        found["records"] = {} if rec.unreliable else rec.records
         return variables
 
-    variables = jax.eval_shape(fn, call.rngs, list(call.inputs))
+    try:
+        variables = jax.eval_shape(fn, call.rngs, list(call.inputs))
+    except flax_errors.InvalidRngError as e:
+        if isinstance(call.rngs, Mapping) and "params" not in call.rngs:
+            raise ValueError(
+                f"`rngs` has no 'params' key (it has {sorted(call.rngs)}), but the module "
+                "creates parameters. Add one: rngs={'params': jax.random.key(0), ...}."
+            ) from e
+        raise
     return Traced(call, variables, found["records"])
 
 
@@ -160,6 +224,7 @@ def abstract_init(
     partition_rules: Any = None,
     logical_axis_rules: Any = None,
     allow_unused_rules: bool = False,
+    require_rules: bool | None = None,
     **kwargs: Any,
 ) -> Any:
     """Returns the variables ``module.init`` would create, as shapes and dtypes only.
@@ -184,6 +249,7 @@ def abstract_init(
       partition_rules: with ``mesh``, as in ``materialize``.
       logical_axis_rules: with ``mesh``, as in ``materialize``.
       allow_unused_rules: with ``mesh``, as in ``materialize``.
+      require_rules: with ``mesh``, as in ``materialize``.
       **kwargs: keyword inputs, treated like ``inputs``.
 
     Returns:
@@ -196,17 +262,23 @@ def abstract_init(
       ShapeDtypeStruct(shape=(5, 3), dtype=float32)
     """
     call = make_call(
-        module, rngs, inputs, kwargs, method=method, mutable=mutable,
+        module, rngs, inputs, kwargs, method=method, mutable=mutable, fn="abstract_init",
         init_kwargs=init_options(capture_intermediates),
     )
-    variables = trace(call).variables
+    variables = trace(call, record=False).variables  # shapes only: nothing to replay
     if mesh is None:
-        if partition_rules is not None or logical_axis_rules is not None:
-            raise TypeError("`partition_rules` and `logical_axis_rules` need a `mesh=`.")
+        if partition_rules is not None or logical_axis_rules is not None or (
+            require_rules is not None
+        ):
+            raise TypeError(
+                "abstract_init: `partition_rules`, `logical_axis_rules` and "
+                "`require_rules` need a `mesh=`."
+            )
         return variables
     return sharding_lib.with_shardings(
         variables, mesh, partition_rules=partition_rules,
         logical_axis_rules=logical_axis_rules, allow_unused_rules=allow_unused_rules,
+        require_rules=require_rules,
     )
 
 

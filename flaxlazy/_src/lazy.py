@@ -12,42 +12,6 @@ import flax.linen as nn
 from flaxlazy._src import abstract as abstract_lib
 from flaxlazy._src import materialize as materialize_lib
 
-NOT_A_MODULE = (
-    "{fn}: `{what}` must be a flax.linen.Module instance such as nn.Dense(4), got "
-    "{got}.{hint}"
-)
-
-
-def check_module(module: Any, *, fn: str, what: str = "module") -> None:
-    """Raises a ``TypeError`` naming ``what`` unless ``module`` is a Linen module instance.
-
-    Examples:
-      >>> import flax.linen as nn
-      >>> check_module(nn.Dense, fn="lazy")
-      Traceback (most recent call last):
-      ...
-      TypeError: lazy: `module` must be a flax.linen.Module instance such as nn.Dense(4),
-      got the class Dense. Create an instance: Dense(...).
-    """
-    if isinstance(module, nn.Module):
-        return
-    hint = ""
-    if isinstance(module, type):
-        got = f"the class {module.__name__}"
-        if issubclass(module, nn.Module):
-            hint = f" Create an instance: {module.__name__}(...)."
-    else:
-        text = repr(module)
-        got = f"{type(module).__name__} {text}" if len(text) < 60 and "\n" not in text else (
-            f"a {type(module).__module__}.{type(module).__name__}")
-        if type(module).__module__.startswith("flax.nnx") or any(
-            c.__module__.startswith("flax.nnx") for c in type(module).__mro__
-        ):
-            hint = " NNX modules are not supported yet; flaxlazy handles Linen modules."
-        elif callable(module):
-            hint = " To wrap a function, make it a Linen module (nn.compact __call__)."
-    raise TypeError(NOT_A_MODULE.format(fn=fn, what=what, got=got, hint=hint))
-
 
 class Lazy(NamedTuple):
     """A Linen module's lazy-init functions.
@@ -90,7 +54,7 @@ def lazy(module: nn.Module, *, initializers: Any = None) -> Lazy:
       Array([[1., 1., 1., 1.],
              [1., 1., 1., 1.]], dtype=float32)
     """
-    check_module(module, fn="lazy")
+    abstract_lib.check_module(module, fn="lazy")
     return Lazy(
         shapes=functools.partial(abstract_lib.abstract_init, module),
         init=functools.partial(materialize_lib.materialize, module, initializers=initializers),

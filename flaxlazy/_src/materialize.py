@@ -13,6 +13,7 @@ from flaxlazy._src import engine
 from flaxlazy._src import placement
 from flaxlazy._src import plan as plan_lib
 
+
 def make_plan(
     call: abstract_lib.InitCall, *, initializers: Any = None, shardings: Callable | None = None
 ) -> plan_lib.Plan:
@@ -32,6 +33,7 @@ def materialize(
     partition_rules: Any = None,
     logical_axis_rules: Any = None,
     allow_unused_rules: bool = False,
+    require_rules: bool | None = None,
     method: Callable[..., Any] | str | None = None,
     mutable: Any = abstract_lib.DEFAULT_MUTABLE,
     capture_intermediates: bool | Callable[..., bool] = False,
@@ -77,6 +79,10 @@ def materialize(
       logical_axis_rules: with ``mesh``: ``[(logical_name, mesh_axis)]`` for
         ``nn.with_logical_partitioning`` annotations, as in Flax.
       allow_unused_rules: accept partition rules that match no leaf (shared rule sets).
+      require_rules: with ``mesh``: whether every leaf (of rank >= 1) must be covered
+        by a partition rule or a Flax annotation. Default (None): required exactly when
+        ``partition_rules`` are given; without rules, unannotated leaves are replicated,
+        as in Flax (``nn.get_partition_spec`` + ``nn.logical_to_mesh_sharding``).
       method: as in ``Module.init``.
       mutable: as in ``Module.init``.
       capture_intermediates: as in ``Module.init``.
@@ -113,6 +119,7 @@ def materialize(
         traced.variables, device=device, shardings=shardings, mesh=mesh,
         partition_rules=partition_rules, logical_axis_rules=logical_axis_rules,
         allow_unused_rules=allow_unused_rules,
+        require_rules=require_rules,
     )
     plan = plan_lib.build(
         traced, initializers=initializers,

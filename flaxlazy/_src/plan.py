@@ -37,7 +37,6 @@ from flaxlazy._src import programs
 from flaxlazy._src import recorder as recorder_lib
 from flaxlazy._src import restore
 from flaxlazy._src import rules as rules_lib
-from flaxlazy._src import specs
 
 FLAX = "flax"
 INITIALIZER = "initializer"
@@ -169,8 +168,26 @@ def _replays_alone(fn: Callable, key_spec: Any, shape, dtype) -> programs.Progra
     return program
 
 
+_PLAIN = jax.tree_util.tree_structure(0)
+
+
 def _is_plain(program: programs.Program) -> bool:
-    return program.out_tree == jax.tree_util.tree_structure(0)
+    return program.out_tree == _PLAIN
+
+
+def _leaf_program(rec: recorder_lib.Record, sub: str, root_key: Any, shape, dtype):
+    """The program of one leaf: the one recorded during the trace, or a fresh trace.
+
+    A variable of one array (boxed or not) reuses the program traced while recording;
+    a leaf inside a larger variable value is traced alone.
+    """
+    program = rec.program
+    if program is not None and not sub and program.out_tree.num_leaves == 1:
+        (out,) = program.jaxpr.out_avals
+        if programs.leaked_tracers(program) or (tuple(out.shape), out.dtype) != (shape, dtype):
+            return None
+        return program.as_single_output()
+    return _replays_alone(_replay(rec, sub), root_key if rec.takes_key else None, shape, dtype)
 
 
 def _layer_axes(full: tuple[int, ...], layer: tuple[int, ...]) -> tuple[int, ...] | None:
@@ -352,9 +369,7 @@ def build(
                 rule, path, shape, dtype, layer_shape, root_key, entries
             )
         elif rec is not None and rec.replayable and (
-            program := _replays_alone(
-                _replay(rec, sub), root_key if rec.takes_key else None, shape, dtype
-            )
+            program := _leaf_program(rec, sub, root_key, shape, dtype)
         ):
             source, array = FLAX, None
             key = recorder_lib.static_hash(rec.key_data) if rec.takes_key else None

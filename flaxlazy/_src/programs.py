@@ -59,6 +59,14 @@ class Program(NamedTuple):
     baked: tuple[bool, ...]
     out_tree: Any
 
+    def as_single_output(self) -> Program:
+        """The same program returning its one output array bare (e.g. out of a box)."""
+        if self.out_tree.num_leaves != 1:
+            raise ValueError(f"the program has {self.out_tree.num_leaves} outputs, not one")
+        plain = jax.tree_util.tree_structure(0)
+        key = None if self.key is None else self.key[:-1] + (plain,)
+        return self._replace(key=key, out_tree=plain)
+
     @property
     def runtime_consts(self) -> list:
         """The constants passed as arguments at every call (the large ones)."""

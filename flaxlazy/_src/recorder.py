@@ -21,9 +21,11 @@ import threading
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import config as flax_config
 
 from flaxlazy._src import _compat
+from flaxlazy._src import programs
 
 _LOCK = threading.RLock()
 
@@ -59,6 +61,8 @@ class Record:
       output: the (abstract) value ``init_fn`` returned: for stacked (``nn.scan``) layers,
         one layer's value.
       final: whether ``output`` is exactly the variable's final value in the tree.
+      program: ``init_fn`` traced alone for this call (``programs.Program`` of
+        ``fn(key)``, or of ``fn()`` without a key), or None if it could not be.
     """
 
     collection: str
@@ -70,6 +74,7 @@ class Record:
     key_data: tuple | None
     output: Any
     final: bool = False
+    program: Any = None
 
     @property
     def static_args(self) -> bool:
@@ -93,6 +98,32 @@ class Recorder:
         self.root_key = root_key
         self.records: dict[tuple[str, tuple[str, ...]], Record] = {}
         self._folds: dict[int, tuple[Any, Any, tuple]] = {}
+        # Set when an initializer had to run twice: its side effects on the module (a
+        # make_rng, a counter) may then differ from module.init's, so no record is used.
+        self.unreliable = False
+
+    def run(self, fn: Any, *key: Any) -> tuple[Any, Any]:
+        """Calls an initializer ``fn(*key)`` for Flax, tracing it alone on the way.
+
+        The initializer is traced once, to a ``programs.Program`` the plan replays later,
+        and Flax gets a stand-in of the same shapes and dtypes (this is an abstract trace:
+        values are never read), so the initializer's work is traced once, not twice.
+        Programs that captured values of the enclosing trace (data-dependent init) or
+        give weak-typed or key outputs are evaluated instead, giving Flax the real value.
+        """
+        specs = [jax.ShapeDtypeStruct(k.shape, k.dtype) for k in key]
+        try:
+            program = programs.trace(fn, *specs)
+        except Exception:  # noqa: BLE001 - e.g. it calls back into the module
+            self.unreliable = True
+            return fn(*key), None
+        avals = program.jaxpr.out_avals
+        if programs.leaked_tracers(program) or any(
+            a.weak_type or _compat.is_key_array(a) for a in avals
+        ):
+            return programs.runner(program)(program.runtime_consts, *key), program
+        stand_in = [jnp.zeros(a.shape, a.dtype) for a in avals]
+        return jax.tree_util.tree_unflatten(program.out_tree, stand_in), program
 
     def key_data(self, key: Any) -> tuple | None:
         entry = self._folds.get(id(key))
@@ -138,8 +169,8 @@ def recording(root_key: Any):
         seen = {}
 
         def spy(key, *args, **kwargs):
-            out = init_fn(key, *args, **kwargs)
-            seen.update(key=key, out=out)
+            out, program = rec.run(lambda k: init_fn(k, *args, **kwargs), key)
+            seen.update(key=key, out=out, program=program)
             return out
 
         value = orig_param(self, name, spy, *init_args, unbox=unbox, **init_kwargs)
@@ -147,7 +178,7 @@ def recording(root_key: Any):
             path = tuple(self.path) + (name,)
             rec.records[("params", path)] = Record(
                 "params", path, init_fn, init_args, init_kwargs, True,
-                rec.key_data(seen["key"]), seen["out"],
+                rec.key_data(seen["key"]), seen["out"], program=seen["program"],
             )
         return value
 
@@ -161,15 +192,16 @@ def recording(root_key: Any):
         seen = {}
 
         def spy(*args, **kwargs):
-            out = init_fn(*args, **kwargs)
-            seen.update(out=out)
+            out, program = rec.run(lambda: init_fn(*args, **kwargs))
+            seen.update(out=out, program=program)
             return out
 
         value = orig_variable(self, col, name, spy, *init_args, unbox=unbox, **init_kwargs)
         if seen:
             path = tuple(self.path) + (name,)
             rec.records[(col, path)] = Record(
-                col, path, init_fn, init_args, init_kwargs, False, None, seen["out"]
+                col, path, init_fn, init_args, init_kwargs, False, None, seen["out"],
+                program=seen["program"],
             )
         return value
 

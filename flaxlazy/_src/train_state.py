@@ -25,7 +25,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
 from flaxlazy._src import abstract as abstract_lib
-from flaxlazy._src import lazy as lazy_lib
 from flaxlazy._src import materialize as materialize_lib
 from flaxlazy._src import paths
 from flaxlazy._src import plan as plan_lib
@@ -203,7 +202,7 @@ def _abstract(
     require_rules: bool | None, concrete: bool,
 ) -> tuple[TrainState, Any]:
     """The abstract train state, and the variables' shardings tree (None without a mesh)."""
-    lazy_lib.check_module(module, fn=fn)
+    abstract_lib.check_module(module, fn=fn)
     check_tx(tx, fn=fn)
     if mesh is None:
         given = [n for n, v in ((WHAT, partition_rules),

@@ -1,0 +1,66 @@
+"""The private-API self-check, and the fallback when it fails on an unknown version."""
+
+import warnings
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+import flaxlazy
+from flaxlazy._src import _compat
+from flaxlazy._src import abstract as abstract_lib
+from flaxlazy._src import materialize as materialize_lib
+from flaxlazy._src.compiles import count_compiles
+
+X = flaxlazy.spec("f32[2,5]")
+
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(7, bias_init=nn.initializers.normal(0.3))(x)
+        return nn.Dense(3)(nn.LayerNorm()(x))
+
+
+def test_self_check_passes_on_supported_versions():
+    assert _compat.fast_path() == (True, "")
+    assert _compat.chunking_ok()
+
+
+def test_self_check_compiles_nothing():
+    _compat.fast_path.cache_clear()
+    try:
+        with count_compiles() as c:
+            assert _compat.fast_path()[0]
+        assert c.count == 0
+    finally:
+        _compat.fast_path.cache_clear()
+
+
+def test_fallback_warns_once_and_gives_jit_init_values(monkeypatch):
+    monkeypatch.setattr(_compat, "fast_path", lambda: (False, "check_x: AssertionError: y"))
+    monkeypatch.setattr(_compat, "_WARNED", [])
+    key = jax.random.key(1)
+    with pytest.warns(RuntimeWarning, match=r"fails flaxlazy's self-check \(check_x"):
+        got = flaxlazy.materialize(Net(), key, X)
+    chex.assert_trees_all_equal(got, jax.jit(Net().init)(key, jnp.zeros(X.shape)))
+    call = abstract_lib.make_call(Net(), key, (X,), {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process
+        plan = materialize_lib.make_plan(call)
+        again = flaxlazy.materialize(Net(), key, X, initializers={"**/bias": nn.initializers.zeros})
+    assert set(plan.counts()) == {"traced"}  # no replay without a passing self-check
+    chex.assert_trees_all_equal(again["params"]["Dense_0"]["bias"], jnp.zeros(7))
+    chex.assert_trees_all_equal(again["params"]["Dense_1"]["kernel"],
+                                got["params"]["Dense_1"]["kernel"])
+
+
+def test_abstract_init_needs_no_self_check(monkeypatch):
+    def fail():
+        raise AssertionError("abstract_init must not run the self-check")
+
+    monkeypatch.setattr(_compat, "warn_if_fallback", fail)
+    shapes = flaxlazy.abstract_init(Net(), jax.random.key(0), X)
+    assert shapes["params"]["Dense_1"]["kernel"].shape == (7, 3)

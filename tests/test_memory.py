@@ -1,0 +1,51 @@
+"""Many distinct models in one process: flaxlazy's caches stay bounded (subprocess)."""
+
+import json
+import os
+import subprocess
+import sys
+
+SCRIPT = r"""
+import json
+import flax.linen as nn
+import jax
+import flaxlazy
+from flaxlazy._src import engine
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+class Net(nn.Module):
+    width: int
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3 + self.width % 4)(nn.relu(nn.Dense(8 + self.width)(x)))
+
+samples, sizes = [], []
+for i in range(N):
+    out = flaxlazy.materialize(Net(i), jax.random.key(0), flaxlazy.spec((2, 3 + i % 5)))
+    jax.block_until_ready(out)
+    del out
+    samples.append(rss())
+    sizes.append((len(engine._COMPILED), engine._COMPILED.nbytes))
+print(json.dumps({"rss": samples, "sizes": sizes, "max_bytes": engine._COMPILED.max_bytes,
+                  "max_count": engine._COMPILED.size}))
+"""
+
+
+def test_rss_growth_is_bounded_over_many_models():
+    # Each model has new parameter shapes, so each compiles new initializers: the cache
+    # fills (about 25 models at 4 signatures each), then stays at its bound.
+    n, steady = 60, 35
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT.replace("N)", f"{n})")],
+        check=True, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, XLA_FLAGS=""),
+    )
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    for count, nbytes in report["sizes"]:
+        assert count <= report["max_count"] and nbytes <= report["max_bytes"]
+    rss = report["rss"]
+    growth = (rss[-1] - rss[steady - 1]) / (n - steady)
+    assert growth < 2.0, f"RSS grows {growth:.2f} MiB per model once the cache is full: {rss}"
