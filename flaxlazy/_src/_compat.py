@@ -11,7 +11,7 @@ to ``jax.jit(module.init)``) and warns once, naming the failed check, rather tha
 wrong value.
 
 The supported versions are declared in ``pyproject.toml``; Orbax internals are used by
-``checkpoint.py`` only through ``orbax_type_handler_registry`` here.
+``checkpoint.py`` and ``integrity.py`` only through the ``orbax_*`` functions here.
 """
 
 from __future__ import annotations
@@ -106,6 +106,13 @@ def orbax_type_handler_registry() -> Any:
     except ImportError:  # pragma: no cover - depends on the installed orbax
         return None
     return type_handler_registry
+
+
+def orbax_tensorstore_utils() -> Any:
+    """Orbax's TensorStore helpers (``ArrayReadSpec``, ``get_ts_context``; private)."""
+    from orbax.checkpoint._src.serialization import tensorstore_utils
+
+    return tensorstore_utils
 
 
 # ------------------------------------------------------------------------ self-check

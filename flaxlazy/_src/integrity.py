@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxlazy._src import _compat
+
 DIGESTS = "flaxlazy_digests"  # folder inside a checkpoint: one JSON file per process
 DAMAGED = "checkpoint at {ckpt} is damaged or incomplete: {reason}"
 CORRUPT = (
@@ -275,8 +277,8 @@ def box_reader(ckpt: str, info: Mapping[str, Any], path: str, name: str) -> Call
 
     def read_box(box: Box) -> np.ndarray:
         import tensorstore as ts
-        from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
+        ts_utils = _compat.orbax_tensorstore_utils()
         use_ocdbt = bool(info.get("use_ocdbt", True))
         spec = ts_utils.ArrayReadSpec(
             ckpt, name, use_zarr3=bool(info.get("use_zarr3")), use_ocdbt=use_ocdbt
