@@ -99,3 +99,22 @@ def test_checkpoint_overwritten_between_calls(tmp_path):
                   force=True)
     with pytest.raises(ValueError, match="checkpoint entry 'params/bias' is float32"):
         flaxlazy.materialize(model, cases.key(), cases.X, initializers=init)
+
+
+def test_prng_configuration_change_between_calls():
+    # A chunked draw is only valid for the partitionable threefry; flipping the flag
+    # between calls must not serve the first call's compiled draw.
+    import flax.linen as nn
+
+    model = nn.Dense(1100)  # 1100 * 1000 elements: above the chunking threshold
+    x = flaxlazy.spec("f32[1,1000]")
+    key = cases.key()
+    flaxlazy.materialize(model, key, x)
+    prior = jax.config.jax_threefry_partitionable
+    try:
+        jax.config.update("jax_threefry_partitionable", not prior)
+        got = flaxlazy.materialize(model, key, x)
+        want = jax.jit(model.init)(key, jnp.zeros(x.shape))
+    finally:
+        jax.config.update("jax_threefry_partitionable", prior)
+    chex.assert_trees_all_equal(got, want)

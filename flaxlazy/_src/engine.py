@@ -91,7 +91,9 @@ def _leaf_fn(leaf: plan_lib.Leaf):
 
         return jax.jit(keyed, out_shardings=leaf.sharding)
 
-    key = None if program.key is None else ("leaf", program.key, leaf.sharding)
+    # The chunked draw is chosen for the PRNG configuration of the moment: key it too.
+    config = (jax.config.jax_threefry_partitionable, jax.config.jax_enable_x64)
+    key = None if program.key is None else ("leaf", program.key, leaf.sharding, config)
     return _COMPILED.get(key, make, nbytes=_cost(program.jaxpr.consts, program.baked))
 
 
