@@ -265,6 +265,13 @@ def test_lazy_bundle_and_use_inside_jit():
          r"pattern 'head/kernel' failed for 'params/head/kernel' \(float32\[8,2\]\): TypeError"),
         ({"head/kernel": "zeros"}, TypeError,
          r"maps 'params/head/kernel' to 'zeros'; expected an initializer"),
+        ({"head/kernel": nn.with_partitioning(nn.initializers.zeros, (None, "model"))},
+         ValueError, r"pattern 'head/kernel' returns a Flax Partitioned for "
+         r"'params/head/kernel'; an initializer must return the plain array"),
+        ({"head/kernel": nn.Partitioned(jnp.zeros((8, 2)), names=(None, "model"))},
+         ValueError, r"returns a Flax Partitioned .*Return the value inside"),
+        ({"head/kernel": lambda k, s, d: {"w": jnp.zeros(s, d)}}, ValueError,
+         r"returns dict .*must return one array"),
         ("**/kernel", TypeError, r"`initializers` must be a mapping"),
         ([("**/kernel",)], TypeError, r"entries must be \(pattern, value\) pairs"),
     ],
