@@ -7,6 +7,7 @@ Zero-cost shapes with ``abstract_init``, compiled materialization equal to
 from flaxlazy._src.abstract import abstract_init
 from flaxlazy._src.cache import clear_caches
 from flaxlazy._src.checkpoint import save
+from flaxlazy._src.inspect_report import inspect
 from flaxlazy._src.lazy import Lazy
 from flaxlazy._src.lazy import lazy
 from flaxlazy._src.materialize import materialize
@@ -33,6 +34,7 @@ __all__ = (
     "clear_caches",
     "from_checkpoint",
     "init_train_state",
+    "inspect",
     "lazy",
     "materialize",
     "nbytes",

@@ -8,6 +8,7 @@ import re
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
+from typing import NamedTuple
 
 import flax.linen as nn
 import numpy as np
@@ -168,6 +169,82 @@ def render(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence
     return "\n".join([line(header), rule, *(line(r) for r in rows)])
 
 
+class Row(NamedTuple):
+    """One leaf of a table (``summary`` and ``flaxlazy.inspect`` print the same rows).
+
+    Attributes:
+      path: the leaf's path, e.g. ``"params/Dense_0/kernel"``.
+      shape: its shape.
+      dtype: its dtype, as printed.
+      count: its number of elements.
+      nbytes: its global bytes.
+      per_device: the bytes one device holds.
+      spec: its ``PartitionSpec`` as printed (with a mark), or "".
+      names: its Flax partition names, or "".
+      init: where its value comes from (``inspect``), or "".
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    count: int
+    nbytes: int
+    per_device: int
+    spec: str = ""
+    names: str = ""
+    init: str = ""
+
+
+def spec_text(spec: Any) -> str:
+    """A ``PartitionSpec`` as tables print it: ``P(None, 'model') -> "(None, 'model')"``."""
+    return str(tuple(spec))
+
+
+def table(
+    rows: Sequence[Row],
+    totals: Sequence[tuple[str, int, int, int]],
+    *,
+    names: bool = False,
+    sharded: bool = False,
+    init: bool = False,
+) -> list[str]:
+    """The lines of a leaf table: a header, ``rows``, a rule, then ``totals`` rows.
+
+    Args:
+      rows: the leaves to list.
+      totals: ``(label, count, bytes, per-device bytes)`` rows (per collection, overall).
+      names: show the Flax partition names column.
+      sharded: show the spec and per-device columns.
+      init: show where each leaf's value comes from.
+
+    Examples:
+      >>> rows = [Row("params/w", (4, 2), "float32", 8, 32, 32)]
+      >>> print("\\n".join(table(rows, [("total", 8, 32, 32)])))
+      path      shape   dtype    params  bytes
+      ----------------------------------------
+      params/w  (4, 2)  float32       8   32 B
+      ----------------------------------------
+      total                           8   32 B
+    """
+    header = ["path", "shape", "dtype"] + (["init"] if init else []) + ["params", "bytes"]
+    right = [False, False, False] + ([False] if init else []) + [True, True]
+    if names:
+        header, right = header + ["partition"], right + [False]
+    if sharded:
+        header, right = header + ["spec", "per device"], right + [False, True]
+    body = []
+    for r in rows:
+        row = [r.path, str(r.shape), r.dtype] + ([r.init] if init else [])
+        row += [f"{r.count:,}", format_bytes(r.nbytes)] + ([r.names] if names else [])
+        body.append(row + ([r.spec, format_bytes(r.per_device)] if sharded else []))
+    for label, count, size, per_device in totals:
+        row = [label, "", ""] + ([""] if init else []) + [f"{count:,}", format_bytes(size)]
+        row += [""] if names else []
+        body.append(row + (["", format_bytes(per_device)] if sharded else []))
+    lines = render(header, body, right).split("\n")
+    return lines[: 2 + len(rows)] + [lines[1]] + lines[2 + len(rows) :]
+
+
 def _grouped(tree: Any) -> bool:
     """Whether the top level of ``tree`` is collections (or train-state fields).
 
@@ -263,35 +340,24 @@ def summary(
     rows, totals, by_default = [], {}, []
     for (path, leaf, array), sh, default in zip(leaves, shardings, defaulted, strict=True):
         count, size = _size(array), _size(array) * _itemsize(array)
-        row = [path, str(tuple(array.shape)), _dtype_name(array), f"{count:,}", format_bytes(size)]
-        if has_names:
-            row.append(str(getattr(leaf, "names", "")) if paths.is_box(leaf) else "")
         per_device = size
+        spec = ""
         if sharded:
             per_device = per_device_bytes(array.shape, array.dtype, sh)
-            spec = str(tuple(sh.spec)) if sh is not None else ""
-            row += [spec + (" " + DEFAULT_MARK if default else ""), format_bytes(per_device)]
+            spec = spec_text(sh.spec) if sh is not None else ""
+            spec += " " + DEFAULT_MARK if default else ""
         if default:
             by_default.append((per_device, path))
-        rows.append(row)
+        names = str(getattr(leaf, "names", "")) if paths.is_box(leaf) else ""
+        rows.append(Row(path, tuple(array.shape), _dtype_name(array), count, size, per_device,
+                        spec=spec, names=names))
         group = path.split(paths.SEP, 1)[0] if grouped else "total"
         c, b, d = totals.get(group, (0, 0, 0))
         totals[group] = (c + count, b + size, d + per_device)
-    header = ["path", "shape", "dtype", "params", "bytes"]
-    right = [False, False, False, True, True]
-    if has_names:
-        header, right = header + ["partition"], right + [False]
-    if sharded:
-        header, right = header + ["spec", "per device"], right + [False, True]
     if list(totals) != ["total"]:
         totals["total"] = tuple(sum(v[i] for v in totals.values()) for i in range(3))
-    total_rows = []
-    for group, (c, b, d) in totals.items():
-        r = [group, "", "", f"{c:,}", format_bytes(b)] + ([""] if has_names else [])
-        total_rows.append(r + (["", format_bytes(d)] if sharded else []))
-    table = render(header, rows + total_rows, right).split("\n")
-    rule = table[1]
-    lines = table[: 2 + len(rows)] + [rule] + table[2 + len(rows) :]
+    lines = table(rows, [(group, *t) for group, t in totals.items()], names=has_names,
+                  sharded=sharded)
     if sharded:
         lines.append(
             f"largest per-device load: {format_bytes(totals['total'][2])} on each of "
@@ -334,3 +400,138 @@ def per_device_bytes(shape: Sequence[int], dtype: Any, sharding: Any) -> int:
     except TypeError:  # extended dtypes such as PRNG keys
         itemsize = getattr(dtype, "itemsize", 0)
     return math.prod(shard) * itemsize
+
+
+# ---------------------------------------------------------------- the inspect report
+_COLORS = {"ok": "32", "bad": "31", "warn": "33", "head": "1"}
+_DEFAULT_TOP, _LIST_ALL_UP_TO = 10, 40
+MAX_PROBLEMS = 5  # listed in the text; JSON has all
+MARKS = {
+    DEFAULT_MARK: "replicated by default: no partition rule or Flax annotation covers it",
+    "!": "materialize would stop on it (see the problems); counted as replicated",
+}
+
+
+def _paint(text: str, kind: str, color: bool) -> str:
+    return f"\033[{_COLORS[kind]}m{text}\033[0m" if color else text
+
+
+def _spec_json(spec: Any) -> Any:
+    if spec is None:
+        return None
+    return [list(e) if isinstance(e, tuple) else e for e in spec]
+
+
+def _shown(report: Any) -> tuple[list, str]:
+    """The leaves the text lists, and the table's title."""
+    n = len(report.leaves)
+    top = report.top if report.top is not None else (
+        n if n <= _LIST_ALL_UP_TO else _DEFAULT_TOP)
+    if top >= n:
+        return sorted(report.leaves, key=lambda leaf: _natural(leaf.path)), f"leaves ({n})"
+    where = " on each device" if report.mesh else ""
+    return report.largest(top), f"largest leaves{where} ({top} of {n}; --top N for more)"
+
+
+def report_text(report: Any, *, color: bool = False) -> str:
+    """The aligned text of a ``flaxlazy.inspect`` report (``str(report)``)."""
+    sharded = report.mesh is not None
+    head = report.model + (f" ({report.target})" if report.target else "")
+    facts = [("inputs", ", ".join(report.inputs) or "none")]
+    if sharded:
+        axes = ", ".join(f"{a}={s}" for a, s in report.mesh)
+        facts.append(("mesh", f"{axes} ({report.devices} devices)"))
+    if report.optimizer:
+        facts.append(("optimizer", report.optimizer))
+    if report.dtype:
+        facts.append(("dtype", f"floating parameters cast to {report.dtype} (what-if)"))
+    lines = [_paint(head, "head", color)] + _aligned(facts, indent="  ") + [""]
+
+    shown, title = _shown(report)
+    rows = [Row(leaf.path, leaf.shape, leaf.dtype, leaf.count, leaf.nbytes, leaf.per_device,
+                spec=(spec_text(leaf.spec) + (" " + leaf.mark if leaf.mark else ""))
+                if leaf.spec is not None else "", init=leaf.init) for leaf in shown]
+    totals = [(k, c, b, d) for k, (_, c, b, d) in report.collections().items()]
+    lines += [title] + table(rows, totals, sharded=sharded, init=True)
+    marks = {leaf.mark for leaf in report.leaves} - {""}
+    lines += [f"{mark} {MARKS[mark]}" for mark in sorted(marks)]
+
+    if report.depth:
+        modules = report.modules(report.depth)
+        body = [[m, f"{c:,}", format_bytes(b), format_bytes(o), format_bytes(d)]
+                for m, (c, b, o, d) in modules.items()]
+        header = ["module", "params", "bytes", "opt state", "per device"]
+        lines += ["", f"per module (depth {report.depth})",
+                  render(header, body, [False, True, True, True, True])]
+
+    load = format_bytes(report.per_device) + (
+        f" on each of {report.devices} devices" if report.devices > 1 else " on one device")
+    load += f" (all leaves: {format_bytes(report.total_bytes)}"
+    load += (f"; optimizer state: {format_bytes(report.optimizer_bytes)})"
+             if report.optimizer else ")")
+    facts = [("per-device load", load)]
+    if report.fits is not None:
+        memory = format_bytes(report.device_memory)
+        if report.fits:
+            verdict = _paint("fits", "ok", color)
+            free = format_bytes(report.device_memory - report.per_device)
+            facts.append(("device memory", f"{memory}: {verdict}, {free} free"))
+        else:
+            short = format_bytes(report.per_device - report.device_memory)
+            verdict = _paint(f"does not fit, short by {short}", "bad", color)
+            facts.append(("device memory", f"{memory}: {verdict}"))
+            big = ", ".join(f"{leaf.path} {format_bytes(leaf.per_device)}"
+                            for leaf in report.largest(3))
+            facts.append(("largest there", big))
+    kinds = {"initializers": "initializers", "traced_run": "traced module.init run",
+             "optimizer_init": "tx.init"}
+    parts = [f"{n} {kinds.get(k, k)}" for k, n in report.compiles.items() if n]
+    facts.append(("compiles", f"materialize will compile {report.compiles_total}"
+                  + (f" ({', '.join(parts)})" if parts else "")))
+    problems = report.problems
+    facts.append(("problems", _paint(f"{len(problems)} (materialize would stop; see below)",
+                                     "bad", color) if problems else "none"))
+    facts.append(("inspected in", f"{report.seconds:.2f} s, nothing allocated on any device"))
+    lines += [""] + _aligned(facts)
+    for problem in problems[:MAX_PROBLEMS]:
+        lines.append(_paint("problem: ", "bad", color) + problem.message)
+    if len(problems) > MAX_PROBLEMS:
+        lines.append(f"... and {len(problems) - MAX_PROBLEMS} more problems (--json lists all)")
+    return "\n".join(lines)
+
+
+def _aligned(facts: Sequence[tuple[str, str]], indent: str = "") -> list[str]:
+    width = max(len(k) for k, _ in facts)
+    return [f"{indent}{k.ljust(width)}  {v}" for k, v in facts]
+
+
+def report_dict(report: Any) -> dict[str, Any]:
+    """A ``flaxlazy.inspect`` report as JSON-ready data (``report.to_dict()``)."""
+    leaves = [
+        {"path": leaf.path, "shape": list(leaf.shape), "dtype": leaf.dtype,
+         "source": leaf.source, "init": leaf.init, "spec": _spec_json(leaf.spec),
+         "params": leaf.count, "bytes": leaf.nbytes, "per_device": leaf.per_device,
+         "mark": leaf.mark}
+        for leaf in report.leaves
+    ]
+    keys = ("leaves", "params", "bytes", "per_device")
+    out = {
+        "model": report.model, "target": report.target, "inputs": list(report.inputs),
+        "mesh": dict(report.mesh) if report.mesh else None, "devices": report.devices,
+        "optimizer": report.optimizer, "dtype": report.dtype, "leaves": leaves,
+        "collections": {k: dict(zip(keys, v, strict=True))
+                        for k, v in report.collections().items()},
+        "total_bytes": report.total_bytes, "optimizer_bytes": report.optimizer_bytes,
+        "per_device": report.per_device, "device_memory": report.device_memory,
+        "fits": report.fits,
+        "short_by": (report.per_device - report.device_memory) if report.fits is False else None,
+        "largest": [leaf.path for leaf in report.largest(report.top or _DEFAULT_TOP)],
+        "compiles": {**report.compiles, "total": report.compiles_total},
+        "problems": [p._asdict() for p in report.failures()],
+        "seconds": report.seconds,
+    }
+    if report.depth:
+        names = ("params", "bytes", "opt_state_bytes", "per_device")
+        out["modules"] = {m: dict(zip(names, v, strict=True))
+                          for m, v in report.modules(report.depth).items()}
+    return out

@@ -1,0 +1,689 @@
+"""``flaxlazy.inspect``: will it fit, how is it sharded, what will init cost; nothing allocated.
+
+The report is read off the pipeline ``materialize`` runs, stopped before the last stage:
+the abstract trace (every leaf's shape and dtype), the plan (where each leaf's value comes
+from and the program that will compute it) and the placement (each leaf's
+``PartitionSpec`` over a mesh, real or abstract). Bytes per device follow from shapes,
+specs and mesh axis sizes alone, so a 256-device layout can be checked on a laptop.
+Where ``materialize`` (or ``init_train_state``, with an optimizer) would stop with an
+error (a leaf no rule covers, a rule that matches nothing, a dimension the mesh does not
+divide), the report keeps that exact message, counts the leaf as replicated and goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect as pyinspect
+import json
+import math
+import re
+import time
+from collections.abc import Mapping
+from typing import Any
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+from jax.sharding import AbstractMesh
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
+
+from flaxlazy._src import abstract as abstract_lib
+from flaxlazy._src import paths
+from flaxlazy._src import plan as plan_lib
+from flaxlazy._src import rules as rules_lib
+from flaxlazy._src import sharding as sharding_lib
+from flaxlazy._src import specs as specs_lib
+from flaxlazy._src import summary as summary_lib
+from flaxlazy._src import train_state as train_state_lib
+
+OPT_STATE = train_state_lib.OPT_STATE
+STEP = "step"
+# Sources beyond the plan's (``plan.FLAX``...): optimizer state and the train step.
+OPTIMIZER = "optimizer"
+
+# Problems: what makes ``--strict`` fail.
+UNUSED_RULE = "unused_rule"
+UNCOVERED = "uncovered"
+BAD_SPEC = "bad_spec"
+DOES_NOT_FIT = "does_not_fit"
+
+FAIL_MARK = "!"  # materialize would stop on this leaf; counted as replicated
+OPTIMIZERS = {
+    "adamw": lambda: optax.adamw(1e-3),
+    "adam": lambda: optax.adam(1e-3),
+    "sgd": lambda: optax.sgd(1e-3),
+    "adafactor": lambda: optax.adafactor(1e-3),
+    "lion": lambda: optax.lion(1e-4),
+}
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+BAD_BYTES = (
+    "`device_memory` {value!r} is not a size: write a number with a unit, e.g. '80GiB', "
+    "'16 GiB', '80GB' (10**9 bytes) or '512MiB' (K, M, G, T alone are KiB, MiB, GiB, TiB)."
+)
+BAD_OPTIMIZER = (
+    "`optimizer` {value!r}: expected an optax.GradientTransformation or one of {names}."
+)
+
+
+class Problem(NamedTuple):
+    """Something ``materialize`` would stop on, or a layout that does not fit.
+
+    Attributes:
+      kind: ``"unused_rule"``, ``"uncovered"``, ``"bad_spec"`` or ``"does_not_fit"``.
+      message: the message, exactly as ``materialize`` / ``init_train_state`` raise it.
+    """
+
+    kind: str
+    message: str
+
+
+class LeafReport(NamedTuple):
+    """One leaf of the report.
+
+    Attributes:
+      path: the collection-qualified path (``"params/Dense_0/kernel"``,
+        ``"opt_state/0/mu/Dense_0/kernel"``, ``"step"``).
+      shape: its shape.
+      dtype: its dtype name (after ``dtype=``'s cast).
+      source: where its value comes from: ``"flax"`` (the module's own initializer),
+        ``"initializer"`` (an override), ``"array"``, ``"checkpoint"``, ``"traced"``
+        (one compiled run of ``module.init``), ``"optimizer"`` (``tx.init``) or ``"step"``.
+      init: the initializer by name where known (``"lecun_normal"``), or what gives the
+        value (``"tx.init"``, the checkpoint entry...).
+      spec: its ``PartitionSpec``, or None without a mesh.
+      count: its number of elements.
+      nbytes: its global bytes.
+      per_device: the bytes each device holds.
+      mark: ``""``, ``"*"`` (replicated: no rule or annotation covers it) or ``"!"``
+        (``materialize`` would stop on it, see the problems; counted as replicated).
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    source: str
+    init: str
+    spec: PartitionSpec | None
+    count: int
+    nbytes: int
+    per_device: int
+    mark: str = ""
+
+
+def parse_bytes(value: str | int) -> int:
+    """Bytes from a size such as ``"80GiB"``, ``"16 GB"`` or ``"512M"`` (an int is bytes).
+
+    Examples:
+      >>> parse_bytes("80GiB") == 80 * 2**30, parse_bytes("1.5 GB"), parse_bytes("2k")
+      (True, 1500000000, 2048)
+    """
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+    unit = match and match.group(2).lower()
+    if not match or unit not in _UNITS:
+        raise ValueError(BAD_BYTES.format(value=value))
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def as_mesh(mesh: Any) -> Mesh | AbstractMesh | None:
+    """A ``Mesh`` or ``AbstractMesh`` as it is, or ``{"data": 2, "model": 4}`` as an AbstractMesh.
+
+    Examples:
+      >>> as_mesh({"data": 2, "model": 4}).shape
+      OrderedDict([('data', 2), ('model', 4)])
+    """
+    if mesh is None or isinstance(mesh, (Mesh, AbstractMesh)):
+        return mesh
+    if isinstance(mesh, Mapping) and mesh and all(
+        isinstance(k, str) and isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+        and v > 0 for k, v in mesh.items()
+    ):
+        return AbstractMesh(tuple(int(v) for v in mesh.values()), tuple(mesh))
+    if isinstance(mesh, Mapping):
+        raise TypeError(
+            f"`mesh` {dict(mesh)!r}: a mapping must give each axis name (str) a positive "
+            "int size, e.g. {'data': 2, 'model': 4}."
+        )
+    sharding_lib.check_mesh(mesh)  # raises, naming what was given
+    raise AssertionError("unreachable")
+
+
+def optimizer_for(optimizer: Any) -> tuple[optax.GradientTransformation, str]:
+    """The transformation and its name, from a name in ``OPTIMIZERS`` or a transformation."""
+    if isinstance(optimizer, str):
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(BAD_OPTIMIZER.format(value=optimizer, names=", ".join(OPTIMIZERS)))
+        return OPTIMIZERS[optimizer](), optimizer
+    train_state_lib.check_tx(optimizer, fn="inspect")
+    return optimizer, "optax transformation"
+
+
+# jax.nn.initializers built on variance_scaling, by (scale, mode, distribution).
+_VARIANCE_SCALING = {
+    (1.0, "fan_in", "truncated_normal"): "lecun_normal",
+    (1.0, "fan_in", "uniform"): "lecun_uniform",
+    (2.0, "fan_in", "truncated_normal"): "he_normal",
+    (2.0, "fan_in", "uniform"): "he_uniform",
+    (1.0, "fan_avg", "truncated_normal"): "glorot_normal",
+    (1.0, "fan_avg", "uniform"): "glorot_uniform",
+}
+_SCALARS = (bool, int, float, str, type(None))
+_MAX_DEPTH = 8
+
+
+def _closure(fn: Any) -> tuple[dict[str, Any], set[str]]:
+    try:
+        found = pyinspect.getclosurevars(fn)
+    except (TypeError, ValueError):
+        return {}, set()
+    return dict(found.nonlocals), set(found.unbound)
+
+
+def initializer_name(fn: Any, _depth: int = 0) -> str:
+    """A short readable name for an initializer (or any callable).
+
+    Examples:
+      >>> import flax.linen as nn
+      >>> initializer_name(nn.initializers.lecun_normal()), initializer_name(nn.initializers.zeros)
+      ('lecun_normal', 'zeros')
+      >>> initializer_name(nn.initializers.normal(0.02))
+      'normal(stddev=0.02)'
+      >>> initializer_name(nn.with_partitioning(nn.initializers.xavier_uniform(), (None, "model")))
+      'glorot_uniform'
+    """
+    if _depth > _MAX_DEPTH:
+        return "?"
+    if isinstance(fn, functools.partial):
+        return initializer_name(fn.func, _depth + 1)
+    wrapped = getattr(fn, "__wrapped__", None)
+    if wrapped is not None:  # functools.wraps, e.g. nn.with_partitioning
+        return initializer_name(wrapped, _depth + 1)
+    qualname = getattr(fn, "__qualname__", None)
+    if qualname is None:
+        return type(fn).__name__
+    outer, local, inner = qualname.partition(".<locals>.")
+    if not local:
+        return qualname
+    if inner == "<lambda>":
+        return f"lambda in {outer}"
+    cells, attributes = _closure(fn)
+    owner = cells.get("self")
+    inits = sorted(a for a in attributes if a.endswith("init") and callable(
+        getattr(owner, a, None)))
+    if len(inits) == 1:  # a module's wrapper around its own `kernel_init` (DenseGeneral)
+        return initializer_name(getattr(owner, inits[0]), _depth + 1)
+    if outer == "variance_scaling":
+        triple = (cells.get("scale"), cells.get("mode"), cells.get("distribution"))
+        axes = (cells.get("in_axis"), cells.get("out_axis"), cells.get("batch_axis"))
+        if triple in _VARIANCE_SCALING and axes == (-2, -1, ()):
+            return _VARIANCE_SCALING[triple]
+        return f"variance_scaling({', '.join(repr(x) for x in triple)})"
+    args = [f"{k}={v!r}" for k, v in sorted(cells.items())
+            if isinstance(v, _SCALARS) and k != "dtype"]
+    return f"{outer}({', '.join(args)})" if args else outer
+
+
+class _Names:
+    """Each plan leaf's initializer, in words (``Names(traced, initializers).of(leaf)``)."""
+
+    def __init__(self, traced: Any, initializers: Any):
+        self._index = plan_lib._record_index(traced)
+        prefix = paths.PARAMS + paths.SEP
+        flat = paths.flatten(traced.variables)[0]
+        inner = [p[len(prefix):] for p, _ in flat if p.startswith(prefix)]
+        rules = rules_lib.normalize(initializers, what="initializers")
+        self._rules = rules_lib.assign(rules, inner, what="initializers", allow_unused=True)
+
+    def of(self, leaf: plan_lib.Leaf) -> str:
+        if leaf.source == plan_lib.FLAX:
+            rec, _ = plan_lib._find_record(self._index, leaf.path)
+            return initializer_name(rec.init_fn) if rec is not None else "module"
+        if leaf.source == plan_lib.INITIALIZER:
+            rule = self._rules.get(paths.split_params(leaf.path)[0])
+            return "override " + (initializer_name(rule.value) if rule is not None else "?")
+        if leaf.source == plan_lib.CHECKPOINT:
+            return f"checkpoint {leaf.value[1]}"
+        return leaf.source  # "array", "traced"
+
+
+def cast_dtype(dtype: Any) -> Any:
+    found = specs_lib._dtype_from_name(dtype) if isinstance(dtype, str) else dtype
+    try:
+        found = np.dtype(found) if found is not None else None
+    except TypeError:
+        found = None
+    if found is None or not jax.numpy.issubdtype(found, jax.numpy.floating):
+        raise TypeError(
+            f"`dtype` {dtype!r} is not a floating dtype: parameters are cast to it for a "
+            "what-if, so give one such as 'bf16', 'f16' or 'f32'."
+        )
+    return found
+
+
+def _fmt(shape: tuple[int, ...], dtype: Any) -> str:
+    return sharding_lib._fmt(shape, dtype)
+
+
+def _nbytes(shape: tuple[int, ...], dtype: Any) -> int:
+    return math.prod(shape) * summary_lib._itemsize(jax.ShapeDtypeStruct(shape, dtype))
+
+
+def _unused_rules(rules: list, names: list[str]) -> list[Problem]:
+    """One problem per rule matching none of ``names``, as ``rules.assign`` words it."""
+    both = [rules_lib.forms(name, qualified=True) for name in names]
+    return [
+        Problem(UNUSED_RULE, f"`{sharding_lib.WHAT}`: " + rules_lib.no_match(rule, both))
+        for rule in rules if not any(rule.matches(s, f) for s, f in both)
+    ]
+
+
+def _variable_specs(flat, mesh, rules, logical, require) -> tuple[dict, list[Problem]]:
+    """``{path: (spec, mark)}`` as ``sharding.choose`` picks them, problems collected."""
+    out, problems, missing = {}, [], []
+    for path, leaf in flat:
+        shape, dtype = sharding_lib._shape_dtype(leaf)
+        if not shape:
+            out[path] = (PartitionSpec(), "")
+            continue
+        try:
+            found = sharding_lib._resolve(path, leaf, rules, logical)
+        except ValueError as e:  # a logical axis no rule maps
+            problems.append(Problem(UNCOVERED, str(e)))
+            out[path] = (PartitionSpec(), FAIL_MARK)
+            continue
+        if found is None:
+            if require:
+                missing.append(sharding_lib.rule_path(path))
+                out[path] = (PartitionSpec(), FAIL_MARK)
+                continue
+            found = sharding_lib.Choice(PartitionSpec(), "", sharding_lib.DEFAULT)
+        try:
+            sharding_lib.check_spec(path, shape, dtype, found.spec, mesh, found.source)
+        except ValueError as e:
+            problems.append(Problem(BAD_SPEC, str(e)))
+            out[path] = (found.spec, FAIL_MARK)
+            continue
+        out[path] = (found.spec, summary_lib.DEFAULT_MARK if found.kind == sharding_lib.DEFAULT
+                     else "")
+    if missing:
+        annotated = any(paths.is_box(leaf) for _, leaf in flat)
+        problems.append(Problem(UNCOVERED, sharding_lib._unpartitioned(missing, annotated)))
+    return out, problems
+
+
+def _opt_shardings(layout, opt, params) -> tuple[list, list[Problem]]:
+    """Each optimizer-state leaf's ``(sharding, mark)``, placed as ``init_train_state`` does."""
+    flat = paths.flatten(opt)[0]
+    try:
+        placed = paths.flatten(layout.opt_state(opt, params))[0]
+        return [(sh, "") for _, sh in placed], []
+    except ValueError as e:
+        uncovered = str(e).startswith(train_state_lib.NO_MIRROR.split("{")[0])
+        problem = Problem(UNCOVERED if uncovered else BAD_SPEC, str(e))
+    by_param = dict(paths.flatten(params)[0])
+    out = []
+    for inner, leaf in flat:
+        try:
+            sh = layout._opt_spec(f"{OPT_STATE}{paths.SEP}{inner}", inner, leaf, by_param)
+        except ValueError:
+            sh = None
+        out.append((sh, "") if sh is not None else
+                   (NamedSharding(layout.mesh, PartitionSpec()), FAIL_MARK))
+    return out, [problem]
+
+
+def _compiles(plan: plan_lib.Plan, optimizer: bool) -> dict[str, int]:
+    """How many functions a cold ``materialize`` (and ``tx.init``) compiles for this plan.
+
+    One per distinct (program, sharding) among module and override initializers (the
+    engine's cache key), one per leaf whose program has no key (never cached), one for the
+    traced run if any leaf needs it, and one for ``tx.init`` with an optimizer.
+    """
+    keyed, unkeyed, traced = set(), 0, False
+    for leaf in plan.leaves:
+        if leaf.source in (plan_lib.FLAX, plan_lib.INITIALIZER):
+            if leaf.program.key is None:
+                unkeyed += 1
+            else:
+                keyed.add((leaf.program.key, leaf.sharding))
+        traced |= leaf.source == plan_lib.TRACED
+    out = {"initializers": len(keyed) + unkeyed, "traced_run": int(traced)}
+    if optimizer:  # init_train_state: one jit of tx.init, whatever the state holds
+        out["optimizer_init"] = 1
+    return out
+
+
+def _module_key(path: str, depth: int, params: dict[str, str]) -> str:
+    """The module subtree a leaf counts toward: ``depth`` module segments of its path."""
+    parts = path.split(paths.SEP)
+    if parts[0] == OPT_STATE:  # attributed to the parameter it mirrors, by path suffix
+        for i in range(1, len(parts)):
+            if paths.SEP.join(parts[i:]) in params:
+                parts = params[paths.SEP.join(parts[i:])].split(paths.SEP)
+                break
+        else:
+            return "(optimizer state, shared)"
+    if len(parts) == 1:
+        return f"({parts[0]})"
+    modules = parts[1:-1][:depth]
+    return paths.SEP.join(modules) if modules else f"({parts[0]}, top level)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """What ``materialize`` (or ``init_train_state``) would create, where, and at what cost.
+
+    ``str(report)`` is the aligned text table; ``report.to_json()`` the same as JSON. All
+    byte counts are exact for the given mesh: every device holds ``per_device`` bytes
+    (shards of a ``NamedSharding`` over evenly divided dimensions are all the same size).
+
+    Attributes:
+      model: the module's class name.
+      inputs: the abstract inputs, e.g. ``("int32[8,2048]",)``.
+      mesh: ``((axis, size), ...)``, or None (one device).
+      optimizer: the optimizer's name, or None.
+      dtype: the what-if dtype of floating parameters, or None.
+      leaves: one ``LeafReport`` per leaf, in tree order.
+      compiles: the functions a cold ``materialize`` compiles, by kind (see ``compiles_total``).
+      problems: what ``materialize`` would stop on (``Problem``), in the order it checks.
+      device_memory: the memory of one device in bytes, or None.
+      seconds: the wall time of the inspection.
+      target: what the command was pointed at (``"examples/factories.py:llama7b"``), or None.
+      top: how many of the largest leaves the text lists (None: all when there are at
+        most 40, else 10).
+      depth: per-module subtotals to this depth in the text and JSON (None: none).
+    """
+
+    model: str
+    inputs: tuple[str, ...]
+    mesh: tuple[tuple[str, int], ...] | None
+    optimizer: str | None
+    dtype: str | None
+    leaves: tuple[LeafReport, ...]
+    compiles: Mapping[str, int]
+    problems: tuple[Problem, ...]
+    device_memory: int | None
+    seconds: float
+    target: str | None = None
+    top: int | None = None
+    depth: int | None = None
+
+    @property
+    def devices(self) -> int:
+        """The number of devices the variables are laid out on."""
+        return math.prod(size for _, size in self.mesh) if self.mesh else 1
+
+    @property
+    def total_bytes(self) -> int:
+        """The global bytes of every leaf (each array counted once)."""
+        return sum(leaf.nbytes for leaf in self.leaves)
+
+    @property
+    def per_device(self) -> int:
+        """The bytes each device holds (the largest per-device load)."""
+        return sum(leaf.per_device for leaf in self.leaves)
+
+    @property
+    def optimizer_bytes(self) -> int:
+        """The global bytes of the optimizer state."""
+        return sum(leaf.nbytes for leaf in self.leaves if leaf.source == OPTIMIZER)
+
+    @property
+    def compiles_total(self) -> int:
+        """How many functions a cold ``materialize`` (and ``tx.init``) compiles."""
+        return sum(self.compiles.values())
+
+    @property
+    def fits(self) -> bool | None:
+        """Whether ``per_device`` fits in ``device_memory`` (None when not given)."""
+        return None if self.device_memory is None else self.per_device <= self.device_memory
+
+    def largest(self, n: int) -> list[LeafReport]:
+        """The ``n`` leaves taking most bytes on each device."""
+        return sorted(self.leaves, key=lambda leaf: (-leaf.per_device, leaf.path))[:n]
+
+    def failures(self) -> list[Problem]:
+        """Every problem, plus "does not fit": what makes ``--strict`` fail."""
+        out = list(self.problems)
+        if self.fits is False:
+            big = ", ".join(f"{leaf.path!r} ({summary_lib.format_bytes(leaf.per_device)})"
+                            for leaf in self.largest(3))
+            out.append(Problem(DOES_NOT_FIT, (
+                f"does not fit: {'each device' if self.devices > 1 else 'the device'} needs "
+                f"{summary_lib.format_bytes(self.per_device)} but has "
+                f"{summary_lib.format_bytes(self.device_memory)} (short by "
+                f"{summary_lib.format_bytes(self.per_device - self.device_memory)}); its "
+                f"largest leaves: {big}."
+            )))
+        return out
+
+    def collections(self) -> dict[str, tuple[int, int, int, int]]:
+        """``{collection: (leaves, elements, bytes, per-device bytes)}``, then ``"total"``."""
+        out: dict[str, tuple[int, int, int, int]] = {}
+        for leaf in self.leaves:
+            group = leaf.path.split(paths.SEP, 1)[0]
+            n, c, b, d = out.get(group, (0, 0, 0, 0))
+            out[group] = (n + 1, c + leaf.count, b + leaf.nbytes, d + leaf.per_device)
+        out["total"] = tuple(sum(v[i] for v in out.values()) for i in range(4))
+        return out
+
+    def modules(self, depth: int) -> dict[str, tuple[int, int, int, int]]:
+        """``{module: (elements, variable bytes, optimizer bytes, per-device bytes)}``.
+
+        A module is the first ``depth`` segments of a leaf's path inside its collection;
+        an optimizer-state leaf counts toward the parameter whose path it ends with.
+        """
+        params = {}
+        for leaf in self.leaves:
+            col, _, inner = leaf.path.partition(paths.SEP)
+            if col == paths.PARAMS:
+                params[inner] = leaf.path
+        out: dict[str, tuple[int, int, int, int]] = {}
+        for leaf in self.leaves:
+            key = _module_key(leaf.path, depth, params)
+            c, b, o, d = out.get(key, (0, 0, 0, 0))
+            opt = leaf.source == OPTIMIZER
+            out[key] = (c + (0 if opt else leaf.count), b + (0 if opt else leaf.nbytes),
+                        o + (leaf.nbytes if opt else 0), d + leaf.per_device)
+        return dict(sorted(out.items(), key=lambda kv: (kv[0].startswith("("),
+                                                        summary_lib._natural(kv[0]))))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as plain JSON-ready data (see ``to_json``)."""
+        return summary_lib.report_dict(self)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """The report as a JSON string."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def render(self, *, color: bool = False) -> str:
+        """The report as aligned text; ``color`` adds ANSI colors (for a terminal)."""
+        return summary_lib.report_text(self, color=color)
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+def inspect(
+    module: nn.Module,
+    rngs: Any,
+    *inputs: Any,
+    mesh: Any = None,
+    partition_rules: Any = None,
+    logical_axis_rules: Any = None,
+    allow_unused_rules: bool = False,
+    require_rules: bool | None = None,
+    initializers: Any = None,
+    optimizer: Any = None,
+    dtype: Any = None,
+    device_memory: int | str | None = None,
+    method: Any = None,
+    mutable: Any = abstract_lib.DEFAULT_MUTABLE,
+    top: int | None = None,
+    depth: int | None = None,
+    **kwargs: Any,
+) -> Report:
+    """What ``materialize`` would create, where, and whether it fits; nothing allocated.
+
+    Traces the init abstractly, builds the same plan and layout ``materialize`` (or,
+    with ``optimizer``, ``init_train_state``) would, and reports every leaf's shape,
+    dtype, initializer, ``PartitionSpec``, global and per-device bytes; totals per
+    collection (and per module with ``depth``); the optimizer state; the load on each
+    device and, with ``device_memory``, whether it fits; and how many functions a cold
+    ``materialize`` will compile. Nothing is computed on or allocated to any device, so
+    an ``AbstractMesh`` (or ``mesh={"data": 8, "model": 8}``) checks a 64-device
+    layout anywhere. What ``materialize`` would stop on (an uncovered leaf, a rule that
+    matches nothing, an indivisible dimension) is listed in ``report.problems`` with the
+    same message, the leaf counted as replicated, instead of raised.
+
+    Args:
+      module: a Flax Linen module.
+      rngs: a key or a dict of keys, as for ``abstract_init`` (a ``ShapeDtypeStruct``
+        of a key, ``jax.eval_shape(jax.random.key, 0)``, allocates nothing).
+      *inputs: the inputs, as for ``abstract_init`` (specs such as
+        ``flaxlazy.spec("i32[8,2048]")``).
+      mesh: a ``Mesh``, an ``AbstractMesh``, or ``{axis: size}`` for an abstract one.
+      partition_rules: as in ``materialize``.
+      logical_axis_rules: as in ``materialize``.
+      allow_unused_rules: as in ``materialize``.
+      require_rules: as in ``flaxlazy.shardings``.
+      initializers: as in ``materialize`` (their sources show in the report).
+      optimizer: an optax ``GradientTransformation``, or one of ``"adamw"``, ``"adam"``,
+        ``"sgd"``, ``"adafactor"``, ``"lion"``: adds the train state's optimizer state and
+        step, placed as ``init_train_state`` places them.
+      dtype: a floating dtype (``"bf16"``...) to cast floating parameters to, for a
+        what-if (the optimizer state follows the cast parameters).
+      device_memory: one device's memory, in bytes or as ``"80GiB"``: the report says
+        whether the per-device load fits.
+      method: as in ``Module.init``.
+      mutable: as in ``Module.init``.
+      top: how many of the largest leaves ``str(report)`` lists (default: all when
+        there are at most 40 leaves, else 10).
+      depth: per-module subtotals to this depth in the text and JSON.
+      **kwargs: keyword inputs for the module.
+
+    Returns:
+      A ``Report``: ``print(report)`` for the table, ``report.to_json()``,
+      ``report.per_device``, ``report.fits``, ``report.problems``...
+
+    Raises:
+      TypeError, ValueError: malformed arguments, a module that fails to trace, or
+        initializers that ``materialize`` would reject (as ``materialize`` raises them).
+
+    Examples:
+      >>> import jax, flax.linen as nn, flaxlazy
+      >>> from jax.sharding import PartitionSpec as P
+      >>> key = jax.eval_shape(jax.random.key, 0)  # a key's shape: nothing allocated
+      >>> report = flaxlazy.inspect(
+      ...     nn.Dense(1024), key, flaxlazy.spec("f32[8,512]"), mesh={"model": 8},
+      ...     partition_rules=[("kernel", P(None, "model")), ("bias", P())],
+      ...     optimizer="adam", device_memory="1MiB")
+      >>> report.per_device, report.fits, report.compiles_total  # params, mu, nu: 1/8 each
+      (798728, True, 3)
+    """
+    start = time.perf_counter()
+    mesh = as_mesh(mesh)
+    given = [n for n, v in ((sharding_lib.WHAT, partition_rules),
+                            ("logical_axis_rules", logical_axis_rules),
+                            ("require_rules", require_rules)) if v is not None]
+    if mesh is None and given:
+        raise TypeError(f"inspect: {' and '.join(f'`{n}`' for n in given)} need a `mesh=`.")
+    tx, tx_name = optimizer_for(optimizer) if optimizer is not None else (None, None)
+    cast = cast_dtype(dtype) if dtype is not None else None
+    memory = parse_bytes(device_memory) if device_memory is not None else None
+
+    call = abstract_lib.make_call(module, rngs, inputs, kwargs, method=method, mutable=mutable)
+    traced = abstract_lib.trace(call)
+    flat = paths.flatten(traced.variables)[0]
+
+    # Placement of the variables, problems collected in the order materialize meets them.
+    specs: dict[str, tuple[PartitionSpec, str]] = {}
+    leaf_problems, rules = [], []
+    if mesh is not None:
+        logical = sharding_lib.check_logical_axis_rules(logical_axis_rules)
+        rules = rules_lib.normalize(partition_rules, what=sharding_lib.WHAT)
+        sharding_lib._check_rule_values(rules)
+        require = sharding_lib.strict(require_rules, partition_rules)
+        specs, leaf_problems = _variable_specs(flat, mesh, rules, logical, require)
+    sharding_of = {p: NamedSharding(mesh, specs[p][0] if specs[p][1] != FAIL_MARK
+                                    else PartitionSpec()) for p, _ in flat} if mesh else {}
+    plan = plan_lib.build(traced, initializers=initializers,
+                          shardings=(lambda p, _: sharding_of[p]) if mesh else None)
+
+    names = _Names(traced, initializers)
+    leaves = []
+    for leaf, (path, _) in zip(plan.leaves, flat, strict=True):
+        leaf_dtype = leaf.dtype
+        if cast is not None and path.startswith(paths.PARAMS + paths.SEP) and \
+                jax.numpy.issubdtype(leaf_dtype, jax.numpy.floating):
+            leaf_dtype = cast
+        leaves.append(_leaf_report(path, leaf.shape, leaf_dtype, leaf.source,
+                                   names.of(leaf), *(specs.get(path) or (None, "")), mesh))
+
+    opt_problems, unused_names = [], [p for p, _ in flat]
+    if tx is not None:
+        params = _abstract_params(traced.variables, leaves, sharding_of)
+        opt_leaves, opt_problems = _optimizer_leaves(
+            tx, params, mesh, train_state_lib._Layout(
+                mesh, partition_rules, logical_axis_rules, allow_unused_rules, require_rules,
+            ) if mesh is not None else None)
+        leaves += opt_leaves
+        unused_names += [leaf.path for leaf in opt_leaves]
+    unused = [] if allow_unused_rules or mesh is None else _unused_rules(rules, unused_names)
+    # materialize checks unused rules first; init_train_state after laying out variables.
+    problems = (leaf_problems + unused + opt_problems if tx is not None
+                else unused + leaf_problems)
+    return Report(
+        model=type(module).__name__,
+        inputs=tuple(_fmt(tuple(x.shape), x.dtype) for x in call.inputs),
+        mesh=tuple((str(k), int(v)) for k, v in mesh.shape.items()) if mesh else None,
+        optimizer=tx_name, dtype=None if cast is None else cast.name,
+        leaves=tuple(leaves), compiles=_compiles(plan, tx is not None), problems=tuple(problems),
+        device_memory=memory, seconds=time.perf_counter() - start, top=top, depth=depth,
+    )
+
+
+def _leaf_report(path, shape, dtype, source, init, spec, mark, mesh) -> LeafReport:
+    nbytes = _nbytes(shape, dtype)
+    per_device = nbytes
+    if mesh is not None and spec is not None and mark != FAIL_MARK:
+        per_device = summary_lib.per_device_bytes(shape, dtype, NamedSharding(mesh, spec))
+    name = np.dtype(dtype).name if not jax.dtypes.issubdtype(dtype, jax.dtypes.extended) \
+        else str(dtype)
+    return LeafReport(path, tuple(shape), name, source, init, spec, math.prod(shape), nbytes,
+                      per_device, mark)
+
+
+def _optimizer_leaves(tx, params, mesh, layout) -> tuple[list[LeafReport], list[Problem]]:
+    """The optimizer state's and the step's leaves, placed as ``init_train_state`` does."""
+    opt = jax.eval_shape(tx.init, params)
+    flat = paths.flatten(opt)[0]
+    placed, problems = [(None, "")] * len(flat), []
+    if layout is not None:
+        placed, problems = _opt_shardings(layout, opt, params)
+    leaves = [
+        _leaf_report(f"{OPT_STATE}{paths.SEP}{inner}", tuple(leaf.shape), leaf.dtype, OPTIMIZER,
+                     "tx.init", None if sh is None else sh.spec, mark, mesh)
+        for (inner, leaf), (sh, mark) in zip(flat, placed, strict=True)
+    ]
+    leaves.append(_leaf_report(STEP, (), np.dtype(np.int32), STEP, "zeros",
+                               None if mesh is None else PartitionSpec(), "", mesh))
+    return leaves, problems
+
+
+def _abstract_params(variables: Any, leaves: list[LeafReport], sharding_of: dict) -> Any:
+    """The unboxed params as ``tx.init`` sees them: cast dtype, with their shardings."""
+    reports = {leaf.path: leaf for leaf in leaves}
+    flat, treedef = paths.flatten(variables)
+    out = [jax.ShapeDtypeStruct(reports[p].shape, reports[p].dtype, sharding=sharding_of.get(p))
+           for p, _ in flat]
+    params, _ = train_state_lib._split(jax.tree_util.tree_unflatten(treedef, out))
+    return params
