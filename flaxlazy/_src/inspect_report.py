@@ -48,11 +48,12 @@ OPTIMIZER = "optimizer"
 
 # Problems: what makes ``--strict`` fail.
 UNUSED_RULE = "unused_rule"
-UNCOVERED = "uncovered"
-BAD_SPEC = "bad_spec"
+UNCOVERED = sharding_lib.PROBLEM_UNCOVERED
+BAD_SPEC = sharding_lib.PROBLEM_BAD_SPEC
 DOES_NOT_FIT = "does_not_fit"
 
 FAIL_MARK = "!"  # materialize would stop on this leaf; counted as replicated
+_MARKS = {sharding_lib.FAILED: FAIL_MARK, sharding_lib.DEFAULT: summary_lib.DEFAULT_MARK}
 OPTIMIZERS = {
     "adamw": lambda: optax.adamw(1e-3),
     "adam": lambda: optax.adam(1e-3),
@@ -283,40 +284,6 @@ def _unused_rules(rules: list, names: list[str]) -> list[Problem]:
         Problem(UNUSED_RULE, f"`{sharding_lib.WHAT}`: " + rules_lib.no_match(rule, both))
         for rule in rules if not any(rule.matches(s, f) for s, f in both)
     ]
-
-
-def _variable_specs(flat, mesh, rules, logical, require) -> tuple[dict, list[Problem]]:
-    """``{path: (spec, mark)}`` as ``sharding.choose`` picks them, problems collected."""
-    out, problems, missing = {}, [], []
-    for path, leaf in flat:
-        shape, dtype = sharding_lib._shape_dtype(leaf)
-        if not shape:
-            out[path] = (PartitionSpec(), "")
-            continue
-        try:
-            found = sharding_lib._resolve(path, leaf, rules, logical)
-        except ValueError as e:  # a logical axis no rule maps
-            problems.append(Problem(UNCOVERED, str(e)))
-            out[path] = (PartitionSpec(), FAIL_MARK)
-            continue
-        if found is None:
-            if require:
-                missing.append(sharding_lib.rule_path(path))
-                out[path] = (PartitionSpec(), FAIL_MARK)
-                continue
-            found = sharding_lib.Choice(PartitionSpec(), "", sharding_lib.DEFAULT)
-        try:
-            sharding_lib.check_spec(path, shape, dtype, found.spec, mesh, found.source)
-        except ValueError as e:
-            problems.append(Problem(BAD_SPEC, str(e)))
-            out[path] = (found.spec, FAIL_MARK)
-            continue
-        out[path] = (found.spec, summary_lib.DEFAULT_MARK if found.kind == sharding_lib.DEFAULT
-                     else "")
-    if missing:
-        annotated = any(paths.is_box(leaf) for _, leaf in flat)
-        problems.append(Problem(UNCOVERED, sharding_lib._unpartitioned(missing, annotated)))
-    return out, problems
 
 
 def _opt_shardings(layout, opt, params) -> tuple[list, list[Problem]]:
@@ -608,11 +575,15 @@ def inspect(
     specs: dict[str, tuple[PartitionSpec, str]] = {}
     leaf_problems, rules = [], []
     if mesh is not None:
-        logical = sharding_lib.check_logical_axis_rules(logical_axis_rules)
+        found: list[tuple[str, str]] = []
+        choices = sharding_lib.choose(
+            traced.variables, mesh, partition_rules=partition_rules,
+            logical_axis_rules=logical_axis_rules, allow_unused_rules=True,
+            require_rules=require_rules, problems=found,
+        )
+        leaf_problems = [Problem(kind, message) for kind, message in found]
         rules = rules_lib.normalize(partition_rules, what=sharding_lib.WHAT)
-        sharding_lib._check_rule_values(rules)
-        require = sharding_lib.strict(require_rules, partition_rules)
-        specs, leaf_problems = _variable_specs(flat, mesh, rules, logical, require)
+        specs = {path: (c.spec, _MARKS.get(c.kind, "")) for path, c in choices.items()}
     sharding_of = {p: NamedSharding(mesh, specs[p][0] if specs[p][1] != FAIL_MARK
                                     else PartitionSpec()) for p, _ in flat} if mesh else {}
     plan = plan_lib.build(traced, initializers=initializers,

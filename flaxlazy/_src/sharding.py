@@ -69,6 +69,11 @@ SCALAR = "scalar"
 RULE = "rule"
 ANNOTATION = "annotation"
 DEFAULT = "default"  # uncovered, replicated because rules are not required
+FAILED = "failed"  # only with choose(problems=[...]): would be an error; replicated here
+
+# Kinds of the problems choose(problems=[...]) collects instead of raising.
+PROBLEM_UNCOVERED = "uncovered"
+PROBLEM_BAD_SPEC = "bad_spec"
 
 UNPARTITIONED = (
     "`{what}`: no partition rule matches {listing} and {it} carr{ies} no Flax partitioning "
@@ -433,8 +438,13 @@ def choose(
     logical_axis_rules: Any = None,
     allow_unused_rules: bool = False,
     require_rules: bool | None = None,
+    problems: list[tuple[str, str]] | None = None,
 ) -> dict[str, Choice]:
     """Every leaf's ``Choice`` (spec and what chose it), validated; see ``partition_specs``.
+
+    With ``problems`` (a list), a leaf's error is appended to it as ``(kind, message)``
+    (``PROBLEM_UNCOVERED`` or ``PROBLEM_BAD_SPEC``, the message ``materialize`` would raise) and the leaf
+    gets a replicated ``FAILED`` choice, so that a report can list every problem at once.
 
     Examples:
       >>> import jax, numpy as np, flax.linen as nn, flaxlazy
@@ -458,21 +468,39 @@ def choose(
     )
     out: dict[str, Choice] = {}
     missing = []
+
+    def fail(path: str, kind: str, error: ValueError, spec: PartitionSpec) -> None:
+        if problems is None:
+            raise error
+        problems.append((kind, str(error)))
+        out[path] = Choice(spec, "failed", FAILED)
+
     for path, leaf in flat:
         shape, dtype = _shape_dtype(leaf)
         if not shape:
             out[path] = Choice(PartitionSpec(), "a scalar", SCALAR)
             continue
-        found = _resolve(path, leaf, rules, logical_axis_rules)
+        try:
+            found = _resolve(path, leaf, rules, logical_axis_rules)
+        except ValueError as e:  # a logical axis no rule maps
+            fail(path, PROBLEM_UNCOVERED, e, PartitionSpec())
+            continue
         if found is None:
             if require:
                 missing.append(rule_path(path))
+                out[path] = Choice(PartitionSpec(), "failed", FAILED)
                 continue
             found = Choice(PartitionSpec(), "no rule or annotation (replicated)", DEFAULT)
-        check_spec(path, shape, dtype, found.spec, mesh, found.source)
+        try:
+            check_spec(path, shape, dtype, found.spec, mesh, found.source)
+        except ValueError as e:
+            fail(path, PROBLEM_BAD_SPEC, e, found.spec)
+            continue
         out[path] = found
     if missing:
-        raise ValueError(_unpartitioned(missing, any(map(paths.is_box, dict(flat).values()))))
+        annotated = any(map(paths.is_box, dict(flat).values()))
+        fail(missing[0], PROBLEM_UNCOVERED, ValueError(_unpartitioned(missing, annotated)),
+             PartitionSpec())
     return out
 
 
