@@ -311,8 +311,8 @@ def run(args: argparse.Namespace) -> int:
     """Runs ``inspect`` for parsed ``args``; returns the exit status."""
     import jax
 
+    from flaxlazy._src import inspect_render
     from flaxlazy._src import inspect_report
-    from flaxlazy._src import summary as summary_lib
 
     mesh = parse_mesh(args.mesh) if args.mesh is not None else None
     for flag, value, check in (("--device-memory", args.device_memory, inspect_report.parse_bytes),
@@ -356,7 +356,7 @@ def run(args: argparse.Namespace) -> int:
         print(report.render(color=color))
     failures = report.failures()
     if args.strict and failures:
-        shown = failures[: summary_lib.MAX_PROBLEMS]
+        shown = failures[: inspect_render.MAX_PROBLEMS]
         for problem in shown:
             print(f"{PROG} inspect: --strict: {problem.message}", file=sys.stderr)
         if len(failures) > len(shown):

@@ -30,6 +30,7 @@ from flaxlazy._src import paths
 from flaxlazy._src import plan as plan_lib
 from flaxlazy._src import rules as rules_lib
 from flaxlazy._src import sharding as sharding_lib
+from flaxlazy._src import sharding_checks
 
 PARAMS = paths.PARAMS
 OPT_STATE = "opt_state"
@@ -159,7 +160,7 @@ class _Layout:
             leaves = dict(flat)
             listing = ", ".join(
                 f"{OPT_STATE + paths.SEP + p!r} "
-                f"({sharding_lib._fmt(leaves[p].shape, leaves[p].dtype)})"
+                f"({sharding_checks._fmt(leaves[p].shape, leaves[p].dtype)})"
                 for p in missing[:5]
             )
             if len(missing) > 5:

@@ -1,0 +1,98 @@
+"""Initializers in words, for reports: `lecun_normal`, `normal(stddev=0.02)`, `override ...`."""
+
+from __future__ import annotations
+
+import functools
+import inspect as pyinspect
+from typing import Any
+
+from flaxlazy._src import paths
+from flaxlazy._src import plan as plan_lib
+from flaxlazy._src import rules as rules_lib
+
+# jax.nn.initializers built on variance_scaling, by (scale, mode, distribution).
+_VARIANCE_SCALING = {
+    (1.0, "fan_in", "truncated_normal"): "lecun_normal",
+    (1.0, "fan_in", "uniform"): "lecun_uniform",
+    (2.0, "fan_in", "truncated_normal"): "he_normal",
+    (2.0, "fan_in", "uniform"): "he_uniform",
+    (1.0, "fan_avg", "truncated_normal"): "glorot_normal",
+    (1.0, "fan_avg", "uniform"): "glorot_uniform",
+}
+_SCALARS = (bool, int, float, str, type(None))
+_MAX_DEPTH = 8
+
+
+def _closure(fn: Any) -> tuple[dict[str, Any], set[str]]:
+    try:
+        found = pyinspect.getclosurevars(fn)
+    except (TypeError, ValueError):
+        return {}, set()
+    return dict(found.nonlocals), set(found.unbound)
+
+
+def initializer_name(fn: Any, _depth: int = 0) -> str:
+    """A short readable name for an initializer (or any callable).
+
+    Examples:
+      >>> import flax.linen as nn
+      >>> initializer_name(nn.initializers.lecun_normal()), initializer_name(nn.initializers.zeros)
+      ('lecun_normal', 'zeros')
+      >>> initializer_name(nn.initializers.normal(0.02))
+      'normal(stddev=0.02)'
+      >>> initializer_name(nn.with_partitioning(nn.initializers.xavier_uniform(), (None, "model")))
+      'glorot_uniform'
+    """
+    if _depth > _MAX_DEPTH:
+        return "?"
+    if isinstance(fn, functools.partial):
+        return initializer_name(fn.func, _depth + 1)
+    wrapped = getattr(fn, "__wrapped__", None)
+    if wrapped is not None:  # functools.wraps, e.g. nn.with_partitioning
+        return initializer_name(wrapped, _depth + 1)
+    qualname = getattr(fn, "__qualname__", None)
+    if qualname is None:
+        return type(fn).__name__
+    outer, local, inner = qualname.partition(".<locals>.")
+    if not local:
+        return qualname
+    if inner == "<lambda>":
+        return f"lambda in {outer}"
+    cells, attributes = _closure(fn)
+    owner = cells.get("self")
+    inits = sorted(a for a in attributes if a.endswith("init") and callable(
+        getattr(owner, a, None)))
+    if len(inits) == 1:  # a module's wrapper around its own `kernel_init` (DenseGeneral)
+        return initializer_name(getattr(owner, inits[0]), _depth + 1)
+    if outer == "variance_scaling":
+        triple = (cells.get("scale"), cells.get("mode"), cells.get("distribution"))
+        axes = (cells.get("in_axis"), cells.get("out_axis"), cells.get("batch_axis"))
+        if triple in _VARIANCE_SCALING and axes == (-2, -1, ()):
+            return _VARIANCE_SCALING[triple]
+        return f"variance_scaling({', '.join(repr(x) for x in triple)})"
+    args = [f"{k}={v!r}" for k, v in sorted(cells.items())
+            if isinstance(v, _SCALARS) and k != "dtype"]
+    return f"{outer}({', '.join(args)})" if args else outer
+
+
+class Names:
+    """Each plan leaf's initializer, in words (``Names(traced, initializers).of(leaf)``)."""
+
+    def __init__(self, traced: Any, initializers: Any):
+        self._index = plan_lib._record_index(traced)
+        prefix = paths.PARAMS + paths.SEP
+        flat = paths.flatten(traced.variables)[0]
+        inner = [p[len(prefix):] for p, _ in flat if p.startswith(prefix)]
+        rules = rules_lib.normalize(initializers, what="initializers")
+        self._rules = rules_lib.assign(rules, inner, what="initializers", allow_unused=True)
+
+    def of(self, leaf: plan_lib.Leaf) -> str:
+        if leaf.source == plan_lib.FLAX:
+            rec, _ = plan_lib._find_record(self._index, leaf.path)
+            return initializer_name(rec.init_fn) if rec is not None else "module"
+        if leaf.source == plan_lib.INITIALIZER:
+            rule = self._rules.get(paths.split_params(leaf.path)[0])
+            return "override " + (initializer_name(rule.value) if rule is not None else "?")
+        if leaf.source == plan_lib.CHECKPOINT:
+            return f"checkpoint {leaf.value[1]}"
+        return leaf.source  # "array", "traced"
