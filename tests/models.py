@@ -586,3 +586,23 @@ class DenseStack(nn.Module):
         for _ in range(self.depth):
             x = nn.Dense(16)(x)
         return x
+
+
+class RematStack(nn.Module):
+    """``depth`` unrolled ``nn.remat`` blocks (one with a boxed kernel, one nested)."""
+
+    depth: int
+
+    @nn.compact
+    def __call__(self, x):
+        for _ in range(self.depth):
+            x = nn.remat(RematBlock)()(x)
+        return nn.Dense(3)(x)
+
+
+class RematBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        kernel_init = nn.with_partitioning(nn.initializers.lecun_normal(), (None, "model"))
+        h = nn.Dense(16, kernel_init=kernel_init)(nn.LayerNorm()(x))
+        return x + nn.remat(nn.Dense)(x.shape[-1])(nn.gelu(h))  # remat inside remat

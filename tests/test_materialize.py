@@ -1,5 +1,6 @@
 """materialize / lazy: values equal module.init, overrides, keys, placement, errors."""
 
+import functools
 import re
 
 import chex
@@ -342,3 +343,33 @@ def test_repeated_calls_rebuild_plans_but_reuse_compiled_code():
         )
     assert c.count == 0
     chex.assert_trees_all_equal(first, again)
+
+
+def test_remat_parameters_replay_alone_bit_identical_and_flat_in_depth():
+    # nn.remat changes no value: its parameters derive their keys from the root key as
+    # outside, so they take the per-parameter fast path, not the traced run.
+    key, x = jax.random.key(3), flaxlazy.spec("f32[2,8]")
+    for depth in (2, 12):
+        call = abstract_lib.make_call(models.RematStack(depth), key, (x,), {})
+        assert materialize_lib.make_plan(call).counts() == {"flax": 6 * depth + 2}
+        got = flaxlazy.materialize(models.RematStack(depth), key, x)
+        want = jax.jit(models.RematStack(depth).init)(key, jnp.zeros(x.shape))
+        chex.assert_trees_all_equal(got, want)
+    flaxlazy.clear_caches()
+    counts = []
+    for depth in (2, 12):
+        with count_compiles() as c:
+            flaxlazy.materialize(models.RematStack(depth), key, x)
+        counts.append(c.count)
+        flaxlazy.clear_caches()
+    assert counts[0] == counts[1], counts
+
+
+def test_remat_with_static_args_and_scan_of_remat_stay_exact():
+    for case in (models.remat_layers(), models.scan_remat()):
+        rngs = models.make_rngs(case.rngs)
+        got = flaxlazy.materialize(case.module, rngs, *case.args, **case.kwargs)
+        want = jax.jit(functools.partial(case.module.init, **case.kwargs))(rngs, *case.args)
+        chex.assert_trees_all_equal(got, want)
+    call = abstract_lib.make_call(models.RematMLP(), jax.random.key(0), (X,), {})
+    assert materialize_lib.make_plan(call).counts() == {"flax": 12}  # static_argnums too

@@ -7,15 +7,21 @@ the key is the root ``params`` key with a SHA-1 of static path data folded in (s
 ``Scope.variable`` and ``_fold_in_static`` and keeps, per variable, the initializer, its
 arguments and the static data of its key. A variable whose whole recipe is static
 (``Record.replayable``) can later be created alone, by a small compiled function, with a
-value identical to ``module.init``'s; anything else (lifted transforms such as
-``nn.scan``, initializers fed traced values, variables changed after creation) is left
-to the traced fallback.
+value identical to ``module.init``'s; anything else (``nn.scan``/``nn.vmap``, whose keys
+are split per layer, ``nn.jit``, initializers fed traced values, variables changed after
+creation) is left to the traced fallback.
+
+``nn.remat`` (``jax.checkpoint``) changes no value, but its inside sees new tracers for
+the root key and returns new tracers for the variables. While recording, ``jax.checkpoint``
+is wrapped to note which tracer inside stands for which value outside (only on an exact
+match of the argument and result structures), so remat'd parameters replay alone too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import threading
 from typing import Any
@@ -101,6 +107,29 @@ class Recorder:
         # Set when an initializer had to run twice: its side effects on the module (a
         # make_rng, a counter) may then differ from module.init's, so no record is used.
         self.unreliable = False
+        # Values that cross a value-preserving lifted transform (nn.remat): the tracer
+        # inside -> the value outside, by id (both kept alive here).
+        self._aliases: dict[int, tuple[Any, Any]] = {}
+
+    def alias(self, inner: Any, outer: Any) -> None:
+        """Records that ``inner`` (inside a transform) stands for ``outer`` (outside it)."""
+        self._aliases[id(inner)] = (inner, outer)
+
+    def outer(self, x: Any) -> Any:
+        """The outermost value ``x`` stands for (``x`` itself outside any transform)."""
+        while (entry := self._aliases.get(id(x))) is not None and entry[0] is x:
+            x = entry[1]
+        return x
+
+    def _same(self, node: Any, output: Any) -> bool:
+        """Whether tree ``node`` is exactly ``output``, seen from outside transforms."""
+        if node is output:
+            return True
+        got, got_tree = jax.tree_util.tree_flatten(node)
+        want, want_tree = jax.tree_util.tree_flatten(output)
+        return got_tree == want_tree and all(
+            self.outer(w) is g for g, w in zip(got, want, strict=True)
+        )
 
     def run(self, fn: Any, *key: Any) -> tuple[Any, Any]:
         """Calls an initializer ``fn(*key)`` for Flax, tracing it alone on the way.
@@ -127,7 +156,7 @@ class Recorder:
 
     def key_data(self, key: Any) -> tuple | None:
         entry = self._folds.get(id(key))
-        if entry is None or entry[0] is not key or entry[1] is not self.root_key:
+        if entry is None or entry[0] is not key or self.outer(entry[1]) is not self.root_key:
             return None
         return entry[2] or None  # no data folded in: the root key itself; left to tracing
 
@@ -139,7 +168,7 @@ class Recorder:
                 node = node.get(name) if hasattr(node, "get") else None
                 if node is None:
                     break
-            rec.final = node is rec.output
+            rec.final = node is not None and self._same(node, rec.output)
 
 
 @contextlib.contextmanager
@@ -157,6 +186,44 @@ def recording(root_key: Any):
     orig_fold = _compat.fold_in_static()
     orig_param = scope_cls.param
     orig_variable = scope_cls.variable
+
+    orig_remat = jax.checkpoint
+
+    def remat(fun=None, **kwargs):
+        """``jax.checkpoint`` that records which tracers inside stand for which outside.
+
+        Checkpointing changes no value, so a parameter created inside ``nn.remat`` from
+        the root key is replayed alone like any other. Only an exact structural match of
+        inputs (and of outputs) is aliased; anything else is simply not aliased.
+        """
+        if fun is None:
+            return functools.partial(remat, **kwargs)
+
+        @functools.wraps(fun)
+        def call(*args, **kw):
+            outside, outside_tree = jax.tree_util.tree_flatten((args, kw))
+            inside_out = {}
+
+            def inner(*a, **k):
+                inside, inside_tree = jax.tree_util.tree_flatten((a, k))
+                if inside_tree == outside_tree:
+                    for i, o in zip(inside, outside, strict=True):
+                        if i is not o:
+                            rec.alias(i, o)
+                out = fun(*a, **k)
+                inside_out["leaves"] = jax.tree_util.tree_flatten(out)
+                return out
+
+            out = orig_remat(inner, **kwargs)(*args, **kw)
+            if "leaves" in inside_out:
+                leaves, tree = jax.tree_util.tree_flatten(out)
+                inner_leaves, inner_tree = inside_out["leaves"]
+                if tree == inner_tree:
+                    for i, o in zip(inner_leaves, leaves, strict=True):
+                        rec.alias(i, o)
+            return out
+
+        return call
 
     def fold(rng, data):
         out = orig_fold(rng, data)
@@ -209,9 +276,12 @@ def recording(root_key: Any):
         _compat.set_fold_in_static(fold)
         scope_cls.param = param
         scope_cls.variable = variable
+        jax.checkpoint = jax.remat = remat
         try:
             yield rec
         finally:
             _compat.set_fold_in_static(orig_fold)
             scope_cls.param = orig_param
             scope_cls.variable = orig_variable
+            jax.checkpoint = orig_remat
+            jax.remat = orig_remat
