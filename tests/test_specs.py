@@ -58,10 +58,10 @@ def test_numpy_ints_and_dtype_names(shape, dtype, want):
 
 
 def test_spec_string_round_trips_what_flaxlazy_prints():
-    from flaxlazy._src import sharding
+    from flaxlazy._src import sharding_checks
 
     for dtype in (jnp.float32, jnp.bfloat16, jnp.int32, jnp.uint8, jnp.bool_):
-        text = sharding._fmt((2, 3), dtype)  # how flaxlazy's messages print a leaf
+        text = sharding_checks._fmt((2, 3), dtype)  # how flaxlazy's messages print a leaf
         assert flaxlazy.spec(text) == jax.ShapeDtypeStruct((2, 3), dtype), text
 
 
