@@ -13,6 +13,14 @@ Models:
 * ``gpt12`` / ``gpt24`` / ``gpt48``: the narrow GPT of the fast-materializer issue
   (vocab 1000, d_model 256, 4 heads, seq 128, batch 8, Flax default initializers),
   12/24/48 blocks in a plain Python loop (not ``nn.scan``).
+* ``gpt2_2l``: 2 layers at GPT-2's real widths (d 768, vocab 50257): embeddings dominate.
+* ``gpt_jit``: the narrow GPT, 12 blocks each an ``nn.jit(GPTBlock)``.
+* ``gpt_remat12`` / ``gpt_remat48``: the narrow GPT, 12/48 blocks each an
+  ``nn.remat(GPTBlock)``, in a Python loop.
+* ``gpt_scan48``: the narrow GPT, 48 blocks stacked by ``nn.scan`` (params on axis 0,
+  one params key split per layer).
+* ``many_leaves``: 500 x (``Dense(4)``, ``LayerNorm``) in a chain, 2,000 leaves: per-leaf
+  overhead.
 * ``llama7b`` / ``llama70b``: Llama-2 sized (RMSNorm, SwiGLU MLP, rotary attention with
   grouped KV heads, untied head), meant for abstract init only.
 
@@ -150,7 +158,27 @@ class GPTBlock(nn.Module):
         return x + nn.Dense(c, kernel_init=self.kernel_init, name="mlp_proj")(nn.gelu(h))
 
 
+class ScannedBlock(nn.Module):
+    """A ``GPTBlock`` as an ``nn.scan`` body: ``(x, None) -> (x, None)``."""
+
+    n_heads: int
+    kernel_init: Callable = nn.linear.default_kernel_init
+
+    @nn.compact
+    def __call__(self, x, _):
+        return GPTBlock(self.n_heads, self.kernel_init, name="block")(x), None
+
+
 class GPT(nn.Module):
+    """GPT-2 style transformer.
+
+    ``block`` is the layer class, ``GPTBlock`` or a lifted version of it
+    (``nn.jit(GPTBlock)``, ``nn.remat(GPTBlock)``), created ``n_layers`` times in a Python
+    loop (``h_0``, ``h_1``, ...). With ``scan=True`` the layers are instead one
+    ``nn.scan`` of ``GPTBlock`` named ``h``: each parameter gets a leading layer axis and
+    each layer its own split of the params key.
+    """
+
     vocab: int
     d_model: int
     n_heads: int
@@ -158,14 +186,23 @@ class GPT(nn.Module):
     max_len: int
     kernel_init: Callable = nn.linear.default_kernel_init
     embed_init: Callable = nn.linear.default_embed_init
+    block: Callable[..., nn.Module] = GPTBlock
+    scan: bool = False
 
     @nn.compact
     def __call__(self, tokens):
         wte = nn.Embed(self.vocab, self.d_model, embedding_init=self.embed_init, name="wte")
         wpe = nn.Embed(self.max_len, self.d_model, embedding_init=self.embed_init, name="wpe")
         x = wte(tokens) + wpe(jnp.arange(tokens.shape[-1]))
-        for i in range(self.n_layers):
-            x = GPTBlock(self.n_heads, self.kernel_init, name=f"h_{i}")(x)
+        if self.scan:
+            stack = nn.scan(
+                ScannedBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                length=self.n_layers,
+            )
+            x, _ = stack(self.n_heads, self.kernel_init, name="h")(x, None)
+        else:
+            for i in range(self.n_layers):
+                x = self.block(self.n_heads, self.kernel_init, name=f"h_{i}")(x)
         return wte.attend(nn.LayerNorm(name="ln_f")(x))
 
 
@@ -186,11 +223,51 @@ def gpt2_medium() -> Model:
     return _gpt2(24, 1024, 16, "GPT-2 medium")
 
 
-def narrow_gpt(n_layers: int) -> Model:
-    module = GPT(1000, 256, 4, n_layers, 128)
+def gpt2_2l() -> Model:
+    return _gpt2(2, 768, 12, "GPT-2 real widths")
+
+
+# Lifted versions of the narrow GPT's block ("scan" is handled by GPT itself).
+LIFTED = {"jit": nn.jit(GPTBlock), "remat": nn.remat(GPTBlock)}
+
+
+def narrow_gpt(n_layers: int, lift: str | None = None) -> Model:
+    """The narrow GPT; ``lift``: None (plain blocks), "jit", "remat" or "scan"."""
+    block = LIFTED.get(lift, GPTBlock)
+    module = GPT(1000, 256, 4, n_layers, 128, block=block, scan=lift == "scan")
+    how = f", nn.{lift} blocks" if lift else ""
     return Model(
         module, (_spec((8, 128), jnp.int32),), {},
-        f"narrow GPT: {n_layers} layers, d 256, 4 heads, vocab 1000, i32[8,128]",
+        f"narrow GPT: {n_layers} layers{how}, d 256, 4 heads, vocab 1000, i32[8,128]",
+    )
+
+
+# --------------------------------------------------------------------------
+# Many leaves: per-leaf overhead
+
+
+class ManyLeaves(nn.Module):
+    """``n_layers`` x (``Dense(width)``, ``LayerNorm``) in a chain: 4 leaves a layer.
+
+    One leaf in four is random (the kernel), about the mix of a transformer. (With 2,000
+    random leaves instead, 1,000 ``Dense`` layers, XLA compiles ``jax.jit(init)`` for 3.5
+    minutes: its compile time grows faster than linearly in the number of draws.)
+    """
+
+    n_layers: int = 500
+    width: int = 4
+
+    @nn.compact
+    def __call__(self, x):
+        for _ in range(self.n_layers):
+            x = nn.LayerNorm()(nn.Dense(self.width)(x))
+        return x
+
+
+def many_leaves() -> Model:
+    return Model(
+        ManyLeaves(), (_spec((1, 4)),), {},
+        "500 x (Dense(4), LayerNorm) in a chain: 2,000 leaves, 500 random, f32[1,4]",
     )
 
 
@@ -282,6 +359,12 @@ MODELS: dict[str, Callable[[], Model]] = {
     "gpt12": functools.partial(narrow_gpt, 12),
     "gpt24": functools.partial(narrow_gpt, 24),
     "gpt48": functools.partial(narrow_gpt, 48),
+    "gpt2_2l": gpt2_2l,
+    "gpt_jit": functools.partial(narrow_gpt, 12, "jit"),
+    "gpt_remat12": functools.partial(narrow_gpt, 12, "remat"),
+    "gpt_remat48": functools.partial(narrow_gpt, 48, "remat"),
+    "gpt_scan48": functools.partial(narrow_gpt, 48, "scan"),
+    "many_leaves": many_leaves,
     "llama7b": llama7b,
     "llama70b": llama70b,
 }

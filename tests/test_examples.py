@@ -252,6 +252,14 @@ def test_benchmark_quick_verdicts_judge_each_target_on_its_own_models_only():
         "abstract_init(llama7b) < 2 s": True,
         "abstract_init(llama7b) < 100 MB RSS": True,
         "abstract_init(llama70b) < 5 s": None,
+        # Issue 12's next goals: "never slower" judges every model the run measured
+        # (here mlp and gpt12); the others name models --quick does not measure.
+        "materialize cold <= 1.0 x jit cold, every model measured": True,
+        "materialize cold(gpt_remat48) <= 0.35 x jit cold(gpt_remat48)": None,
+        "materialize cold(gpt_scan48) <= 1.0 x jit cold(gpt_scan48)": None,
+        "peak RSS materialize(gpt_scan48) <= 1.0 x jit's": None,
+        "materialize cold(resnet50) <= 0.5 x jit cold(resnet50)": None,
+        "materialize warm(gpt2_medium) <= 1.2 x one-call draw": None,
     }
     assert rows["materialize cold(gpt48) <= 0.25 x jit cold(gpt48)"]["detail"] == (
         "jit(gpt48) was not measured in this run"
@@ -288,6 +296,32 @@ def test_benchmark_targets_fail_where_they_apply_and_fail():
         row["pass"] is None
         and row["detail"] == "materialize_warm(gpt48) ended in error in this run"
     )
+
+
+def test_benchmark_never_slower_judges_every_model_measured_and_names_the_slower_ones():
+    run = load_benchmark()
+    name = "materialize cold <= 1.0 x jit cold, every model measured"
+
+    def verdict(results):
+        row = {row["target"]: row for row in run.targets(results)}[name]
+        assert row["goal"] == "issue 12"
+        return row
+
+    fast = [fake_result("gpt48", "jit", 10.0), fake_result("gpt48", "materialize_cold", 2.0)]
+    slow = [fake_result("resnet50", "jit", 5.0), fake_result("resnet50", "materialize_cold", 6.0)]
+    row = verdict(fast + slow)
+    assert row["pass"] is False and row["value"] == 1.2
+    assert row["detail"] == "worst resnet50: 6.00 s vs 5.00 s; slower on 1 of 2: resnet50 1.20x"
+
+    # A broken measurement: no pass on the models that finished, but a failure stands.
+    timeout = {"model": "mlp", "method": "materialize_cold", "status": "timeout"}
+    both_jit = fake_result("mlp", "jit", 0.1)
+    assert verdict([*fast, both_jit, timeout])["pass"] is None
+    assert verdict([*fast, *slow, both_jit, timeout])["pass"] is False
+    # Skipped (does not fit in memory) is not measured, and no pair at all is n/a.
+    skipped = run.skipped("llama7b", "jit", "would not fit")
+    assert verdict([*fast, skipped])["pass"] is True
+    assert verdict([skipped])["pass"] is None
 
 
 def test_benchmark_without_matplotlib_names_the_extra_to_install():
