@@ -9,7 +9,6 @@ import pytest
 import flaxlazy
 from flaxlazy._src import _compat
 from flaxlazy._src import chunked
-from flaxlazy._src import engine
 
 INITS = {
     "lecun_normal": nn.initializers.lecun_normal(),
@@ -72,11 +71,11 @@ def test_materialize_chunks_large_leaves_exactly(monkeypatch):
     monkeypatch.setattr(
         chunked, "chunked_jaxpr", lambda *a, **k: calls.append(a[1]) or real(*a, **k)
     )
-    engine.clear_cache()
+    flaxlazy.clear_caches()
     model = nn.Embed(3000, 64)  # 192k elements > the lowered threshold
     x = flaxlazy.spec("i32[2,3]")
     got = flaxlazy.materialize(model, jax.random.key(0), x)
     want = jax.jit(model.init)(jax.random.key(0), jnp.zeros(x.shape, jnp.int32))
     chex.assert_trees_all_equal(got, want)
     assert calls == [(3000, 64)]
-    engine.clear_cache()
+    flaxlazy.clear_caches()

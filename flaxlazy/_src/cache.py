@@ -61,12 +61,6 @@ class LRU:
         self.nbytes = 0
 
 
-def clear_all() -> None:
-    """Empties every cache of compiled functions and traced programs."""
-    for cache in _ALL:
-        cache.clear()
-
-
 def clear_caches() -> None:
     """Forgets every compiled initializer and cached program flaxlazy holds.
 
@@ -79,4 +73,5 @@ def clear_caches() -> None:
       >>> import flaxlazy
       >>> flaxlazy.clear_caches()
     """
-    clear_all()
+    for cache in _ALL:
+        cache.clear()

@@ -52,11 +52,6 @@ DATA_DEPENDENT = (
 )
 
 
-def clear_cache() -> None:
-    """Forgets every compiled initializer (see ``flaxlazy.clear_caches``)."""
-    cache_lib.clear_all()
-
-
 def _single_device(sharding: Any) -> bool:
     return sharding is None or len(sharding.device_set) == 1
 
@@ -91,10 +86,18 @@ def _leaf_fn(leaf: plan_lib.Leaf):
 
         return jax.jit(keyed, out_shardings=leaf.sharding)
 
-    # The chunked draw is chosen for the PRNG configuration of the moment: key it too.
+    return _COMPILED.get(compile_key(leaf), make,
+                         nbytes=_cost(program.jaxpr.consts, program.baked))
+
+
+def compile_key(leaf: plan_lib.Leaf) -> Any:
+    """The compiled-function cache key of a ``"flax"``/``"initializer"`` leaf (None: never
+    cached): its program, its placement, and the PRNG configuration of the moment (the
+    chunked draw is chosen for it)."""
+    if leaf.program.key is None:
+        return None
     config = (jax.config.jax_threefry_partitionable, jax.config.jax_enable_x64)
-    key = None if program.key is None else ("leaf", program.key, leaf.sharding, config)
-    return _COMPILED.get(key, make, nbytes=_cost(program.jaxpr.consts, program.baked))
+    return ("leaf", leaf.program.key, leaf.sharding, config)
 
 
 def _cost(consts: Sequence[Any], baked: Sequence[bool]) -> int:

@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
 from flaxlazy._src import abstract as abstract_lib
+from flaxlazy._src import engine
 from flaxlazy._src import initializer_names
 from flaxlazy._src import inspect_render
 from flaxlazy._src import paths
@@ -230,10 +231,11 @@ def _compiles(plan: plan_lib.Plan, optimizer: bool) -> dict[str, int]:
     keyed, unkeyed, traced = set(), 0, False
     for leaf in plan.leaves:
         if leaf.source in (plan_lib.FLAX, plan_lib.INITIALIZER):
-            if leaf.program.key is None:
+            key = engine.compile_key(leaf)
+            if key is None:
                 unkeyed += 1
             else:
-                keyed.add((leaf.program.key, leaf.sharding))
+                keyed.add(key)
         traced |= leaf.source == plan_lib.TRACED
     out = {"initializers": len(keyed) + unkeyed, "traced_run": int(traced)}
     if optimizer:  # init_train_state: one jit of tx.init, whatever the state holds

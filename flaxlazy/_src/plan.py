@@ -159,13 +159,7 @@ def _replays_alone(fn: Callable, key_spec: Any, shape, dtype) -> programs.Progra
         program = programs.trace(fn, *([] if key_spec is None else [key_spec]))
     except Exception:  # noqa: BLE001 - any failure means "not replayable alone"
         return None
-    # A tracer of the finished abstract trace shows up as a constant: data-dependent.
-    if programs.leaked_tracers(program) or program.out_tree.num_leaves != 1:
-        return None
-    (out,) = program.jaxpr.out_avals
-    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or not _is_plain(program):
-        return None
-    return program
+    return program if _is_plain(program) and _makes(program, shape, dtype) else None
 
 
 _PLAIN = jax.tree_util.tree_structure(0)
@@ -173,6 +167,17 @@ _PLAIN = jax.tree_util.tree_structure(0)
 
 def _is_plain(program: programs.Program) -> bool:
     return program.out_tree == _PLAIN
+
+
+def _makes(program: programs.Program, shape, dtype) -> bool:
+    """Whether a one-output program makes exactly this leaf, from its key alone.
+
+    A tracer of the finished abstract trace shows up as a constant: data-dependent.
+    """
+    (out,) = program.jaxpr.out_avals
+    return not programs.leaked_tracers(program) and (
+        (tuple(out.shape), out.dtype) == (tuple(shape), dtype)
+    )
 
 
 def _leaf_program(rec: recorder_lib.Record, sub: str, root_key: Any, shape, dtype):
@@ -183,10 +188,7 @@ def _leaf_program(rec: recorder_lib.Record, sub: str, root_key: Any, shape, dtyp
     """
     program = rec.program
     if program is not None and not sub and program.out_tree.num_leaves == 1:
-        (out,) = program.jaxpr.out_avals
-        if programs.leaked_tracers(program) or (tuple(out.shape), out.dtype) != (shape, dtype):
-            return None
-        return program.as_single_output()
+        return program.as_single_output() if _makes(program, shape, dtype) else None
     return _replays_alone(_replay(rec, sub), root_key if rec.takes_key else None, shape, dtype)
 
 

@@ -88,16 +88,12 @@ def trace(fn: Callable[..., Any], *args: Any) -> Program:
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
     out_tree = jax.tree_util.tree_structure(out_shape)
     baked = tuple(_bakeable(c) for c in closed.consts)
-    try:
-        key = (
-            _jaxpr_key(closed.jaxpr),
-            tuple(_value_key(c) if b else _aval_key(_compat.aval(c))
-                  for c, b in zip(closed.consts, baked, strict=True)),
-            out_tree,
-        )
-        hash(key)
-    except (Unkeyable, TypeError):
-        key = None
+    key = _key_or_none(lambda: (
+        _jaxpr_key(closed.jaxpr),
+        tuple(_value_key(c) if b else _aval_key(_compat.aval(c))
+              for c, b in zip(closed.consts, baked, strict=True)),
+        out_tree,
+    ))
     return Program(closed, key, baked, out_tree)
 
 
@@ -125,8 +121,12 @@ def runner(program: Program, draw: Callable[..., Any] | None = None) -> Callable
 
 def jaxpr_key(jaxpr: Any) -> Hashable | None:
     """The structural key of an open jaxpr (constants as inputs), or None if unkeyable."""
+    return _key_or_none(lambda: _jaxpr_key(jaxpr))
+
+
+def _key_or_none(build: Callable[[], Hashable]) -> Hashable | None:
     try:
-        key = _jaxpr_key(jaxpr)
+        key = build()
         hash(key)
     except (Unkeyable, TypeError):
         return None
