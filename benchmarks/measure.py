@@ -108,10 +108,10 @@ def _timed(fn, *args, **kwargs):
 
 def _plan(model, key):
     """The materialization plan of ``model`` (internal API; cached traces make it cheap)."""
-    from flaxlazy._src import abstract as abstract_lib
     from flaxlazy._src import materialize as materialize_lib
+    from flaxlazy._src.linen import call as linen_call
 
-    call = abstract_lib.make_call(model.module, key, model.inputs, model.kwargs)
+    call = linen_call.make_call(model.module, key, model.inputs, model.kwargs)
     return materialize_lib.make_plan(call)
 
 

@@ -23,11 +23,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import flaxlazy
-from flaxlazy._src import abstract as abstract_lib
 from flaxlazy._src import engine
 from flaxlazy._src import materialize as materialize_lib
 from flaxlazy._src import paths
 from flaxlazy._src import sharding as sharding_lib
+from flaxlazy._src.linen import call as linen_call
 
 NUM_PROCESSES = 2
 MESH_SHAPE = (2, 4)  # 'data' spans the two processes, 'model' the devices of one
@@ -109,7 +109,7 @@ def main(process_id: int, port: int, out_path: str) -> None:
     requested = requested_shardings(mesh)
 
     key = jax.random.key(SEED)
-    call = abstract_lib.make_call(Model(), key, (SPEC,), {})
+    call = linen_call.make_call(Model(), key, (SPEC,), {})
     plan = materialize_lib.make_plan(
         call, shardings=lambda path, leaf: requested[path]
     )

@@ -11,8 +11,8 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import flaxlazy
-from flaxlazy._src import abstract as abstract_lib
 from flaxlazy._src import materialize as materialize_lib
+from flaxlazy._src.linen import call as linen_call
 
 X = flaxlazy.spec("f32[4,12]")
 
@@ -56,7 +56,7 @@ def test_partial_restore_keeps_pretrained_and_inits_the_rest(pretrained):
     chex.assert_trees_all_equal(got["params"]["backbone"], saved["params"]["backbone"])
     plain = flaxlazy.materialize(Classifier(10), key, X)
     chex.assert_trees_all_equal(got["params"]["head"], plain["params"]["head"])
-    call = abstract_lib.make_call(Classifier(10), key, (X,), {})
+    call = linen_call.make_call(Classifier(10), key, (X,), {})
     with pytest.warns(UserWarning, match="not used"):  # plans are never cached: warned again
         plan = materialize_lib.make_plan(call, initializers=initializers)
     sources = {leaf.path: leaf.source for leaf in plan.leaves}

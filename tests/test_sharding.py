@@ -20,7 +20,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import flaxlazy
-from flaxlazy._src import abstract as abstract_lib
 from flaxlazy._src import engine
 from flaxlazy._src import materialize as materialize_lib
 from flaxlazy._src import paths
@@ -28,6 +27,7 @@ from flaxlazy._src import programs
 from flaxlazy._src import sharding as sharding_lib
 from flaxlazy._src import summary as summary_lib
 from flaxlazy._src.compiles import count_compiles
+from flaxlazy._src.linen import call as linen_call
 
 X = flaxlazy.spec("f32[4,16]")
 
@@ -129,7 +129,7 @@ def shapes_of(model, spec=X):
 
 def materialize_sharded(model, key, spec, shardings_by_path):
     """The plan/engine path with one requested sharding per collection-qualified path."""
-    call = abstract_lib.make_call(model, key, (spec,), {})
+    call = linen_call.make_call(model, key, (spec,), {})
     plan = materialize_lib.make_plan(
         call, shardings=lambda path, leaf: shardings_by_path[path],
     )

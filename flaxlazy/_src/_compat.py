@@ -122,7 +122,7 @@ def _check_key_derivation() -> None:
     import numpy as np
 
     from flaxlazy._src import programs
-    from flaxlazy._src import recorder
+    from flaxlazy._src.linen import recorder
 
     spec = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
     for data in (("params", "Dense_0", "kernel"), ("Block_3", 7, "x" * 40, 2**40)):

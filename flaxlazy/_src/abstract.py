@@ -2,215 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
-import numpy as np
-from flax import errors as flax_errors
-from flax.core.scope import DenyList
 
-from flaxlazy._src import _compat
-from flaxlazy._src import recorder as recorder_lib
 from flaxlazy._src import sharding as sharding_lib
-from flaxlazy._src import specs
-
-DEFAULT_MUTABLE = DenyList("intermediates")
-
-
-@dataclasses.dataclass(frozen=True)
-class InitCall:
-    """One ``module.init`` call with its array inputs split from its static ones.
-
-    Array-like leaves of the inputs (arrays and ShapeDtypeStructs) are "dynamic": they
-    count only by shape and dtype. Every other leaf (Python flags, strings, modules) is
-    static and passed through as is, exactly as ``module.init`` would see it.
-    """
-
-    module: nn.Module
-    method: Any
-    mutable: Any
-    init_kwargs: tuple  # extra Module.init options, e.g. capture_intermediates
-    treedef: Any  # of (args, kwargs)
-    static: tuple  # leaves, with None where a dynamic leaf goes
-    rngs: Any  # the abstract rngs (a ShapeDtypeStruct or a dict of them)
-    inputs: tuple  # the abstract dynamic leaves
-
-    def rebuild(self, dyn: list) -> tuple[tuple, dict]:
-        it = iter(dyn)
-        leaves = [next(it) if s is _DYNAMIC else s for s in self.static]
-        args, kwargs = jax.tree_util.tree_unflatten(self.treedef, leaves)
-        return args, kwargs
-
-    def run(self, rngs: Any, dyn: list) -> Any:
-        """Calls ``module.init`` with the given rngs and dynamic inputs."""
-        args, kwargs = self.rebuild(dyn)
-        return self.module.init(
-            rngs, *args, method=self.method, mutable=self.mutable,
-            **dict(self.init_kwargs), **kwargs,
-        )
-
-
-class _Dynamic:
-    def __repr__(self):
-        return "<dynamic>"
-
-
-_DYNAMIC = _Dynamic()
-
-
-def dynamic_inputs(args: tuple, kwargs: dict) -> list:
-    """The array-like leaves of a call's inputs, in the order ``InitCall.inputs`` uses."""
-    leaves = jax.tree_util.tree_leaves((tuple(args), dict(kwargs)))
-    return [x for x in leaves if specs.is_array_like(x)]
-
-
-NOT_A_MODULE = (
-    "{fn}: `{what}` must be a flax.linen.Module instance such as nn.Dense(4), got "
-    "{got}.{hint}"
-)
-
-
-def check_module(module: Any, *, fn: str, what: str = "module") -> None:
-    """Raises a ``TypeError`` naming ``what`` unless ``module`` is a Linen module instance.
-
-    Examples:
-      >>> import flax.linen as nn
-      >>> check_module(nn.Dense, fn="lazy")
-      Traceback (most recent call last):
-      ...
-      TypeError: lazy: `module` must be a flax.linen.Module instance such as nn.Dense(4),
-      got the class Dense. Create an instance: Dense(...).
-    """
-    if isinstance(module, nn.Module):
-        return
-    hint = ""
-    if isinstance(module, type):
-        got = f"the class {module.__name__}"
-        if issubclass(module, nn.Module):
-            hint = f" Create an instance: {module.__name__}(...)."
-    else:
-        text = repr(module)
-        got = f"{type(module).__name__} {text}" if len(text) < 60 and "\n" not in text else (
-            f"a {type(module).__module__}.{type(module).__name__}")
-        if type(module).__module__.startswith("flax.nnx") or any(
-            c.__module__.startswith("flax.nnx") for c in type(module).__mro__
-        ):
-            hint = " NNX modules are not supported yet; flaxlazy handles Linen modules."
-        elif callable(module):
-            hint = " To wrap a function, make it a Linen module (nn.compact __call__)."
-    raise TypeError(NOT_A_MODULE.format(fn=fn, what=what, got=got, hint=hint))
-
-
-def root_params_key(rngs: Any) -> Any:
-    """The key Flax derives parameter keys from: ``rngs`` or ``rngs["params"]``."""
-    if isinstance(rngs, Mapping):
-        return rngs.get("params")
-    return rngs
-
-
-RNGS_FORM = (
-    "a PRNG key (jax.random.key(0), or the raw uint32[2] of jax.random.PRNGKey(0)) or a "
-    "dict of them such as {'params': k1, 'dropout': k2}"
-)
-
-
-def _is_key(x: Any) -> bool:
-    dtype = getattr(x, "dtype", None)
-    if dtype is None or not specs.is_array_like(x):
-        return False
-    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-        return True
-    return np.dtype(dtype) == np.uint32 and tuple(np.shape(x))[-1:] == (2,)
-
-
-def _check_rngs(rngs: Any, *, fn: str) -> None:
-    items = rngs.items() if isinstance(rngs, Mapping) else [(None, rngs)]
-    for name, leaf in items:
-        if not _is_key(leaf):
-            where = "`rngs`" if name is None else f"`rngs[{name!r}]`"
-            got = (
-                f"{type(leaf).__name__} of dtype {leaf.dtype} and shape {np.shape(leaf)}"
-                if hasattr(leaf, "dtype") else repr(leaf)
-            )
-            raise TypeError(f"{fn}: {where} must be {RNGS_FORM}; got {got}.")
-
-
-def make_call(
-    module: nn.Module,
-    rngs: Any,
-    args: tuple,
-    kwargs: dict,
-    *,
-    method: Any = None,
-    mutable: Any = DEFAULT_MUTABLE,
-    init_kwargs: Mapping[str, Any] | None = None,
-    fn: str = "materialize",
-) -> InitCall:
-    """Splits a ``module.init`` call into its abstract inputs and static parts."""
-    check_module(module, fn=fn)
-    _check_rngs(rngs, fn=fn)
-    leaves, treedef = jax.tree_util.tree_flatten((tuple(args), dict(kwargs)))
-    static = tuple(_DYNAMIC if specs.is_array_like(x) else x for x in leaves)
-    inputs = tuple(specs.to_spec(x) for x in dynamic_inputs(args, kwargs))
-    abstract_rngs = jax.tree_util.tree_map(specs.to_spec, rngs)
-    if isinstance(abstract_rngs, Mapping):
-        abstract_rngs = dict(abstract_rngs)
-    return InitCall(
-        module, method, mutable, tuple(sorted((init_kwargs or {}).items())), treedef,
-        static, abstract_rngs, inputs,
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class Traced:
-    """The result of tracing ``module.init`` abstractly.
-
-    Attributes:
-      call: the traced call.
-      variables: the variables tree with ``jax.ShapeDtypeStruct`` leaves (boxes kept).
-      records: how each variable was created, keyed by ``(collection, path)``.
-    """
-
-    call: InitCall
-    variables: Any
-    records: Mapping[tuple[str, tuple[str, ...]], recorder_lib.Record]
-
-
-def trace(call: InitCall, *, record: bool = True) -> Traced:
-    """Runs ``module.init`` under ``jax.eval_shape`` and records variable creation.
-
-    Never cached: what a module creates can depend on anything its code reads (fields,
-    closures, globals), so every call traces afresh. Tracing is abstract and cheap; the
-    expensive part, compiled code, is cached by what it computes (``programs``).
-    Where flaxlazy's self-check fails on this jax/flax pair (``_compat``), nothing is
-    recorded and every variable comes from the compiled ``module.init``.
-    """
-    found = {"records": {}}
-    record = record and _compat.warn_if_fallback()
-
-    def fn(rngs, dyn):
-        if not record:
-            return call.run(rngs, dyn)
-        with recorder_lib.recording(root_params_key(rngs)) as rec:
-            variables = call.run(rngs, dyn)
-        rec.mark_final(variables)
-        found["records"] = {} if rec.unreliable else rec.records
-        return variables
-
-    try:
-        variables = jax.eval_shape(fn, call.rngs, list(call.inputs))
-    except flax_errors.InvalidRngError as e:
-        if isinstance(call.rngs, Mapping) and "params" not in call.rngs:
-            raise ValueError(
-                f"`rngs` has no 'params' key (it has {sorted(call.rngs)}), but the module "
-                "creates parameters. Add one: rngs={'params': jax.random.key(0), ...}."
-            ) from e
-        raise
-    return Traced(call, variables, found["records"])
+from flaxlazy._src.linen import call as linen_call
+from flaxlazy._src.linen.call import DEFAULT_MUTABLE
 
 
 def abstract_init(
@@ -261,11 +61,11 @@ def abstract_init(
       >>> shapes["params"]["kernel"]
       ShapeDtypeStruct(shape=(5, 3), dtype=float32)
     """
-    call = make_call(
+    call = linen_call.make_call(
         module, rngs, inputs, kwargs, method=method, mutable=mutable, fn="abstract_init",
-        init_kwargs=init_options(capture_intermediates),
+        init_kwargs=linen_call.init_options(capture_intermediates),
     )
-    variables = trace(call, record=False).variables  # shapes only: nothing to replay
+    variables = linen_call.trace(call, record=False).variables  # shapes only: nothing to replay
     if mesh is None:
         if partition_rules is not None or logical_axis_rules is not None or (
             require_rules is not None
@@ -281,6 +81,3 @@ def abstract_init(
         require_rules=require_rules,
     )
 
-
-def init_options(capture_intermediates: Any) -> dict:
-    return {"capture_intermediates": capture_intermediates} if capture_intermediates else {}

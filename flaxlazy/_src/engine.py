@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxlazy._src import _compat
-from flaxlazy._src import abstract as abstract_lib
 from flaxlazy._src import cache as cache_lib
 from flaxlazy._src import checkpoint
 from flaxlazy._src import chunked
@@ -35,6 +34,7 @@ from flaxlazy._src import paths
 from flaxlazy._src import plan as plan_lib
 from flaxlazy._src import programs
 from flaxlazy._src import specs
+from flaxlazy._src.linen import call as linen_call
 
 # A jit-compiled CPU initializer with its wrapper holds about 2-3 MiB (measured: 100
 # distinct lecun_normal draws kept alive add 3.0 MiB each); the byte bound counts this
@@ -193,7 +193,7 @@ def execute(plan: plan_lib.Plan, rngs: Any, inputs: Sequence[Any]) -> Any:
     Returns:
       The variables tree, with Flax boxes around their arrays where the module has them.
     """
-    root = abstract_lib.root_params_key(rngs)
+    root = linen_call.root_params_key(rngs)
     values: list[Any] = [None] * len(plan.leaves)
     traced = []
     reads: dict[str, dict[str, tuple[int, jax.ShapeDtypeStruct]]] = {}

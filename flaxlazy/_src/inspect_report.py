@@ -30,7 +30,6 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
-from flaxlazy._src import abstract as abstract_lib
 from flaxlazy._src import engine
 from flaxlazy._src import initializer_names
 from flaxlazy._src import inspect_render
@@ -42,6 +41,7 @@ from flaxlazy._src import sharding_checks
 from flaxlazy._src import specs as specs_lib
 from flaxlazy._src import summary as summary_lib
 from flaxlazy._src import train_state as train_state_lib
+from flaxlazy._src.linen import call as linen_call
 
 OPT_STATE = train_state_lib.OPT_STATE
 STEP = "step"
@@ -408,7 +408,7 @@ def inspect(
     dtype: Any = None,
     device_memory: int | str | None = None,
     method: Any = None,
-    mutable: Any = abstract_lib.DEFAULT_MUTABLE,
+    mutable: Any = linen_call.DEFAULT_MUTABLE,
     top: int | None = None,
     depth: int | None = None,
     **kwargs: Any,
@@ -482,8 +482,8 @@ def inspect(
     cast = cast_dtype(dtype) if dtype is not None else None
     memory = parse_bytes(device_memory) if device_memory is not None else None
 
-    call = abstract_lib.make_call(module, rngs, inputs, kwargs, method=method, mutable=mutable)
-    traced = abstract_lib.trace(call)
+    call = linen_call.make_call(module, rngs, inputs, kwargs, method=method, mutable=mutable)
+    traced = linen_call.trace(call)
     flat = paths.flatten(traced.variables)[0]
 
     # Placement of the variables, problems collected in the order materialize meets them.

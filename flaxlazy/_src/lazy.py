@@ -11,6 +11,7 @@ import flax.linen as nn
 
 from flaxlazy._src import abstract as abstract_lib
 from flaxlazy._src import materialize as materialize_lib
+from flaxlazy._src.linen import call as linen_call
 
 
 class Lazy(NamedTuple):
@@ -54,7 +55,7 @@ def lazy(module: nn.Module, *, initializers: Any = None) -> Lazy:
       Array([[1., 1., 1., 1.],
              [1., 1., 1., 1.]], dtype=float32)
     """
-    abstract_lib.check_module(module, fn="lazy")
+    linen_call.check_module(module, fn="lazy")
     return Lazy(
         shapes=functools.partial(abstract_lib.abstract_init, module),
         init=functools.partial(materialize_lib.materialize, module, initializers=initializers),

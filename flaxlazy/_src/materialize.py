@@ -8,17 +8,17 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from flaxlazy._src import abstract as abstract_lib
 from flaxlazy._src import engine
 from flaxlazy._src import placement
 from flaxlazy._src import plan as plan_lib
+from flaxlazy._src.linen import call as linen_call
 
 
 def make_plan(
-    call: abstract_lib.InitCall, *, initializers: Any = None, shardings: Callable | None = None
+    call: linen_call.InitCall, *, initializers: Any = None, shardings: Callable | None = None
 ) -> plan_lib.Plan:
     """Traces ``call`` and builds its plan (never cached: see ``abstract.trace``)."""
-    return plan_lib.build(abstract_lib.trace(call), initializers=initializers,
+    return plan_lib.build(linen_call.trace(call), initializers=initializers,
                           shardings=shardings)
 
 
@@ -35,7 +35,7 @@ def materialize(
     allow_unused_rules: bool = False,
     require_rules: bool | None = None,
     method: Callable[..., Any] | str | None = None,
-    mutable: Any = abstract_lib.DEFAULT_MUTABLE,
+    mutable: Any = linen_call.DEFAULT_MUTABLE,
     capture_intermediates: bool | Callable[..., bool] = False,
     **kwargs: Any,
 ) -> Any:
@@ -110,11 +110,11 @@ def materialize(
       >>> bool((variables["params"]["kernel"] == reference["params"]["kernel"]).all())
       True
     """
-    call = abstract_lib.make_call(
+    call = linen_call.make_call(
         module, rngs, inputs, kwargs, method=method, mutable=mutable,
-        init_kwargs=abstract_lib.init_options(capture_intermediates),
+        init_kwargs=linen_call.init_options(capture_intermediates),
     )
-    traced = abstract_lib.trace(call)
+    traced = linen_call.trace(call)
     by_path = placement.resolve(
         traced.variables, device=device, shardings=shardings, mesh=mesh,
         partition_rules=partition_rules, logical_axis_rules=logical_axis_rules,
@@ -125,4 +125,4 @@ def materialize(
         traced, initializers=initializers,
         shardings=None if by_path is None else (lambda path, leaf: by_path[path]),
     )
-    return engine.execute(plan, rngs, abstract_lib.dynamic_inputs(inputs, kwargs))
+    return engine.execute(plan, rngs, linen_call.dynamic_inputs(inputs, kwargs))

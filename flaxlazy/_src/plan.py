@@ -30,13 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
 
-from flaxlazy._src import abstract as abstract_lib
 from flaxlazy._src import checkpoint
 from flaxlazy._src import paths
 from flaxlazy._src import programs
-from flaxlazy._src import recorder as recorder_lib
 from flaxlazy._src import restore
 from flaxlazy._src import rules as rules_lib
+from flaxlazy._src.linen import call as linen_call
+from flaxlazy._src.linen import recorder as recorder_lib
 
 FLAX = "flax"
 INITIALIZER = "initializer"
@@ -87,7 +87,7 @@ class Plan(NamedTuple):
       abstract: the abstract leaves (ShapeDtypeStructs or boxes around them).
     """
 
-    traced: abstract_lib.Traced
+    traced: linen_call.Traced
     leaves: tuple[Leaf, ...]
     treedef: Any
     abstract: tuple
@@ -116,7 +116,7 @@ def override_key(path: str) -> int:
     return recorder_lib.static_hash((_OVERRIDE_KEY_PREFIX, path))
 
 
-def _record_index(traced: abstract_lib.Traced) -> dict[str, recorder_lib.Record]:
+def _record_index(traced: linen_call.Traced) -> dict[str, recorder_lib.Record]:
     return {
         paths.SEP.join((col,) + path): rec for (col, path), rec in traced.records.items()
     }
@@ -322,7 +322,7 @@ def _override(
 
 
 def build(
-    traced: abstract_lib.Traced,
+    traced: linen_call.Traced,
     *,
     initializers: Any = None,
     shardings: Callable[[str, Any], Any] | None = None,
@@ -349,7 +349,7 @@ def build(
         raise ValueError("initializers: the model has no parameters in the 'params' collection.")
     chosen = rules_lib.assign(rules, param_paths, what="initializers")
     index = _record_index(traced)
-    root_key = abstract_lib.root_params_key(traced.call.rngs)
+    root_key = linen_call.root_params_key(traced.call.rngs)
     if chosen and root_key is None:
         raise ValueError("initializers: overriding parameters needs a 'params' key in `rngs`.")
 

@@ -31,6 +31,7 @@ from flaxlazy._src import plan as plan_lib
 from flaxlazy._src import rules as rules_lib
 from flaxlazy._src import sharding as sharding_lib
 from flaxlazy._src import sharding_checks
+from flaxlazy._src.linen import call as linen_call
 
 PARAMS = paths.PARAMS
 OPT_STATE = "opt_state"
@@ -203,7 +204,7 @@ def _abstract(
     require_rules: bool | None, concrete: bool,
 ) -> tuple[TrainState, Any]:
     """The abstract train state, and the variables' shardings tree (None without a mesh)."""
-    abstract_lib.check_module(module, fn=fn)
+    linen_call.check_module(module, fn=fn)
     check_tx(tx, fn=fn)
     if mesh is None:
         given = [n for n, v in ((WHAT, partition_rules),

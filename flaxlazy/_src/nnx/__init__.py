@@ -1,0 +1,1 @@
+"""Flax NNX entrance: constructor calls traced into records the core plans from."""
