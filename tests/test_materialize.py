@@ -306,8 +306,13 @@ def test_rngs_without_params_key_when_params_are_created():
 
 
 def test_module_that_is_not_a_linen_module():
-    with pytest.raises(TypeError, match=r"materialize: `module` must be a flax.linen.Module"):
-        flaxlazy.materialize(lambda x: x, jax.random.key(0), X)
+    # Any other callable is an NNX constructor; this one does not return a module.
+    with pytest.raises(TypeError, match=r"materialize: <lambda> returned an array of shape \(4, 16\), not an "
+                                        r"nnx.Module"):
+        flaxlazy.materialize(lambda k, x: x, jax.random.key(0), X)
+    with pytest.raises(TypeError, match=r"materialize: `module` must be a flax.linen.Module "
+                                        r"instance, or an NNX Module class"):
+        flaxlazy.materialize(3, jax.random.key(0), X)
     with pytest.raises(TypeError, match=r"abstract_init: `module` .*Create an instance"):
         flaxlazy.abstract_init(nn.Dense, jax.random.key(0), X)
 

@@ -73,6 +73,24 @@ def is_key_array(x: Any) -> bool:
     return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
 
+def literal_value(x: Any) -> Any:
+    """The value of a jaxpr ``Literal``."""
+    return x.val
+
+
+def is_dropvar(x: Any) -> bool:
+    return isinstance(x, _core.DropVar)
+
+
+def new_closed_jaxpr(
+    constvars: list, consts: list, invars: list, outvars: list, eqns: list
+) -> Any:
+    """A ``ClosedJaxpr`` assembled from parts of another jaxpr (vars shared with it)."""
+    effects = _core.join_effects(*(eqn.effects for eqn in eqns)) if eqns else frozenset()
+    jaxpr = _core.Jaxpr(constvars, invars, outvars, eqns, effects)
+    return _core.ClosedJaxpr(jaxpr, consts)
+
+
 def convert_constvars_jaxpr(jaxpr: Any) -> Any:
     return _pe.convert_constvars_jaxpr(jaxpr)
 
@@ -96,6 +114,40 @@ def set_fold_in_static(fn: Any) -> None:
 
 
 Scope = flax_scope.Scope
+
+
+# ------------------------------------------------------------------------------- nnx
+def nnx_variable_name(kind: type) -> str | None:
+    """NNX's registered collection name for a variable type (``BatchStat``: ``batch_stats``)."""
+    from flax.nnx import variablelib
+
+    try:
+        return variablelib.variable_name_from_type(kind, allow_register=False)
+    except (ValueError, AttributeError, TypeError):
+        return None
+
+
+def nnx_rng_stream() -> type:
+    """NNX's ``RngStream`` class, whose ``__call__`` hands out ``fold_in(key, count)``."""
+    from flax.nnx import rnglib
+
+    return rnglib.RngStream
+
+
+def nnx_sharding_names(variable: Any) -> tuple | None:
+    """The axis names of an NNX variable's sharding annotation, or None."""
+    meta = variable.get_metadata() if hasattr(variable, "get_metadata") else {}
+    for name in ("out_sharding", "sharding_names", "sharding"):
+        names = meta.get(name)
+        if names is not None:
+            spec = getattr(names, "spec", names)  # a NamedSharding
+            return tuple(spec)
+    return None
+
+
+def nnx_sharding_rules(variable: Any) -> Any:
+    meta = variable.get_metadata() if hasattr(variable, "get_metadata") else {}
+    return meta.get("sharding_rules")
 
 
 # ----------------------------------------------------------------------------- orbax

@@ -11,12 +11,13 @@ import jax
 from flaxlazy._src import sharding as sharding_lib
 from flaxlazy._src.linen import call as linen_call
 from flaxlazy._src.linen.call import DEFAULT_MUTABLE
+from flaxlazy._src.nnx import api as nnx_api
+from flaxlazy._src.nnx import call as nnx_call
 
 
 def abstract_init(
-    module: nn.Module,
-    rngs: Any,
-    *inputs: Any,
+    module: nn.Module | Callable[..., Any],
+    *args: Any,
     method: Callable[..., Any] | str | None = None,
     mutable: Any = DEFAULT_MUTABLE,
     capture_intermediates: bool | Callable[..., bool] = False,
@@ -61,6 +62,17 @@ def abstract_init(
       >>> shapes["params"]["kernel"]
       ShapeDtypeStruct(shape=(5, 3), dtype=float32)
     """
+    if nnx_call.is_nnx_target(module):
+        linen_call.reject_linen_options(
+            "abstract_init", method=method, mutable=mutable,
+            capture_intermediates=capture_intermediates,
+        )
+        return nnx_api.abstract_init(
+            module, args, kwargs, mesh=mesh, partition_rules=partition_rules,
+            logical_axis_rules=logical_axis_rules, allow_unused_rules=allow_unused_rules,
+            require_rules=require_rules,
+        )
+    rngs, inputs = linen_call.split_rngs_argument(args, kwargs, fn="abstract_init")
     call = linen_call.make_call(
         module, rngs, inputs, kwargs, method=method, mutable=mutable, fn="abstract_init",
         init_kwargs=linen_call.init_options(capture_intermediates),

@@ -34,7 +34,6 @@ from flaxlazy._src import paths
 from flaxlazy._src import plan as plan_lib
 from flaxlazy._src import programs
 from flaxlazy._src import specs
-from flaxlazy._src.linen import call as linen_call
 
 # A jit-compiled CPU initializer with its wrapper holds about 2-3 MiB (measured: 100
 # distinct lecun_normal draws kept alive add 3.0 MiB each); the byte bound counts this
@@ -136,15 +135,10 @@ def _traced_runner(plan: plan_lib.Plan, leaves: Sequence[plan_lib.Leaf], concret
     call = plan.traced.call
     names = tuple(leaf.path for leaf in leaves)
     shardings = tuple(leaf.sharding for leaf in leaves)
-
-    def run(rngs, dyn):
-        flat = dict(paths.flatten(call.run(rngs, dyn))[0])
-        return [plan_lib.unbox(flat[n]) for n in names]
-
-    closed = jax.make_jaxpr(run)(call.rngs, list(call.inputs))
+    closed = plan.traced.fallback_jaxpr(list(names))
     jaxpr = _compat.convert_constvars_jaxpr(closed.jaxpr)
     n_const = len(closed.consts)
-    n_rng = len(jax.tree_util.tree_leaves(call.rngs))
+    n_rng = plan.traced.n_rng
     pruned, used = _compat.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
     used_consts, used_inputs = used[:n_const], used[n_const:]
     if _dependency_error(call, names, used_inputs, n_rng, concrete):
@@ -174,7 +168,7 @@ def _traced_runner(plan: plan_lib.Plan, leaves: Sequence[plan_lib.Leaf], concret
     compiled = _COMPILED.get(key, make, nbytes=_EXECUTABLE_BYTES)
 
     def runner(rngs, dyn):
-        flat_in = jax.tree_util.tree_leaves(rngs) + list(dyn)
+        flat_in = plan.traced.rng_leaves(rngs) + list(dyn)
         args = [x for x, u in zip(flat_in, used_inputs, strict=True) if u]
         return compiled(*consts, *args)
 
@@ -193,7 +187,7 @@ def execute(plan: plan_lib.Plan, rngs: Any, inputs: Sequence[Any]) -> Any:
     Returns:
       The variables tree, with Flax boxes around their arrays where the module has them.
     """
-    root = linen_call.root_params_key(rngs)
+    roots = plan.traced.roots(rngs)
     values: list[Any] = [None] * len(plan.leaves)
     traced = []
     reads: dict[str, dict[str, tuple[int, jax.ShapeDtypeStruct]]] = {}
@@ -209,7 +203,8 @@ def execute(plan: plan_lib.Plan, rngs: Any, inputs: Sequence[Any]) -> Any:
         else:
             key_hash = None if leaf.key is None else np.uint32(leaf.key)
             values[i] = _leaf_fn(leaf)(
-                root if key_hash is not None else None, key_hash, leaf.program.runtime_consts
+                roots[leaf.stream] if key_hash is not None else None, key_hash,
+                leaf.program.runtime_consts,
             )
     for path, wanted in reads.items():
         arrays = checkpoint.read(path, {entry: target for entry, (_, target) in wanted.items()})

@@ -21,6 +21,13 @@ def is_box(x: Any) -> bool:
     return isinstance(x, meta.AxisMetadata)
 
 
+def unbox(x: Any) -> Any:
+    """The value inside a Flax box, without the sharding constraint ``unbox()`` adds."""
+    if isinstance(x, meta.Partitioned):  # LogicallyPartitioned too
+        return x.value
+    return x.unbox() if isinstance(x, meta.AxisMetadata) else x
+
+
 def _key_name(k: Any) -> str:
     if isinstance(k, jax.tree_util.DictKey):
         return str(k.key)

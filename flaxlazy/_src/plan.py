@@ -28,7 +28,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.core import meta
 
 from flaxlazy._src import checkpoint
 from flaxlazy._src import paths
@@ -57,13 +56,15 @@ class Leaf(NamedTuple):
       shape: the leaf's shape.
       dtype: the leaf's dtype.
       source: ``"flax"``, ``"initializer"``, ``"array"`` or ``"traced"`` (module doc).
-      key: the uint32 folded into the root ``params`` key to make this leaf's key, or
+      key: the uint32 folded into the root key of ``stream`` to make this leaf's key, or
         None where the leaf needs no key (or gets it inside the traced run).
       sharding: where the leaf is placed (None: JAX's default device).
       program: for ``"flax"`` and ``"initializer"``, the traced ``fn(key) -> array``
         (``fn()`` where the leaf takes no key) with its compilation-cache key.
       value: for ``"array"``, the array; for ``"checkpoint"``, ``(source, entry)``.
       rule: the label of the initializer rule that matched, if any.
+      stream: the RNG stream whose root key ``key`` is folded into (Linen: ``params``;
+        NNX: the stream the module drew from).
     """
 
     path: str
@@ -75,6 +76,7 @@ class Leaf(NamedTuple):
     program: programs.Program | None
     value: Any
     rule: str | None
+    stream: str | None = None
 
 
 class Plan(NamedTuple):
@@ -98,13 +100,6 @@ class Plan(NamedTuple):
         for leaf in self.leaves:
             out[leaf.source] = out.get(leaf.source, 0) + 1
         return out
-
-
-def unbox(x: Any) -> Any:
-    """The value inside a Flax box, without the sharding constraint ``unbox()`` adds."""
-    if isinstance(x, meta.Partitioned):  # LogicallyPartitioned too
-        return x.value
-    return x.unbox() if isinstance(x, meta.AxisMetadata) else x
 
 
 def override_key(path: str) -> int:
@@ -136,9 +131,9 @@ def _find_record(index: Mapping[str, Any], path: str) -> tuple[Any, str]:
 
 def _select(tree: Any, sub: str) -> Any:
     if not sub:
-        return unbox(tree)
+        return paths.unbox(tree)
     flat, _ = paths.flatten(tree)
-    return unbox(dict(flat)[sub])
+    return paths.unbox(dict(flat)[sub])
 
 
 def _replay(rec: recorder_lib.Record, sub: str) -> Callable:
@@ -349,14 +344,17 @@ def build(
         raise ValueError("initializers: the model has no parameters in the 'params' collection.")
     chosen = rules_lib.assign(rules, param_paths, what="initializers")
     index = _record_index(traced)
-    root_key = linen_call.root_params_key(traced.call.rngs)
+    root_key = traced.override_root
     if chosen and root_key is None:
-        raise ValueError("initializers: overriding parameters needs a 'params' key in `rngs`.")
+        raise ValueError(
+            "initializers: overriding parameters needs a 'params' key in `rngs` (NNX: a "
+            "'params' or 'default' stream in the nnx.Rngs)."
+        )
 
     entries = functools.cache(checkpoint.entries)
     leaves = []
     for path, abstract_leaf in flat:
-        value = unbox(abstract_leaf)
+        value = paths.unbox(abstract_leaf)
         shape, dtype = tuple(value.shape), value.dtype
         sharding = shardings(path, abstract_leaf) if shardings else None
         rec, sub = _find_record(index, path)
@@ -364,22 +362,23 @@ def build(
         if rule is not None and rule.value is not None:
             layer_shape = None
             if rec is not None and not sub:
-                layer_shape = tuple(np.shape(unbox(rec.output)))
+                layer_shape = tuple(np.shape(paths.unbox(rec.output)))
                 if layer_shape == shape or _layer_axes(shape, layer_shape) is None:
                     layer_shape = None
             source, program, array, key = _override(
                 rule, path, shape, dtype, layer_shape, root_key, entries
             )
+            stream = traced.override_stream
         elif rec is not None and rec.replayable and (
             program := _leaf_program(rec, sub, root_key, shape, dtype)
         ):
-            source, array = FLAX, None
-            key = recorder_lib.static_hash(rec.key_data) if rec.takes_key else None
+            source, array, key, stream = FLAX, None, rec.fold, rec.stream
         else:
             source, program, array, key = TRACED, None, None, None
         leaves.append(
             Leaf(path, shape, dtype, source, key, sharding, program, array,
-                 rule.label if rule is not None else None)
+                 rule.label if rule is not None else None,
+                 stream if key is not None else None)
         )
     _report_unconsumed(leaves, entries)
     return Plan(traced, tuple(leaves), treedef, tuple(leaf for _, leaf in flat))

@@ -86,7 +86,11 @@ def trace(fn: Callable[..., Any], *args: Any) -> Program:
       (True, False)
     """
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
-    out_tree = jax.tree_util.tree_structure(out_shape)
+    return from_closed(closed, jax.tree_util.tree_structure(out_shape))
+
+
+def from_closed(closed: Any, out_tree: Any) -> Program:
+    """The ``Program`` of a closed jaxpr (e.g. one cut out of a larger trace)."""
     baked = tuple(_bakeable(c) for c in closed.consts)
     key = _key_or_none(lambda: (
         _jaxpr_key(closed.jaxpr),

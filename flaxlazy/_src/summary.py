@@ -16,7 +16,6 @@ from flax.training import train_state
 from jax.sharding import NamedSharding
 
 from flaxlazy._src import paths
-from flaxlazy._src import plan as plan_lib
 from flaxlazy._src import sharding as sharding_lib
 
 NOT_A_TREE = (
@@ -37,7 +36,7 @@ DEFAULT_NOTE = (
 
 
 def _leaf_array(x: Any) -> Any:
-    return plan_lib.unbox(x)
+    return paths.unbox(x)
 
 
 def _size(x: Any) -> int:

@@ -27,7 +27,6 @@ from jax.sharding import PartitionSpec
 from flaxlazy._src import abstract as abstract_lib
 from flaxlazy._src import materialize as materialize_lib
 from flaxlazy._src import paths
-from flaxlazy._src import plan as plan_lib
 from flaxlazy._src import rules as rules_lib
 from flaxlazy._src import sharding as sharding_lib
 from flaxlazy._src import sharding_checks
@@ -68,7 +67,7 @@ class TrainState(train_state.TrainState):
 
 
 def _unbox(tree: Any) -> Any:
-    return jax.tree.map(plan_lib.unbox, tree, is_leaf=paths.is_box)
+    return jax.tree.map(paths.unbox, tree, is_leaf=paths.is_box)
 
 
 def _split(variables: Any) -> tuple[Any, dict]:
@@ -222,7 +221,7 @@ def _abstract(
                          require_rules)
         variable_shardings = layout.variables(variables)
         variables = jax.tree.map(
-            lambda leaf, sh: _with_sharding(plan_lib.unbox(leaf), sh), variables,
+            lambda leaf, sh: _with_sharding(paths.unbox(leaf), sh), variables,
             variable_shardings, is_leaf=paths.is_box,
         )
     params, collections = _split(variables)

@@ -13,10 +13,12 @@ from flax import errors as flax_errors
 from flax.core.scope import DenyList
 
 from flaxlazy._src import _compat
+from flaxlazy._src import paths
 from flaxlazy._src import specs
 from flaxlazy._src.linen import recorder as recorder_lib
 
 DEFAULT_MUTABLE = DenyList("intermediates")
+PARAMS = "params"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +139,35 @@ def _check_rngs(rngs: Any, *, fn: str) -> None:
             raise TypeError(f"{fn}: {where} must be {RNGS_FORM}; got {got}.")
 
 
+def split_rngs_argument(args: tuple, kwargs: dict, *, fn: str) -> tuple[Any, tuple]:
+    """``(rngs, inputs)`` of a Linen call: ``f(module, rngs, *inputs)`` or ``rngs=``."""
+    if "rngs" in kwargs:
+        return kwargs.pop("rngs"), tuple(args)
+    if not args:
+        raise TypeError(
+            f"{fn}: missing `rngs`: for a Linen module pass a PRNG key after it, "
+            f"{fn}(module, jax.random.key(0), *inputs)."
+        )
+    return args[0], tuple(args[1:])
+
+
+def reject_linen_options(fn: str, *, method: Any, mutable: Any, capture_intermediates: Any
+                         ) -> None:
+    """Raises a ``TypeError`` for ``Module.init`` options given with an NNX constructor."""
+    given = [
+        name for name, value, default in (
+            ("method", method, None), ("mutable", mutable, DEFAULT_MUTABLE),
+            ("capture_intermediates", capture_intermediates, False),
+        ) if value is not default
+    ]
+    if given:
+        raise TypeError(
+            f"{fn}: {', '.join(f'`{n}`' for n in given)} {'is' if len(given) == 1 else 'are'} "
+            "options of Linen's Module.init and mean nothing for an NNX constructor. Drop "
+            "them; the constructor's own arguments follow the class."
+        )
+
+
 def make_call(
     module: nn.Module,
     rngs: Any,
@@ -176,6 +207,38 @@ class Traced:
     call: InitCall
     variables: Any
     records: Mapping[tuple[str, tuple[str, ...]], recorder_lib.Record]
+
+    # The core's view (shared with the NNX entrance): roots, overrides, the fallback.
+    override_stream = PARAMS
+
+    @property
+    def n_rng(self) -> int:
+        return len(jax.tree_util.tree_leaves(self.call.rngs))
+
+    @property
+    def override_root(self) -> Any:
+        """The abstract root key override keys derive from (None without ``params``)."""
+        return root_params_key(self.call.rngs)
+
+    def roots(self, rngs: Any) -> dict[str, Any]:
+        """The root keys by stream name: Linen derives every parameter key from ``params``."""
+        return {PARAMS: root_params_key(rngs)}
+
+    def rng_leaves(self, rngs: Any) -> list:
+        return jax.tree_util.tree_leaves(rngs)
+
+    def fallback_jaxpr(self, names: list[str]) -> Any:
+        """``module.init`` traced to a jaxpr returning only the leaves ``names``.
+
+        Its inputs are the rngs leaves, then the dynamic inputs.
+        """
+        call = self.call
+
+        def run(rngs, dyn):
+            flat = dict(paths.flatten(call.run(rngs, dyn))[0])
+            return [paths.unbox(flat[n]) for n in names]
+
+        return jax.make_jaxpr(run)(call.rngs, list(call.inputs))
 
 
 def trace(call: InitCall, *, record: bool = True) -> Traced:

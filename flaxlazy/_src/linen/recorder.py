@@ -82,6 +82,13 @@ class Record:
     final: bool = False
     program: Any = None
 
+    stream = "params"  # Linen derives every parameter key from the root params key
+
+    @property
+    def fold(self) -> int | None:
+        """The uint32 folded into the root key to make this variable's key."""
+        return static_hash(self.key_data) if self.takes_key and self.key_data else None
+
     @property
     def static_args(self) -> bool:
         leaves = jax.tree_util.tree_leaves((self.init_args, self.init_kwargs))

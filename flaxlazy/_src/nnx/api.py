@@ -1,0 +1,77 @@
+"""``abstract_init`` and ``materialize`` for NNX constructors: the core behind NNX in and out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from flaxlazy._src import engine
+from flaxlazy._src import placement
+from flaxlazy._src import plan as plan_lib
+from flaxlazy._src import sharding as sharding_lib
+from flaxlazy._src.nnx import call as call_lib
+from flaxlazy._src.nnx import trace as trace_lib
+
+
+def _logical(logical_axis_rules: Any) -> bool:
+    import flax.linen as nn  # noqa: PLC0415 - the logical-rules context is Flax-wide
+
+    return bool(logical_axis_rules) or bool(nn.get_logical_axis_rules())
+
+
+def traced(ctor: Any, args: tuple, kwargs: dict, *, fn: str, logical_axis_rules: Any = None
+           ) -> trace_lib.Traced:
+    """The abstract trace of ``ctor(*args, **kwargs)``."""
+    call = call_lib.make_call(ctor, args, kwargs, fn=fn)
+    return trace_lib.trace(call, logical=_logical(logical_axis_rules), fn=fn)
+
+
+def abstract_init(
+    ctor: Any, args: tuple, kwargs: dict, *, mesh: Any, partition_rules: Any,
+    logical_axis_rules: Any, allow_unused_rules: bool, require_rules: bool | None,
+) -> Any:
+    """The abstract module, as ``nnx.eval_shape`` gives it, with shardings under a mesh."""
+    t = traced(ctor, args, kwargs, fn="abstract_init", logical_axis_rules=logical_axis_rules)
+    variables = t.variables
+    if mesh is not None:
+        variables = sharding_lib.with_shardings(
+            variables, mesh, partition_rules=partition_rules,
+            logical_axis_rules=logical_axis_rules, allow_unused_rules=allow_unused_rules,
+            require_rules=require_rules,
+        )
+    elif partition_rules is not None or logical_axis_rules is not None or (
+        require_rules is not None
+    ):
+        raise TypeError(
+            "abstract_init: `partition_rules`, `logical_axis_rules` and `require_rules` "
+            "need a `mesh=`."
+        )
+    return trace_lib.build_module(t, variables)
+
+
+def plan(t: trace_lib.Traced, *, initializers: Any, placement_args: dict) -> plan_lib.Plan:
+    """The plan of a traced constructor, placed as ``placement_args`` say."""
+    by_path = placement.resolve(t.variables, **placement_args)
+    return plan_lib.build(
+        t, initializers=initializers,
+        shardings=None if by_path is None else (lambda path, leaf: by_path[path]),
+    )
+
+
+def materialize(
+    ctor: Any, args: tuple, kwargs: dict, *, initializers: Any, placement_args: dict
+) -> Any:
+    """The constructed module, its values equal to ``nnx.jit(ctor)``'s where not overridden.
+
+    The caller's ``nnx.Rngs`` ends as the constructor would have left it.
+    """
+    t = traced(ctor, args, kwargs, fn="materialize",
+               logical_axis_rules=placement_args.get("logical_axis_rules"))
+    p = plan(t, initializers=initializers, placement_args=placement_args)
+    keys = t.call.keys()
+    dyn = call_lib.dynamic_inputs(args, kwargs)
+    variables = engine.execute(p, keys, dyn)
+    module = trace_lib.build_module(t, variables)
+    t.update_rngs(keys, [None if isinstance(x, jax.ShapeDtypeStruct) else x for x in dyn])
+    return module

@@ -1,0 +1,339 @@
+"""The NNX entrance: a constructor traced once, whole, into the records the core plans from.
+
+The constructor runs under ``jax.make_jaxpr`` with the caller's stream root keys as
+inputs and the stream counters as known constants, exactly as ``nnx.jit`` would run it
+but without compiling anything. Every variable of the resulting module is an output;
+``slicing.Analysis`` finds, per variable, whether it is computed from one
+``fold_in(root, count)`` key alone (replayed alone, by a program shared by every equal
+layer), from constants alone, or needs the traced fallback (the whole jaxpr, pruned).
+
+Variables are addressed like Linen's: ``Param`` values by their state path inside
+``params`` (``blocks/0/mlp/kernel``), every other variable by its collection and path
+(``batch_stats/bn/mean``; the collection is NNX's registered name for the type, or the
+class name: ``RngKey/dropout/rngs/key``). NNX's own sharding annotations
+(``nnx.with_partitioning``, ``out_sharding``) become Flax partitioning boxes, so
+placement reads them as it reads Linen's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+from flax import nnx
+
+from flaxlazy._src import _compat
+from flaxlazy._src import paths
+from flaxlazy._src import programs
+from flaxlazy._src import slicing
+from flaxlazy._src import specs
+from flaxlazy._src.nnx import call as call_lib
+
+NOT_A_MODULE = (
+    "{fn}: {ctor} returned {got}, not an nnx.Module. Pass an NNX Module class, or a "
+    "function returning one, followed by its constructor arguments."
+)
+
+
+@dataclasses.dataclass
+class Record:
+    """How one NNX variable leaf is made (``slicing.Slice``, in the core's terms).
+
+    Attributes:
+      collection: ``"params"`` for ``nnx.Param``, else the variable type's name.
+      path: the state path, as strings.
+      takes_key: whether the program takes a key (``fold_in(stream root, fold)``).
+      fold: the stream counter folded into the root key to make that key.
+      stream: the stream's name.
+      program: the program, or None when the leaf needs the traced fallback.
+      output: the abstract leaf.
+    """
+
+    collection: str
+    path: tuple[str, ...]
+    takes_key: bool
+    fold: int | None
+    stream: str | None
+    program: programs.Program | None
+    output: Any
+    init_fn: Any = None
+
+    @property
+    def replayable(self) -> bool:
+        return self.program is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """One leaf of the module's state: where it goes back and which output it is."""
+
+    state_path: tuple
+    variable: Any  # the nnx.Variable (template; its value is replaced) or None
+    qualified: str | None  # the path in ``variables``; None for non-array values
+    output: int | None
+    static: Any = None  # the value of a non-array leaf
+
+
+@dataclasses.dataclass(frozen=True)
+class Traced:
+    """The result of tracing an NNX constructor abstractly.
+
+    Attributes:
+      call: the constructor call.
+      variables: ``{collection: nested dict}`` with ``ShapeDtypeStruct`` leaves (Flax
+        partitioning boxes where NNX has a sharding annotation).
+      records: per ``(collection, path)``, its ``Record``.
+      analysis: the jaxpr and its slices.
+      graphdef: the module's graph definition.
+      entries: the module's state leaves, in state order.
+      rng_entries: per caller Rngs object, its state leaves after construction.
+    """
+
+    call: call_lib.ConstructorCall
+    variables: Any
+    records: Mapping[tuple[str, tuple[str, ...]], Record]
+    analysis: slicing.Analysis
+    graphdef: Any
+    entries: tuple[_Entry, ...]
+    rng_entries: tuple[tuple[_Entry, ...], ...]
+
+    # The core's view: roots, the override stream, the fallback program.
+    @property
+    def n_rng(self) -> int:
+        return len(self.call.streams)
+
+    @property
+    def override_stream(self) -> str | None:
+        """The stream override keys derive from (``params``, else ``default``, as NNX)."""
+        for name in ("params", "default"):
+            if name in self.call.streams:
+                return name
+        return None
+
+    @property
+    def override_root(self) -> Any:
+        stream = self.override_stream
+        if stream is None:
+            return None
+        aval = self.analysis.closed.jaxpr.invars[self.call.streams.index(stream)].aval
+        return jax.ShapeDtypeStruct(aval.shape, aval.dtype)
+
+    def roots(self, keys: list) -> dict[str, Any]:
+        return dict(zip(self.call.streams, keys, strict=True))
+
+    def rng_leaves(self, keys: list) -> list:
+        return list(keys)
+
+    def fallback_jaxpr(self, names: list[str]) -> Any:
+        index = {e.qualified: e.output for e in self.entries if e.qualified is not None}
+        return self.analysis.pruned([index[n] for n in names])
+
+    # Back to NNX objects.
+    def module(self, values: Mapping[str, Any]) -> Any:
+        """The module with ``values`` (by qualified path) in its variables."""
+        flat = [(e.state_path, _value(e, values)) for e in self.entries]
+        return nnx.merge(self.graphdef, nnx.from_flat_state(flat))
+
+    def update_rngs(self, keys: list, dyn: list) -> None:
+        """Leaves the caller's ``nnx.Rngs`` as the constructor would have."""
+        pending = []
+        for obj, entries in zip(self.call.rngs, self.rng_entries, strict=True):
+            for e in entries:
+                if e.output is None:
+                    continue
+                s = self.analysis.slice(e.output)
+                out = self.analysis.closed.jaxpr.outvars[e.output]
+                invars = self.analysis.closed.jaxpr.invars
+                if s.known is not None:
+                    pending.append((obj, e, s.known))
+                elif out in invars[: self.n_rng] and invars.index(out) == _root_index(
+                    self.call.streams, obj, e, self.call.rngs
+                ):
+                    continue  # the root key, unchanged
+                else:
+                    pending.append((obj, e, None))
+        computed = [e.output for _, e, v in pending if v is None]
+        values = iter(_evaluate(self.analysis.pruned(computed), keys, dyn) if computed else [])
+        for obj, e, value in pending:
+            value = next(values) if value is None else value
+            nnx.update(obj, nnx.from_flat_state([(e.state_path, e.variable.replace(value))]))
+
+
+def _root_index(streams, obj, entry, rngs) -> int:
+    i = next(i for i, r in enumerate(rngs) if r is obj)
+    name = paths.SEP.join(map(str, entry.state_path[:-1]))
+    full = name if len(rngs) == 1 else f"{i}.{name}"
+    return streams.index(full) if full in streams else -1
+
+
+def _evaluate(closed: Any, keys: list, dyn: list) -> list:
+    jaxpr = _compat.convert_constvars_jaxpr(closed.jaxpr)
+    n_const = len(closed.consts)
+    pruned, used = _compat.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
+    args = list(closed.consts) + list(keys) + list(dyn)
+    kept = [a for a, u in zip(args, used, strict=True) if u]
+    if any(isinstance(a, jax.ShapeDtypeStruct) for a in kept[n_const:]):
+        raise ValueError(
+            "the constructor leaves its nnx.Rngs in a state that depends on an input "
+            "given as a spec; pass the concrete array."
+        )
+    return jax.jit(lambda *a: _compat.eval_jaxpr(pruned, [], *a))(*kept)
+
+
+def _value(entry: _Entry, values: Mapping[str, Any]) -> Any:
+    if entry.qualified is None:
+        return entry.static if entry.variable is None else entry.variable.replace(entry.static)
+    value = values[entry.qualified]
+    return value if entry.variable is None else entry.variable.replace(value)
+
+
+def collection(variable: Any) -> str:
+    """The collection an NNX variable is addressed by (``params`` for ``nnx.Param``)."""
+    if variable is None:
+        return "data"
+    kind = type(variable)
+    if issubclass(kind, nnx.Param):
+        return "params"
+    return _compat.nnx_variable_name(kind) or kind.__name__
+
+
+def _box(value: Any, variable: Any, logical: bool) -> Any:
+    names = _compat.nnx_sharding_names(variable) if variable is not None else None
+    if not names:
+        return value
+    rules = _compat.nnx_sharding_rules(variable)
+    if logical or rules:
+        return nn.LogicallyPartitioned(value, tuple(names), rules=rules or None)
+    return nn.Partitioned(value, tuple(names))
+
+
+def _set(tree: dict, keys: tuple[str, ...], value: Any) -> None:
+    for k in keys[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[keys[-1]] = value
+
+
+_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def _concrete_counters():
+    """Stream counters stay concrete numbers while the constructor is traced.
+
+    ``RngStream.__call__`` folds the counter into the root key and increments it. The
+    key is traced, so the fold is recorded; the counter is a known number, so it is
+    incremented at trace time rather than recorded as ``count + 1`` (as ``nnx.jit``
+    does, which also makes each later NNX access to it walk the whole trace so far).
+    """
+    stream = _compat.nnx_rng_stream()
+    original = stream.__call__
+
+    @functools.wraps(original)
+    def call(self):
+        if isinstance(self.count.get_value(), jax.core.Tracer):
+            return original(self)
+        with jax.ensure_compile_time_eval():
+            return original(self)
+
+    with _LOCK:
+        stream.__call__ = call
+        try:
+            yield
+        finally:
+            stream.__call__ = original
+
+
+def trace(call: call_lib.ConstructorCall, *, logical: bool = False, fn: str = "materialize"
+          ) -> Traced:
+    """Traces the constructor with ``jax.make_jaxpr`` (nothing computed) and slices it.
+
+    Never cached, like the Linen trace: what a constructor creates can depend on anything
+    its code reads.
+
+    Args:
+      call: the constructor call.
+      logical: whether sharding annotations name logical axes (``logical_axis_rules``).
+      fn: the public function, for errors.
+    """
+    # Keys in ``call.streams`` order (NNX's flat-state order, as ``stream_names``).
+    parts = [nnx.split(r, nnx.RngKey, ...) for r in call.rngs]
+    key_flats = [nnx.to_flat_state(k) for _, k, _ in parts]
+    found: dict[str, Any] = {}
+
+    def run(keys, dyn):
+        it = iter(keys)
+        objs = []
+        for (graphdef, _, rest), flat in zip(parts, key_flats, strict=True):
+            # Fresh Variables, created inside this trace (NNX checks trace levels).
+            fresh_keys = nnx.from_flat_state([(p, v.replace(next(it))) for p, v in flat])
+            objs.append(nnx.merge(graphdef, fresh_keys, jax.tree_util.tree_map(lambda x: x, rest)))
+        args, kwargs = call.rebuild(objs, list(dyn))
+        with flax.config.temp_flip_flag("always_shard_variable", False), _concrete_counters():
+            module = call.ctor(*args, **kwargs)
+        if not isinstance(module, nnx.Module):
+            raise TypeError(NOT_A_MODULE.format(
+                fn=fn, ctor=getattr(call.ctor, "__name__", repr(call.ctor)),
+                got=(f"an array of shape {tuple(module.shape)}" if hasattr(module, "shape")
+                     else f"{type(module).__name__} {str(module)[:60]!r}"),
+            ))
+        graphdef, state = nnx.split(module)
+        found["graphdef"] = graphdef
+        found["state"] = nnx.to_flat_state(state)
+        found["rngs"] = [nnx.to_flat_state(nnx.state(o)) for o in objs]
+        outs = []
+        for flat in [found["state"], *found["rngs"]]:
+            for _, leaf in flat:
+                value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+                if specs.is_array_like(value):
+                    outs.append(value)
+        return outs
+
+    abstract_keys = [specs.to_spec(k) for k in call.keys()]
+    closed = jax.make_jaxpr(run)(abstract_keys, list(call.inputs))
+    analysis = slicing.Analysis(closed, len(call.streams))
+
+    counter = iter(range(len(closed.jaxpr.outvars)))
+    variables: dict = {}
+    records: dict = {}
+    entries = []
+    for state_path, leaf in found["state"]:
+        variable = leaf if isinstance(leaf, nnx.Variable) else None
+        value = leaf.get_value() if variable is not None else leaf
+        if not specs.is_array_like(value):
+            entries.append(_Entry(state_path, variable, None, None, value))
+            continue
+        index = next(counter)
+        aval = closed.jaxpr.outvars[index].aval
+        abstract = jax.ShapeDtypeStruct(aval.shape, aval.dtype)
+        col = collection(variable)
+        path = tuple(str(p) for p in state_path)
+        qualified = paths.SEP.join((col,) + path)
+        _set(variables.setdefault(col, {}), path, _box(abstract, variable, logical))
+        s = analysis.slice(index)
+        records[(col, path)] = Record(
+            col, path, s.cut is not None, None if s.cut is None else s.cut.count,
+            None if s.cut is None else call.streams[s.cut.root], s.program, abstract,
+        )
+        entries.append(_Entry(state_path, variable, qualified, index))
+    rng_entries = []
+    for flat in found["rngs"]:
+        group = []
+        for state_path, leaf in flat:
+            value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+            output = next(counter) if specs.is_array_like(value) else None
+            group.append(_Entry(state_path, leaf, None, output))
+        rng_entries.append(tuple(group))
+    return Traced(call, variables, records, analysis, found["graphdef"], tuple(entries),
+                  tuple(rng_entries))
+
+
+def build_module(traced: Traced, variables: Any) -> Any:
+    """The module with the leaves of ``variables`` (abstract or real, maybe boxed)."""
+    return traced.module({p: paths.unbox(v) for p, v in paths.flatten(variables)[0]})
