@@ -311,7 +311,7 @@ def test_module_that_is_not_a_linen_module():
                                         r"nnx.Module"):
         flaxlazy.materialize(lambda k, x: x, jax.random.key(0), X)
     with pytest.raises(TypeError, match=r"materialize: `module` must be a flax.linen.Module "
-                                        r"instance, or an NNX Module class"):
+                                        r"instance .*got int 3"):
         flaxlazy.materialize(3, jax.random.key(0), X)
     with pytest.raises(TypeError, match=r"abstract_init: `module` .*Create an instance"):
         flaxlazy.abstract_init(nn.Dense, jax.random.key(0), X)
