@@ -87,7 +87,11 @@ def new_closed_jaxpr(
 ) -> Any:
     """A ``ClosedJaxpr`` assembled from parts of another jaxpr (vars shared with it)."""
     effects = _core.join_effects(*(eqn.effects for eqn in eqns)) if eqns else frozenset()
-    jaxpr = _core.Jaxpr(constvars, invars, outvars, eqns, effects)
+    info = _core.DebugInfo(
+        "flaxlazy", "a slice of a traced constructor", tuple(f"in{i}" for i in range(len(invars))),
+        tuple(f"out{i}" for i in range(len(outvars))),
+    )
+    jaxpr = _core.Jaxpr(constvars, invars, outvars, eqns, effects, info)
     return _core.ClosedJaxpr(jaxpr, consts)
 
 

@@ -161,10 +161,12 @@ def reject_linen_options(fn: str, *, method: Any, mutable: Any, capture_intermed
         ) if value is not default
     ]
     if given:
+        one = len(given) == 1
         raise TypeError(
-            f"{fn}: {', '.join(f'`{n}`' for n in given)} {'is' if len(given) == 1 else 'are'} "
-            "options of Linen's Module.init and mean nothing for an NNX constructor. Drop "
-            "them; the constructor's own arguments follow the class."
+            f"{fn}: {', '.join(f'`{n}`' for n in given)} "
+            f"{'is an option' if one else 'are options'} of Linen's Module.init and "
+            f"{'means' if one else 'mean'} nothing for an NNX constructor. Drop "
+            f"{'it' if one else 'them'}; the constructor's own arguments follow the class."
         )
 
 

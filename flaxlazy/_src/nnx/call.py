@@ -40,17 +40,18 @@ NOT_A_CONSTRUCTOR = (
 
 
 def is_nnx_target(module: Any) -> bool:
-    """Whether ``module`` is meant as an NNX constructor (a callable, not a Linen module)."""
+    """Whether ``module`` goes to the NNX entrance: any callable but a Linen module (an
+    NNX module instance too, which ``check_constructor`` then explains)."""
     if isinstance(module, nn.Module):
         return False
     if isinstance(module, type):
         return not issubclass(module, nn.Module)
-    return callable(module) and not isinstance(module, nnx.Module)
+    return callable(module) or isinstance(module, nnx.Module)
 
 
 def check_constructor(module: Any, *, fn: str) -> None:
     """Raises a ``TypeError`` unless ``module`` can be called as an NNX constructor."""
-    if is_nnx_target(module):
+    if is_nnx_target(module) and not isinstance(module, nnx.Module):
         return
     if isinstance(module, nnx.Module):
         name = type(module).__name__

@@ -1,0 +1,191 @@
+"""Flax NNX through flaxlazy: values, RNG state and compile counts equal NNX's own."""
+
+import chex
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+from nnx_models import GPT
+from nnx_models import Bridged
+from nnx_models import Counter
+from nnx_models import Sharded
+from nnx_models import Stacked
+from nnx_models import WithState
+from nnx_models import values
+
+import flaxlazy
+from flaxlazy._src.compiles import count_compiles
+from flaxlazy._src.nnx import api as nnx_api
+
+
+def _reference(ctor, *args, seed=0, **kwargs):
+    """``nnx.jit`` of the constructor, as NNX users create models."""
+    with flax.config.temp_flip_flag("always_shard_variable", False):
+        return nnx.jit(lambda: ctor(*args, rngs=nnx.Rngs(seed), **kwargs))()
+
+
+def _sources(ctor, *args, **kwargs):
+    traced = nnx_api.traced(ctor, args, kwargs, fn="test")
+    plan = nnx_api.plan(traced, initializers=None, placement_args={})
+    return {leaf.path: leaf.source for leaf in plan.leaves}
+
+
+@pytest.mark.parametrize("layers", [2, 24])
+def test_gpt_equals_nnx_jit(layers):
+    model = flaxlazy.materialize(GPT, layers, 16, 50, rngs=nnx.Rngs(0))
+    assert isinstance(model, GPT)
+    chex.assert_trees_all_equal(values(model), values(_reference(GPT, layers, 16, 50)))
+    # Every leaf (RngKey/RngCount of the Dropouts included) replays alone.
+    assert set(_sources(GPT, layers, 16, 50, rngs=nnx.Rngs(0)).values()) == {"flax"}
+
+
+def test_gpt_runs_and_has_the_types():
+    model = flaxlazy.materialize(GPT, 2, 16, 50, rngs=nnx.Rngs(0))
+    model.eval()
+    out = model(jnp.zeros((2, 5), jnp.int32))
+    chex.assert_shape(out, (2, 5, 50))
+    assert isinstance(model.blocks[0].bn.mean, nnx.BatchStat)
+    assert isinstance(model.blocks[1].drop.rngs.key, nnx.RngKey)
+
+
+def test_compile_count_flat_in_depth():
+    counts = []
+    for layers in (2, 24):
+        flaxlazy.clear_caches()
+        with count_compiles() as c:
+            jax.block_until_ready(nnx.state(flaxlazy.materialize(GPT, layers, 16, 50,
+                                                                 rngs=nnx.Rngs(0))))
+        counts.append(c.count)
+    assert counts[0] == counts[1] > 0
+    with count_compiles() as c:
+        flaxlazy.materialize(GPT, 24, 16, 50, rngs=nnx.Rngs(1))
+    assert c.count == 0
+
+
+def test_caller_rngs_end_as_after_the_constructor():
+    mine, eager = nnx.Rngs(3, dropout=4), nnx.Rngs(3, dropout=4)
+    flaxlazy.materialize(GPT, 2, 16, 50, rngs=mine)
+    GPT(2, 16, 50, rngs=eager)
+    chex.assert_trees_all_equal(values(mine), values(eager))
+    untouched = nnx.Rngs(3)
+    flaxlazy.abstract_init(GPT, 2, 16, 50, rngs=untouched)
+    chex.assert_trees_all_equal(values(untouched), values(nnx.Rngs(3)))
+
+
+def test_second_call_with_other_arguments_is_fresh():
+    def make(std, *, rngs):
+        return nnx.Linear(8, 8, kernel_init=nnx.initializers.normal(std), rngs=rngs)
+
+    for std in (1.0, 0.5, 1.0):
+        got = flaxlazy.materialize(make, std, rngs=nnx.Rngs(0))
+        chex.assert_trees_all_equal(values(got), values(_reference(make, std)))
+
+
+def test_abstract_init_is_nnx_eval_shape():
+    abstract = flaxlazy.abstract_init(GPT, 48, 1024, 32000, rngs=nnx.Rngs(0))
+    expected = nnx.eval_shape(lambda: GPT(48, 1024, 32000, rngs=nnx.Rngs(0)))
+    got = jax.tree.map(lambda x: (x.shape, x.dtype), nnx.state(abstract))
+    want = jax.tree.map(lambda x: (x.shape, x.dtype), nnx.state(expected))
+    assert got == want
+    assert isinstance(abstract.blocks[47].up.kernel.get_value(), jax.ShapeDtypeStruct)
+
+
+def test_vmap_stack_equals_and_replays_alone():
+    model = flaxlazy.materialize(Stacked, 4, 8, rngs=nnx.Rngs(0))
+    chex.assert_trees_all_equal(values(model), values(_reference(Stacked, 4, 8)))
+    assert model.layers.linear.kernel.shape == (4, 8, 8)
+    assert set(_sources(Stacked, 4, 8, rngs=nnx.Rngs(0)).values()) == {"flax"}
+
+
+def test_linen_inside_nnx_shaped_by_a_spec():
+    sample = jnp.ones((2, 7))
+    model = flaxlazy.materialize(Bridged, flaxlazy.spec("f32[2,7]"), rngs=nnx.Rngs(0))
+    chex.assert_trees_all_equal(values(model), values(_reference(Bridged, sample)))
+    assert model.body.layers_0["kernel"].shape == (7, 16)
+
+
+def test_data_dependent_values_need_the_array():
+    table = jnp.arange(6.0).reshape(2, 3)
+    model = flaxlazy.materialize(WithState, table, rngs=nnx.Rngs(0))
+    chex.assert_trees_all_equal(values(model), values(_reference(WithState, table)))
+    assert isinstance(model.calls, Counter)
+    sources = _sources(WithState, table, rngs=nnx.Rngs(0))
+    assert sources["params/w"] == "flax" and sources["params/table"] == "traced"
+    with pytest.raises(ValueError, match=r"'params/table' depends on the values of input"):
+        flaxlazy.materialize(WithState, flaxlazy.spec("f32[2,3]"), rngs=nnx.Rngs(0))
+
+
+def test_overrides_by_state_path():
+    zeros = nnx.initializers.zeros
+    model = flaxlazy.materialize(
+        GPT, 2, 16, 50, rngs=nnx.Rngs(0),
+        initializers={"head/kernel": zeros, "blocks/*/up/kernel": nnx.initializers.ones},
+    )
+    ref = values(_reference(GPT, 2, 16, 50))
+    got = values(model)
+    assert not got["head/kernel"].any()
+    assert (got["blocks/1/up/kernel"] == 1).all()
+    for path in ref:
+        if path not in ("head/kernel", "blocks/0/up/kernel", "blocks/1/up/kernel"):
+            np.testing.assert_array_equal(got[path], ref[path], err_msg=path)
+    with pytest.raises(ValueError, match=r"'head/kernal'.*head/kernel"):
+        flaxlazy.materialize(GPT, 2, 16, 50, rngs=nnx.Rngs(0),
+                             initializers={"head/kernal": zeros})
+
+
+def test_override_of_a_random_initializer_is_stable():
+    normal = nnx.initializers.normal(0.5)
+    a = flaxlazy.materialize(GPT, 2, 16, 50, rngs=nnx.Rngs(0), initializers={"head/kernel": normal})
+    b = flaxlazy.materialize(GPT, 3, 16, 50, rngs=nnx.Rngs(0), initializers={"head/kernel": normal})
+    np.testing.assert_array_equal(a.head.kernel.get_value(), b.head.kernel.get_value())
+    assert abs(float(a.head.kernel.get_value().std()) - 0.5) < 0.05
+
+
+@pytest.mark.parametrize("always_shard", [False, True])
+def test_sharded_on_eight_devices(always_shard):
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices")
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    with flax.config.temp_flip_flag("always_shard_variable", always_shard):
+        model = flaxlazy.materialize(Sharded, rngs=nnx.Rngs(0), mesh=mesh)
+    up = model.up.kernel.get_value()
+    assert up.sharding.spec == P(None, "model")
+    assert {s.data.shape for s in up.addressable_shards} == {(16, 16)}
+    assert model.down.kernel.get_value().sharding.spec == P()
+    chex.assert_trees_all_equal(values(model), values(_reference(Sharded)))
+    # Rules override the annotation; abstract_init shows the same layout.
+    rules = [("down/kernel", P("model", None)), ("**", P())]
+    model = flaxlazy.materialize(Sharded, rngs=nnx.Rngs(0), mesh=mesh, partition_rules=rules)
+    assert model.down.kernel.get_value().sharding.spec == P("model", None)
+    assert model.up.kernel.get_value().sharding.spec == P()
+    abstract = flaxlazy.abstract_init(Sharded, rngs=nnx.Rngs(0), mesh=mesh,
+                                      partition_rules=rules)
+    assert abstract.down.kernel.get_value().sharding.spec == P("model", None)
+
+
+def test_gpt_sharded_values_unchanged():
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices")
+    mesh = jax.make_mesh((8,), ("model",))
+    rules = [("**/up/kernel", P(None, "model")), ("**/down/kernel", P("model", None)),
+             ("embed/embedding", P("model", None)), ("**", P())]
+    model = flaxlazy.materialize(GPT, 2, 16, 64, rngs=nnx.Rngs(0), mesh=mesh,
+                                 partition_rules=rules)
+    assert model.blocks[1].up.kernel.get_value().sharding.spec == P(None, "model")
+    chex.assert_trees_all_equal(values(model), values(_reference(GPT, 2, 16, 64)))
+
+
+def test_errors_name_the_argument():
+    with pytest.raises(TypeError, match=r"already constructed NNX module \(GPT\).*"
+                                        r"flaxlazy.materialize\(GPT, \.\.\."):
+        flaxlazy.materialize(GPT(1, 8, 10, rngs=nnx.Rngs(0)))
+    with pytest.raises(TypeError, match=r"`mutable` is an option of Linen's Module.init"):
+        flaxlazy.materialize(GPT, 1, 8, 10, rngs=nnx.Rngs(0), mutable=True)
+    with pytest.raises(TypeError, match=r"Pass an nnx.Rngs \(rngs=nnx.Rngs\(0\)\) rather "
+                                        r"than a stream"):
+        flaxlazy.materialize(GPT, 1, 8, 10, rngs=nnx.Rngs(0).params)
+    with pytest.raises(TypeError, match=r"abstract_init: `partition_rules`.*need a `mesh=`"):
+        flaxlazy.abstract_init(GPT, 1, 8, 10, rngs=nnx.Rngs(0), partition_rules=[])
