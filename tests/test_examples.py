@@ -8,7 +8,11 @@ import pathlib
 import sys
 
 import jax
+import numpy as np
 import pytest
+from flax import nnx
+
+import flaxlazy
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -68,6 +72,34 @@ def test_train_digits_quick_reaches_high_test_accuracy(capsys):
     out = capsys.readouterr().out
     assert out.count("params/Conv_0/kernel") == 1, out  # the summary table, printed once
     assert "test accuracy" in out
+
+
+def test_train_digits_nnx_quick_reaches_high_test_accuracy(capsys):
+    train_digits_nnx = load_example("train_digits_nnx")
+    metrics = train_digits_nnx.main(["--quick", "--seed", "0"])
+    assert metrics["test_accuracy"] > 0.9, metrics
+    assert metrics["num_params"] == 53_002  # the same CNN as train_digits.py
+    out = capsys.readouterr().out
+    assert out.count("conv1/kernel") == 1, out  # the summary table, printed once
+    assert "test accuracy" in out
+
+
+def test_train_digits_nnx_initializers_replace_only_the_paths_they_name():
+    train_digits_nnx = load_example("train_digits_nnx")
+    lenet = train_digits_nnx.LeNet
+    model = flaxlazy.materialize(
+        lenet, rngs=nnx.Rngs(0), initializers=train_digits_nnx.INITIALIZERS
+    )
+    reference = nnx.jit(lambda: lenet(rngs=nnx.Rngs(0)))()  # NNX's own init
+    for name in ["conv1", "conv2", "dense", "head"]:
+        ours, theirs = getattr(model, name), getattr(reference, name)
+        np.testing.assert_array_equal(ours.bias[...], theirs.bias[...])  # no pattern: NNX's
+        if name == "dense":
+            np.testing.assert_array_equal(ours.kernel[...], theirs.kernel[...])
+        else:  # he_normal convs, normal(1e-2) head: same shape, other values
+            assert ours.kernel.shape == theirs.kernel.shape
+            assert not np.array_equal(ours.kernel[...], theirs.kernel[...]), name
+    assert float(np.abs(model.head.kernel[...]).max()) < 0.1
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
