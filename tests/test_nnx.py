@@ -23,8 +23,12 @@ from flaxlazy._src.nnx import api as nnx_api
 
 def _reference(ctor, *args, seed=0, **kwargs):
     """``nnx.jit`` of the constructor, as NNX users create models."""
-    with flax.config.temp_flip_flag("always_shard_variable", False):
-        return nnx.jit(lambda: ctor(*args, rngs=nnx.Rngs(seed), **kwargs))()
+    return nnx.jit(lambda: ctor(*args, rngs=nnx.Rngs(seed), **kwargs))()
+
+
+def _same_structure(a, b):
+    """Equal state trees, variable metadata included (e.g. ``eager_sharding``)."""
+    assert jax.tree.structure(nnx.state(a)) == jax.tree.structure(nnx.state(b))
 
 
 def _sources(ctor, *args, **kwargs):
@@ -37,7 +41,9 @@ def _sources(ctor, *args, **kwargs):
 def test_gpt_equals_nnx_jit(layers):
     model = flaxlazy.materialize(GPT, layers, 16, 50, rngs=nnx.Rngs(0))
     assert isinstance(model, GPT)
-    chex.assert_trees_all_equal(values(model), values(_reference(GPT, layers, 16, 50)))
+    reference = _reference(GPT, layers, 16, 50)
+    chex.assert_trees_all_equal(values(model), values(reference))
+    _same_structure(model, reference)
     # Every leaf (RngKey/RngCount of the Dropouts included) replays alone.
     assert set(_sources(GPT, layers, 16, 50, rngs=nnx.Rngs(0)).values()) == {"flax"}
 
@@ -151,11 +157,17 @@ def test_sharded_on_eight_devices(always_shard):
     mesh = jax.make_mesh((2, 4), ("data", "model"))
     with flax.config.temp_flip_flag("always_shard_variable", always_shard):
         model = flaxlazy.materialize(Sharded, rngs=nnx.Rngs(0), mesh=mesh)
+        with jax.set_mesh(mesh):
+            reference = _reference(Sharded)
+    _same_structure(model, reference)
+    # NNX shards eagerly only with the flag on; flaxlazy honours the annotation either way.
+    if always_shard:
+        assert reference.up.kernel.get_value().sharding.spec == P(None, "model")
     up = model.up.kernel.get_value()
     assert up.sharding.spec == P(None, "model")
     assert {s.data.shape for s in up.addressable_shards} == {(16, 16)}
     assert model.down.kernel.get_value().sharding.spec == P()
-    chex.assert_trees_all_equal(values(model), values(_reference(Sharded)))
+    chex.assert_trees_all_equal(values(model), values(reference))
     # Rules override the annotation; abstract_init shows the same layout.
     rules = [("down/kernel", P("model", None)), ("**", P())]
     model = flaxlazy.materialize(Sharded, rngs=nnx.Rngs(0), mesh=mesh, partition_rules=rules)
@@ -189,3 +201,35 @@ def test_errors_name_the_argument():
         flaxlazy.materialize(GPT, 1, 8, 10, rngs=nnx.Rngs(0).params)
     with pytest.raises(TypeError, match=r"abstract_init: `partition_rules`.*need a `mesh=`"):
         flaxlazy.abstract_init(GPT, 1, 8, 10, rngs=nnx.Rngs(0), partition_rules=[])
+
+
+def test_summary_counts_and_shardings_of_nnx_modules():
+    abstract = flaxlazy.abstract_init(GPT, 2, 16, 50, rngs=nnx.Rngs(0))
+    model = flaxlazy.materialize(GPT, 2, 16, 50, rngs=nnx.Rngs(0))
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    n_all = sum(np.size(x) for x in jax.tree.leaves(nnx.state(model)))
+    for tree in (abstract, model, nnx.state(model)):
+        assert flaxlazy.num_params(tree) == n_all
+    assert flaxlazy.num_params(nnx.state(model, nnx.Param)) == n_params
+    text = flaxlazy.summary(abstract)
+    assert "params/blocks/1/up/kernel" in text and "batch_stats/blocks/0/bn/mean" in text
+    assert "RngKey/blocks/0/drop/rngs/key" in text and "kernel/value" not in text
+    # The paths summary prints are the ones initializer trees take (inside params).
+    flaxlazy.materialize(GPT, 2, 16, 50, rngs=nnx.Rngs(0),
+                         initializers={"blocks/1/up/kernel": nnx.initializers.zeros})
+    if len(jax.devices()) >= 8:
+        mesh = jax.make_mesh((8,), ("model",))
+        tree = flaxlazy.shardings(flaxlazy.abstract_init(Sharded, rngs=nnx.Rngs(0)), mesh)
+        assert isinstance(tree, nnx.State)
+        assert tree["up"]["kernel"].get_value().spec == P(None, "model")
+        assert "512 B" in flaxlazy.summary(
+            flaxlazy.abstract_init(Sharded, rngs=nnx.Rngs(0), mesh=mesh))
+
+
+def test_lazy_bundle_for_nnx():
+    net = flaxlazy.lazy(GPT, initializers={"head/kernel": nnx.initializers.zeros})
+    assert net.shapes(1, 8, 10, rngs=nnx.Rngs(0)).head.kernel.shape == (8, 10)
+    model = net.init(1, 8, 10, rngs=nnx.Rngs(0))
+    model.eval()
+    out = net.apply(model, jnp.zeros((1, 3), jnp.int32))
+    chex.assert_trees_all_equal(out, jnp.zeros((1, 3, 10)))

@@ -16,6 +16,7 @@ The supported versions are declared in ``pyproject.toml``; Orbax internals are u
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import warnings
@@ -136,6 +137,25 @@ def nnx_rng_stream() -> type:
     from flax.nnx import rnglib
 
     return rnglib.RngStream
+
+
+@contextlib.contextmanager
+def nnx_unconstrained():
+    """NNX variables created inside are not sharding-constrained (their metadata, e.g.
+    ``eager_sharding``, stays as NNX sets it): flaxlazy places every leaf itself."""
+    from flax.core import spmd
+
+    original = spmd.shard_value
+
+    def shard_value(value, *args, **kwargs):
+        del args, kwargs
+        return value
+
+    spmd.shard_value = shard_value
+    try:
+        yield
+    finally:
+        spmd.shard_value = original
 
 
 def nnx_sharding_names(variable: Any) -> tuple | None:

@@ -12,19 +12,24 @@ import flax.linen as nn
 from flaxlazy._src import abstract as abstract_lib
 from flaxlazy._src import materialize as materialize_lib
 from flaxlazy._src.linen import call as linen_call
+from flaxlazy._src.nnx import call as nnx_call
 
 
 class Lazy(NamedTuple):
-    """A Linen module's lazy-init functions.
+    """A module's lazy-init functions.
 
-    A drop-in for code that calls ``model.init`` / ``model.apply``.
+    A drop-in for code that calls ``model.init`` / ``model.apply`` (Linen), or that
+    constructs an NNX module and calls it.
 
     Attributes:
       shapes: ``shapes(rngs, *inputs, **kwargs)``: ``flaxlazy.abstract_init``; the
-        variables as ``jax.ShapeDtypeStruct``s, nothing computed.
+        variables as ``jax.ShapeDtypeStruct``s, nothing computed. NNX:
+        ``shapes(*constructor_args, **constructor_kwargs)``, the abstract module.
       init: ``init(rngs, *inputs, **kwargs)``: ``flaxlazy.materialize`` with the
-        bundle's initializer tree; compiled, and callable inside ``jax.jit`` too.
-      apply: ``apply(variables, *args, **kwargs)``: ``module.apply``.
+        bundle's initializer tree; compiled, and callable inside ``jax.jit`` too. NNX:
+        ``init(*constructor_args, **constructor_kwargs)``, the module.
+      apply: ``apply(variables, *args, **kwargs)``: ``module.apply``. NNX:
+        ``apply(model, *args, **kwargs)`` calls the model.
     """
 
     shapes: Callable[..., Any]
@@ -36,7 +41,8 @@ def lazy(module: nn.Module, *, initializers: Any = None) -> Lazy:
     """Wraps ``module`` in a ``Lazy`` bundle.
 
     Args:
-      module: a Flax Linen module (no input sizes needed).
+      module: a Flax Linen module (no input sizes needed), or an NNX Module class (or a
+        function returning an NNX module).
       initializers: an initializer tree applied by ``init`` (see ``materialize``).
 
     Returns:
@@ -55,9 +61,22 @@ def lazy(module: nn.Module, *, initializers: Any = None) -> Lazy:
       Array([[1., 1., 1., 1.],
              [1., 1., 1., 1.]], dtype=float32)
     """
+    if nnx_call.is_nnx_target(module):
+        nnx_call.check_constructor(module, fn="lazy")
+        return Lazy(
+            shapes=functools.partial(abstract_lib.abstract_init, module),
+            init=functools.partial(materialize_lib.materialize, module,
+                                   initializers=initializers),
+            apply=_call,
+        )
     linen_call.check_module(module, fn="lazy")
     return Lazy(
         shapes=functools.partial(abstract_lib.abstract_init, module),
         init=functools.partial(materialize_lib.materialize, module, initializers=initializers),
         apply=module.apply,
     )
+
+
+def _call(model: Any, *args: Any, **kwargs: Any) -> Any:
+    """NNX's apply: the module is called."""
+    return model(*args, **kwargs)

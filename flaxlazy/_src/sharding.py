@@ -58,6 +58,7 @@ from jax.sharding import PartitionSpec
 
 from flaxlazy._src import paths
 from flaxlazy._src import rules as rules_lib
+from flaxlazy._src.nnx import state as nnx_state
 from flaxlazy._src.sharding_checks import WHAT
 from flaxlazy._src.sharding_checks import _check_rule_values
 from flaxlazy._src.sharding_checks import check_logical_axis_rules
@@ -370,7 +371,9 @@ def shardings(
     ``nn.logical_to_mesh_sharding(nn.get_partition_spec(tree), mesh, rules)`` gives.
 
     Args:
-      abstract_tree: a variables tree, abstract or concrete, Flax boxes kept.
+      abstract_tree: a variables tree, abstract or concrete, Flax boxes kept; or an NNX
+        module or ``nnx.State`` (the result is then an ``nnx.State`` of shardings, for
+        ``nnx.jit``'s ``in_shardings``/``out_shardings`` or ``nnx.update``).
       mesh: the ``jax.sharding.Mesh`` (an ``AbstractMesh`` works too).
       partition_rules: as in ``partition_specs``.
       logical_axis_rules: as in ``partition_specs``.
@@ -394,6 +397,13 @@ def shardings(
       >>> tree["params"]["kernel"].spec, tree["params"]["bias"].spec
       (P(None, 'model'), P())
     """
+    if nnx_state.is_nnx(abstract_tree):  # an nnx.State of shardings, like nnx.state(model)
+        tree = nnx_state.as_variables(abstract_tree)
+        found = dict(paths.flatten(shardings(
+            tree, mesh, partition_rules, logical_axis_rules,
+            allow_unused_rules=allow_unused_rules, require_rules=require_rules,
+        ))[0])
+        return nnx_state.like_state(abstract_tree, found)
     flat, treedef = paths.flatten(abstract_tree)
     specs = partition_specs(
         abstract_tree, mesh, partition_rules=partition_rules,

@@ -17,6 +17,7 @@ from jax.sharding import NamedSharding
 
 from flaxlazy._src import paths
 from flaxlazy._src import sharding as sharding_lib
+from flaxlazy._src.nnx import state as nnx_state
 
 NOT_A_TREE = (
     "{fn}: `tree` is {what}, not a variables tree. Pass the variables' shapes, "
@@ -71,11 +72,17 @@ def _check_tree(tree: Any, fn: str) -> None:
     raise TypeError(NOT_A_TREE.format(fn=fn, what=what))
 
 
+def as_tree(tree: Any) -> Any:
+    """A variables tree: NNX modules and states as ``{collection: ...}`` (``nnx.state``)."""
+    return nnx_state.as_variables(tree) if nnx_state.is_nnx(tree) else tree
+
+
 def _leaves(tree: Any, fn: str) -> list[tuple[str, Any, Any]]:
     """``[(path, leaf, array-like)]``, the leaf as in the tree (boxed), the array unboxed.
 
     Array-likes are arrays, ``ShapeDtypeStruct``s and numbers (as NumPy scalars).
     """
+    tree = as_tree(tree)
     _check_tree(tree, fn)
     flat, _ = paths.flatten(tree)
     out = []
@@ -99,7 +106,8 @@ def num_params(tree: Any) -> int:
     Pass ``variables["params"]`` to count parameters only.
 
     Args:
-      tree: a variables tree (or any pytree of arrays, ``ShapeDtypeStruct``s, numbers).
+      tree: a variables tree, an NNX module or ``nnx.State`` (or any pytree of arrays,
+        ``ShapeDtypeStruct``s, numbers).
 
     Returns:
       The total number of elements.
@@ -296,8 +304,9 @@ def summary(
     rule or annotation covers, and that were therefore replicated, are marked ``*``.
 
     Args:
-      tree: a variables tree, a params subtree, a train state, or any pytree of arrays /
-        ``ShapeDtypeStruct``s.
+      tree: a variables tree, a params subtree, a train state, an NNX module, optimizer
+        or ``nnx.State`` (paths as in ``materialize``: ``params/blocks/0/up/kernel``), or
+        any pytree of arrays / ``ShapeDtypeStruct``s.
       mesh: a mesh to lay the tree out on (specs from ``partition_rules`` and the Flax
         annotations, as in ``materialize``).
       partition_rules: with ``mesh``, as in ``materialize``.
@@ -322,6 +331,7 @@ def summary(
       params                              18   72 B
       total                               18   72 B
     """
+    tree = as_tree(tree)
     leaves = sorted(_leaves(tree, "summary"), key=lambda item: _natural(item[0]))
     flat = [(path, leaf) for path, leaf, _ in leaves]  # block_2 before block_10
     if mesh is None:

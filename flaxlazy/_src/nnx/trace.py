@@ -24,8 +24,6 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-import flax
-import flax.linen as nn
 import jax
 from flax import nnx
 
@@ -35,6 +33,7 @@ from flaxlazy._src import programs
 from flaxlazy._src import slicing
 from flaxlazy._src import specs
 from flaxlazy._src.nnx import call as call_lib
+from flaxlazy._src.nnx import state as state_lib
 
 NOT_A_MODULE = (
     "{fn}: {ctor} returned {got}, not an nnx.Module. Pass an NNX Module class, or a "
@@ -194,32 +193,6 @@ def _value(entry: _Entry, values: Mapping[str, Any]) -> Any:
     return value if entry.variable is None else entry.variable.replace(value)
 
 
-def collection(variable: Any) -> str:
-    """The collection an NNX variable is addressed by (``params`` for ``nnx.Param``)."""
-    if variable is None:
-        return "data"
-    kind = type(variable)
-    if issubclass(kind, nnx.Param):
-        return "params"
-    return _compat.nnx_variable_name(kind) or kind.__name__
-
-
-def _box(value: Any, variable: Any, logical: bool) -> Any:
-    names = _compat.nnx_sharding_names(variable) if variable is not None else None
-    if not names:
-        return value
-    rules = _compat.nnx_sharding_rules(variable)
-    if logical or rules:
-        return nn.LogicallyPartitioned(value, tuple(names), rules=rules or None)
-    return nn.Partitioned(value, tuple(names))
-
-
-def _set(tree: dict, keys: tuple[str, ...], value: Any) -> None:
-    for k in keys[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[keys[-1]] = value
-
-
 _LOCK = threading.RLock()
 
 
@@ -275,7 +248,7 @@ def trace(call: call_lib.ConstructorCall, *, logical: bool = False, fn: str = "m
             fresh_keys = nnx.from_flat_state([(p, v.replace(next(it))) for p, v in flat])
             objs.append(nnx.merge(graphdef, fresh_keys, jax.tree_util.tree_map(lambda x: x, rest)))
         args, kwargs = call.rebuild(objs, list(dyn))
-        with flax.config.temp_flip_flag("always_shard_variable", False), _concrete_counters():
+        with _compat.nnx_unconstrained(), _concrete_counters():
             module = call.ctor(*args, **kwargs)
         if not isinstance(module, nnx.Module):
             raise TypeError(NOT_A_MODULE.format(
@@ -312,10 +285,9 @@ def trace(call: call_lib.ConstructorCall, *, logical: bool = False, fn: str = "m
         index = next(counter)
         aval = closed.jaxpr.outvars[index].aval
         abstract = jax.ShapeDtypeStruct(aval.shape, aval.dtype)
-        col = collection(variable)
-        path = tuple(str(p) for p in state_path)
+        col, path = state_lib.qualified(state_path, leaf)
         qualified = paths.SEP.join((col,) + path)
-        _set(variables.setdefault(col, {}), path, _box(abstract, variable, logical))
+        state_lib.insert(variables, col, path, state_lib.box(abstract, variable, logical))
         s = analysis.slice(index)
         records[(col, path)] = Record(
             col, path, s.cut is not None, None if s.cut is None else s.cut.count,
