@@ -30,7 +30,10 @@ from flaxlazy._src import paths
 from flaxlazy._src import rules as rules_lib
 from flaxlazy._src import sharding as sharding_lib
 from flaxlazy._src import sharding_checks
+from flaxlazy._src import summary as summary_lib
 from flaxlazy._src.linen import call as linen_call
+from flaxlazy._src.nnx import call as nnx_call
+from flaxlazy._src.nnx import optimizer as nnx_optimizer
 
 PARAMS = paths.PARAMS
 OPT_STATE = "opt_state"
@@ -239,10 +242,9 @@ def _abstract(
 
 
 def abstract_train_state(
-    module: nn.Module,
+    module: nn.Module | Callable[..., Any],
     tx: optax.GradientTransformation,
-    rngs: Any,
-    *inputs: Any,
+    *args: Any,
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
     partition_rules: Any = None,
     logical_axis_rules: Any = None,
@@ -257,10 +259,11 @@ def abstract_train_state(
     the target when restoring a checkpointed train state.
 
     Args:
-      module: a Flax Linen module.
+      module: a Flax Linen module, or an NNX Module class (or factory).
       tx: an optax ``GradientTransformation``.
-      rngs: a key or a dict of keys, as for ``module.init``.
-      *inputs: input arrays, specs or Python values, as for ``abstract_init``.
+      *args: Linen: ``rngs`` (a key or a dict of keys, as for ``module.init``), then the
+        inputs (arrays, specs or Python values, as for ``abstract_init``). NNX: the
+        constructor's arguments, ``rngs=nnx.Rngs(...)`` among them.
       mesh: optional ``Mesh`` (or ``AbstractMesh``); with it every leaf carries its
         ``NamedSharding``.
       partition_rules: as in ``materialize``; rules matching ``opt_state/...`` paths
@@ -272,10 +275,12 @@ def abstract_train_state(
       require_rules: as in ``flaxlazy.shardings``; also decides whether an
         optimizer-state leaf that mirrors no parameter and matches no rule is an error
         or replicated.
-      **kwargs: keyword inputs for the module.
+      **kwargs: keyword inputs for the module (NNX: constructor keyword arguments).
 
     Returns:
-      A ``flaxlazy.TrainState`` whose array leaves are ``jax.ShapeDtypeStruct``s.
+      Linen: a ``flaxlazy.TrainState`` whose array leaves are ``jax.ShapeDtypeStruct``s.
+      NNX: ``(model, optimizer)``, the abstract module and its abstract
+      ``nnx.Optimizer`` (``wrt=nnx.Param``).
 
     Raises:
       TypeError: a ``module`` or ``tx`` of the wrong type, or malformed placement
@@ -290,6 +295,13 @@ def abstract_train_state(
       >>> state.opt_state[0].mu["kernel"]
       ShapeDtypeStruct(shape=(5, 3), dtype=float32)
     """
+    if nnx_call.is_nnx_target(module):
+        return _nnx_state(
+            "abstract_train_state", module, tx, args, kwargs, mesh=mesh,
+            partition_rules=partition_rules, logical_axis_rules=logical_axis_rules,
+            allow_unused_rules=allow_unused_rules, require_rules=require_rules,
+        )
+    rngs, inputs = linen_call.split_rngs_argument(args, kwargs, fn="abstract_train_state")
     state, _ = _abstract(
         "abstract_train_state", module, tx, rngs, inputs, kwargs, mesh=mesh,
         partition_rules=partition_rules, logical_axis_rules=logical_axis_rules,
@@ -299,10 +311,9 @@ def abstract_train_state(
 
 
 def init_train_state(
-    module: nn.Module,
+    module: nn.Module | Callable[..., Any],
     tx: optax.GradientTransformation,
-    rngs: Any,
-    *inputs: Any,
+    *args: Any,
     mesh: jax.sharding.Mesh | None = None,
     partition_rules: Any = None,
     logical_axis_rules: Any = None,
@@ -321,11 +332,11 @@ def init_train_state(
     sharded parameter or moment.
 
     Args:
-      module: a Flax Linen module.
+      module: a Flax Linen module, or an NNX Module class (or factory).
       tx: an optax ``GradientTransformation`` (``adamw``, ``chain``, ``multi_transform``,
         ``masked``... all work).
-      rngs: a key or a dict of keys, as for ``module.init``.
-      *inputs: input arrays, specs or Python values.
+      *args: Linen: ``rngs`` (a key or a dict of keys), then the inputs. NNX: the
+        constructor's arguments, ``rngs=nnx.Rngs(...)`` among them.
       mesh: optional mesh; see ``materialize``.
       partition_rules: as in ``abstract_train_state``.
       logical_axis_rules: as in ``materialize``.
@@ -333,11 +344,13 @@ def init_train_state(
       require_rules: as in ``abstract_train_state``.
       initializers: the initializer tree, as in ``materialize``.
       device: without a mesh, the device to create everything on.
-      **kwargs: keyword inputs for the module.
+      **kwargs: keyword inputs for the module (NNX: constructor keyword arguments).
 
     Returns:
-      A ``flaxlazy.TrainState`` (a ``flax.training.train_state.TrainState`` with the
-      model's other collections in ``collections``), ``step`` 0.
+      Linen: a ``flaxlazy.TrainState`` (a ``flax.training.train_state.TrainState`` with
+      the model's other collections in ``collections``), ``step`` 0. NNX: ``(model,
+      optimizer)``, the module (as ``materialize`` gives it) and its ``nnx.Optimizer``
+      (``wrt=nnx.Param``), the optimizer state placed like the parameters it mirrors.
 
     Raises:
       TypeError, ValueError: as ``abstract_train_state`` and ``materialize``.
@@ -351,6 +364,14 @@ def init_train_state(
     """
     if mesh is not None and device is not None:
         raise TypeError("init_train_state: pass only one of `device` and `mesh`.")
+    if nnx_call.is_nnx_target(module):
+        return _nnx_state(
+            "init_train_state", module, tx, args, kwargs, mesh=mesh,
+            partition_rules=partition_rules, logical_axis_rules=logical_axis_rules,
+            allow_unused_rules=allow_unused_rules, require_rules=require_rules,
+            initializers=initializers, device=device,
+        )
+    rngs, inputs = linen_call.split_rngs_argument(args, kwargs, fn="init_train_state")
     abstract, variable_shardings = _abstract(
         "init_train_state", module, tx, rngs, inputs, kwargs, mesh=mesh,
         partition_rules=partition_rules, logical_axis_rules=logical_axis_rules,
@@ -374,3 +395,37 @@ def init_train_state(
 def _compiled_init(tx: optax.GradientTransformation, shardings: Any) -> Callable:
     has_sharding = any(s is not None for s in jax.tree.leaves(shardings))
     return jax.jit(tx.init, out_shardings=shardings if has_sharding else None)
+
+
+def _nnx_state(
+    fn: str, ctor: Any, tx: Any, args: tuple, kwargs: dict, *, mesh: Any, partition_rules: Any,
+    logical_axis_rules: Any, allow_unused_rules: bool, require_rules: bool | None,
+    initializers: Any = None, device: Any = None,
+) -> tuple[Any, Any]:
+    """``(model, nnx.Optimizer)`` for an NNX constructor: real for ``init_train_state``,
+    abstract (sharded ``ShapeDtypeStruct``s) for ``abstract_train_state``."""
+    check_tx(tx, fn=fn)
+    concrete = fn == "init_train_state"
+    layout = None
+    if mesh is not None:
+        sharding_lib.check_mesh(mesh, concrete=concrete)
+        sharding_lib.check_logical_axis_rules(logical_axis_rules)
+        layout = _Layout(mesh, partition_rules, logical_axis_rules, allow_unused_rules,
+                         require_rules)
+    placement = dict(mesh=mesh, partition_rules=partition_rules,
+                     logical_axis_rules=logical_axis_rules,
+                     require_rules=sharding_lib.strict(require_rules, partition_rules)
+                     if mesh is not None else require_rules,
+                     allow_unused_rules=True if mesh is not None else allow_unused_rules)
+    if concrete:
+        model = materialize_lib.materialize(ctor, *args, initializers=initializers,
+                                            device=device, **placement, **kwargs)
+    else:
+        model = abstract_lib.abstract_init(ctor, *args, **placement, **kwargs)
+    abstract_opt = nnx_optimizer.abstract_optimizer(model, tx, layout)
+    if layout is not None:
+        names = [p for p, _ in paths.flatten(summary_lib.as_tree(model))[0]]
+        layout.check_unused(names + nnx_optimizer.opt_state_paths(abstract_opt))
+    if not concrete:
+        return model, abstract_opt
+    return model, nnx_optimizer.init_optimizer(model, tx, abstract_opt)
