@@ -288,7 +288,7 @@ def test_path_without_checkpoint_is_file_not_found(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"subtree": None}, TypeError, r"`subtree` must be a string, got None"),
+        ({"subtree": 3}, TypeError, r"`subtree` must be a string, got 3"),
         ({"rename": [("(", "x")]}, ValueError, r"`rename\[0\]`: the regex '\(' does not compile"),
         ({"rename": [("a/(.*)", r"b/\3")]}, ValueError,
          r"`rename\[0\]`: the replacement .* does not fit the regex 'a/\(\.\*\)': invalid "
@@ -310,7 +310,9 @@ def test_from_checkpoint_argument_errors(kwargs, error, match):
 
 def test_rename_groups_that_exist_are_fine():
     source = flaxlazy.from_checkpoint("ckpt", rename=[(r"(?P<m>enc)/(.*)", r"\g<m>oder/\2")])
-    assert source.entry("enc/Dense_0/kernel") == "params/encoder/Dense_0/kernel"
+    assert source.entry("enc/Dense_0/kernel") == "encoder/Dense_0/kernel"  # subtree: per framework
+    assert source.with_default_subtree("params").entry("enc/Dense_0/kernel") == (
+        "params/encoder/Dense_0/kernel")
 
 
 @pytest.mark.parametrize(

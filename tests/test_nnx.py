@@ -1,5 +1,7 @@
 """Flax NNX through flaxlazy: values, RNG state and compile counts equal NNX's own."""
 
+import warnings
+
 import chex
 import flax
 import jax
@@ -266,7 +268,7 @@ def test_train_state_gives_an_optimizer_sharded_like_its_parameters():
         opt.update(model, grads)
         return value
 
-    for m, o in ((model, opt), (ref_model, ref_opt)):
+    for m in (model, ref_model):
         m.eval()
     # Same losses over two steps (Adam turns the rounding noise of the sharded run in
     # zero gradients, e.g. attention key biases, into full steps: compare losses).
@@ -282,3 +284,36 @@ def test_train_state_gives_an_optimizer_sharded_like_its_parameters():
     with pytest.raises(ValueError, match=r"opt_state/.*typo"):
         flaxlazy.abstract_train_state(GPT, tx, 2, 16, 64, rngs=nnx.Rngs(0), mesh=mesh,
                                       partition_rules=[("opt_state/typo", P())] + rules)
+
+
+def test_checkpoint_initializers_and_restore(tmp_path):
+    import orbax.checkpoint as ocp
+
+    pretrained = flaxlazy.materialize(GPT, 2, 16, 50, rngs=nnx.Rngs(7))
+    # A checkpoint as NNX users write it (Orbax, nnx.state), and one from flaxlazy.save.
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(tmp_path / "orbax", nnx.state(pretrained))
+    flaxlazy.save(tmp_path / "ours", pretrained)
+    fresh, want = values(_reference(GPT, 2, 16, 50)), values(pretrained)
+    kinds = {"/".join(map(str, p)): type(v) for p, v in nnx.to_flat_state(nnx.state(pretrained))}
+    for name in ("orbax", "ours"):
+        source = flaxlazy.from_checkpoint(tmp_path / name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the checkpoint's other variables are expected
+            got = values(flaxlazy.materialize(GPT, 2, 16, 50, rngs=nnx.Rngs(0),
+                                              initializers={"**": source}))
+        for path in got:
+            expected = want if issubclass(kinds[path], nnx.Param) else fresh
+            np.testing.assert_array_equal(got[path], expected[path], err_msg=f"{name}: {path}")
+        with pytest.warns(UserWarning, match=r"2 checkpoint entries .*'embed/embedding/value'"):
+            flaxlazy.materialize(GPT, 2, 16, 50, rngs=nnx.Rngs(0),
+                                 initializers={"blocks/**": source})
+    restored = flaxlazy.restore(
+        tmp_path / "ours", flaxlazy.abstract_init(GPT, 2, 16, 50, rngs=nnx.Rngs(0)))
+    assert isinstance(restored, GPT)
+    chex.assert_trees_all_equal(values(restored), values(pretrained))
+    renamed = flaxlazy.from_checkpoint(tmp_path / "ours", rename=[(r"head/(.*)", r"lm_head/\1")])
+    with pytest.raises(ValueError, match=r"'params/head/kernel' .*maps to checkpoint entry "
+                                         r"'lm_head/kernel', which the checkpoint does not "
+                                         r"have. Closest entries: 'head/kernel/value'"):
+        flaxlazy.materialize(GPT, 2, 16, 50, rngs=nnx.Rngs(0), initializers={"head/**": renamed})

@@ -96,6 +96,11 @@ def new_closed_jaxpr(
     return _core.ClosedJaxpr(jaxpr, consts)
 
 
+def key_impl(dtype: Any) -> Any:
+    """The PRNG implementation of a key dtype (``key<fry>``: threefry2x32)."""
+    return dtype._impl
+
+
 def convert_constvars_jaxpr(jaxpr: Any) -> Any:
     return _pe.convert_constvars_jaxpr(jaxpr)
 

@@ -52,6 +52,7 @@ from flax.core import meta
 from flaxlazy._src import _compat
 from flaxlazy._src import integrity
 from flaxlazy._src import paths
+from flaxlazy._src.nnx import state as nnx_state
 
 _STAGING = ".flaxlazy-tmp"  # <path>.flaxlazy-tmp: the new checkpoint while it is written
 _ASIDE = ".flaxlazy-old"  # <path>.flaxlazy-old: the old one between the two renames
@@ -177,7 +178,8 @@ def save(path: str | os.PathLike, tree: Any, *, force: bool = False) -> None:
 
     Flax boxes (``nn.Partitioned``, ``nn.LogicallyPartitioned``) are unboxed first, so
     the checkpoint holds plain arrays. ``tree`` can be a variables dict, a Flax
-    ``TrainState`` (its ``apply_fn`` and ``tx`` are static and not saved) or any pytree
+    ``TrainState`` (its ``apply_fn`` and ``tx`` are static and not saved), an NNX module or
+    optimizer (saved as ``nnx.state(...)``, the layout Flax's NNX guides use) or any pytree
     of ``jax.Array``s, numpy arrays and Python scalars (optax states included). Sharded
     arrays are written shard by shard, by every process that holds shards; call ``save``
     on all processes. It uses ``orbax.checkpoint.PyTreeCheckpointer`` (OCDBT format), so
@@ -218,6 +220,8 @@ def save(path: str | os.PathLike, tree: Any, *, force: bool = False) -> None:
     """
     ocp = _orbax()
     path = _abspath(path)
+    if nnx_state.is_nnx(tree):
+        tree = nnx_state.state_of(tree)  # saved as Flax NNX saves: nnx.state(model)
     tree = meta.unbox(tree)
     flat, _ = paths.flatten(tree)
     if not flat:

@@ -44,6 +44,7 @@ CHECKPOINT = "checkpoint"
 TRACED = "traced"
 
 PARAMS = "params"
+VALUE = "/value"  # where a checkpoint of nnx.state keeps each variable's value
 # Domain separation: override keys never coincide with the keys Flax derives itself.
 _OVERRIDE_KEY_PREFIX = "flaxlazy.initializer"
 
@@ -246,6 +247,8 @@ def _is_array(x: Any) -> bool:
 
 def _checkpoint_entry(source, path: str, shape, dtype, entries: dict) -> str:
     entry = source.entry(path[len(PARAMS) + 1 :])
+    if entry not in entries and entry + VALUE in entries:
+        entry += VALUE  # a checkpoint of nnx.state(model)
     found = entries.get(entry)
     if found is None:
         hint = ", ".join(repr(e) for e in paths.closest(entry, entries))
@@ -270,11 +273,12 @@ BOX_RETURNED = (
 
 
 def _override(
-    rule: rules_lib.Rule, path: str, shape, dtype, layer_shape, root_key, entries
+    rule: rules_lib.Rule, path: str, shape, dtype, layer_shape, root_key, entries, subtree
 ) -> tuple[str, programs.Program | None, Any, int | None]:
     """(source, program, value, key) for a leaf that ``rule`` overrides."""
     value = rule.value
     if restore.is_source(value):
+        value = value.with_default_subtree(subtree)
         entry = _checkpoint_entry(value, path, shape, dtype, entries(value.path))
         return CHECKPOINT, None, (value, entry), None
     if _is_array(value):
@@ -366,7 +370,8 @@ def build(
                 if layer_shape == shape or _layer_axes(shape, layer_shape) is None:
                     layer_shape = None
             source, program, array, key = _override(
-                rule, path, shape, dtype, layer_shape, root_key, entries
+                rule, path, shape, dtype, layer_shape, root_key, entries,
+                traced.checkpoint_subtree,
             )
             stream = traced.override_stream
         elif rec is not None and rec.replayable and (
@@ -390,5 +395,9 @@ def _report_unconsumed(leaves: list[Leaf], entries: Callable) -> None:
         if leaf.source == CHECKPOINT:
             source, entry = leaf.value
             consumed.setdefault(source, set()).add(entry)
+    # The model's other variables (a checkpoint of nnx.state holds them too).
+    others = [leaf.path.split(paths.SEP, 1)[-1] for leaf in leaves
+              if not leaf.path.startswith(PARAMS + paths.SEP)]
+    known = set(others) | {p + VALUE for p in others}
     for source, used in consumed.items():
-        source.report_unconsumed(list(entries(source.path)), used)
+        source.report_unconsumed(list(entries(source.path)), used, known)

@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import jax
 
+from flaxlazy._src import _compat
 from flaxlazy._src import checkpoint
 from flaxlazy._src import paths
 from flaxlazy._src import warn
@@ -37,9 +38,13 @@ class CheckpointSource(NamedTuple):
     """Where matched parameters come from (see ``from_checkpoint``)."""
 
     path: str
-    subtree: str
+    subtree: str | None  # None: the framework's default (Linen "params", NNX "")
     rename: tuple[tuple[str, str], ...]
     strict: bool
+
+    def with_default_subtree(self, subtree: str) -> CheckpointSource:
+        """This source with ``subtree`` resolved (Linen: ``"params"``, NNX: ``""``)."""
+        return self if self.subtree is not None else self._replace(subtree=subtree)
 
     def entry(self, param_path: str) -> str:
         """The checkpoint entry for a parameter at ``param_path`` (inside ``params``)."""
@@ -50,10 +55,16 @@ class CheckpointSource(NamedTuple):
                 break
         return f"{self.subtree}{paths.SEP}{param_path}" if self.subtree else param_path
 
-    def report_unconsumed(self, entries: Sequence[str], consumed: set[str]) -> None:
-        """Warns (or raises with ``strict``) about entries under ``subtree`` left unread."""
+    def report_unconsumed(self, entries: Sequence[str], consumed: set[str],
+                          known: set[str] = frozenset()) -> None:
+        """Warns (or raises with ``strict``) about entries under ``subtree`` left unread.
+
+        ``known`` entries are the model's own non-parameter variables (an NNX checkpoint
+        holds them beside the parameters): not reading them is expected.
+        """
         prefix = self.subtree + paths.SEP if self.subtree else ""
-        left = sorted(e for e in entries if e.startswith(prefix) and e not in consumed)
+        left = sorted(e for e in entries
+                      if e.startswith(prefix) and e not in consumed and e not in known)
         if not left:
             return
         shown = ", ".join(repr(e) for e in left[:8]) + (", ..." if len(left) > 8 else "")
@@ -72,7 +83,7 @@ class CheckpointSource(NamedTuple):
 def from_checkpoint(
     path: str | os.PathLike,
     *,
-    subtree: str = "params",
+    subtree: str | None = None,
     rename: Sequence[tuple[str, str]] | None = None,
     strict: bool = False,
 ) -> CheckpointSource:
@@ -86,7 +97,10 @@ def from_checkpoint(
     Args:
       path: the checkpoint directory (written by ``flaxlazy.save`` or Orbax).
       subtree: the prefix of the params inside the checkpoint: ``"params"`` for a saved
-        variables dict or train state, ``""`` for a bare params tree.
+        variables dict or train state, ``""`` for a bare params tree. Default:
+        ``"params"`` for a Linen model, ``""`` for an NNX one (a checkpoint of
+        ``nnx.state(model)``, whose entries end in ``/value``: ``blocks/0/up/kernel`` is
+        read from ``blocks/0/up/kernel/value`` when the checkpoint has no plain entry).
       rename: an ordered list of ``(regex, replacement)``; the first regex that fully
         matches ``p`` rewrites it with ``re.Match.expand`` (``\\1`` groups), e.g.
         ``[(r"encoder/(.*)", r"backbone/\\1")]`` reads this model's ``encoder`` from a
@@ -109,7 +123,7 @@ def from_checkpoint(
     Examples:
       >>> import flaxlazy
       >>> src = flaxlazy.from_checkpoint("/tmp/ckpt", rename=[(r"encoder/(.*)", r"backbone/\\1")])
-      >>> src.entry("encoder/Dense_0/kernel")
+      >>> src.with_default_subtree("params").entry("encoder/Dense_0/kernel")
       'params/backbone/Dense_0/kernel'
       >>> flaxlazy.from_checkpoint("/tmp/ckpt", rename=[(r"encoder/(.*)", r"backbone/\\2")])
       Traceback (most recent call last):
@@ -117,7 +131,7 @@ def from_checkpoint(
     """
     if not isinstance(path, str | os.PathLike) or not os.fspath(path):
         raise TypeError(f"from_checkpoint: `path` must be a directory path, got {path!r}.")
-    if not isinstance(subtree, str):
+    if subtree is not None and not isinstance(subtree, str):
         raise TypeError(
             f"from_checkpoint: `subtree` must be a string, got {subtree!r}: 'params' (the "
             "default) for a saved variables dict or train state, '' for a bare params tree."
@@ -129,7 +143,8 @@ def from_checkpoint(
                 rename, Mapping) else ".")
         )
     rename = tuple(_check_rename(rule, i) for i, rule in enumerate(rename or ()))
-    return CheckpointSource(os.fspath(path), subtree.strip(paths.SEP), rename, strict)
+    subtree = None if subtree is None else subtree.strip(paths.SEP)
+    return CheckpointSource(os.fspath(path), subtree, rename, strict)
 
 
 def _check_rename(rule: Any, index: int) -> tuple[str, str]:
@@ -229,10 +244,27 @@ def restore(path: str | os.PathLike, target: Any) -> Any:
                     + f" The checkpoint has {len(under)} entr{'y' if len(under) == 1 else 'ies'}"
                     f" there: {', '.join(map(repr, under[:3]))}{', ...' if len(under) > 3 else ''}."
                 )
+    keys = {n: t for n, t in targets.items() if _compat.is_key_array(t)}
+    for name, target in keys.items():  # Orbax stores PRNG keys as their raw data
+        targets[name] = _key_data_target(target)
     arrays = checkpoint.read(path, targets)
+    for name, target in keys.items():
+        arrays[name] = jax.random.wrap_key_data(arrays[name],
+                                                impl=_compat.key_impl(target.dtype))
     out = [
         leaf if leaf is None
         else leaf.replace_boxed(arrays[name]) if paths.is_box(leaf) else arrays[name]
         for name, leaf in flat
     ]
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _key_data_target(target: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+    """The uint32 raw-data target of a PRNG-key target (one more, unsharded, axis)."""
+    data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(target.shape, target.dtype))
+    sharding = target.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        extra = (None,) * (len(data.shape) - len(target.shape))
+        sharding = jax.sharding.NamedSharding(
+            sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec, *extra))
+    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)

@@ -212,6 +212,7 @@ class Traced:
 
     # The core's view (shared with the NNX entrance): roots, overrides, the fallback.
     override_stream = PARAMS
+    checkpoint_subtree = PARAMS  # from_checkpoint's default: a saved variables dict
 
     @property
     def n_rng(self) -> int:

@@ -58,10 +58,14 @@ def insert(tree: dict, col: str, path: tuple[str, ...], value: Any) -> None:
     node[path[-1]] = value
 
 
+def state_of(tree: Any) -> nnx.State:
+    """``nnx.state`` of an NNX object; a state as is."""
+    return tree if isinstance(tree, nnx.State) else nnx.state(tree)
+
+
 def flat_state(tree: Any) -> list[tuple[tuple, Any]]:
     """``[(state path, leaf)]`` of an NNX object or state."""
-    state = tree if isinstance(tree, nnx.State) else nnx.state(tree)
-    return list(nnx.to_flat_state(state))
+    return list(nnx.to_flat_state(state_of(tree)))
 
 
 def as_variables(tree: Any) -> dict:

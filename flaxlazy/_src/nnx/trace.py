@@ -104,6 +104,8 @@ class Traced:
     rng_entries: tuple[tuple[_Entry, ...], ...]
 
     # The core's view: roots, the override stream, the fallback program.
+    checkpoint_subtree = ""  # from_checkpoint's default: a checkpoint of nnx.state(model)
+
     @property
     def n_rng(self) -> int:
         return len(self.call.streams)
