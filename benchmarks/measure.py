@@ -19,6 +19,12 @@ Methods:
   persistent compilation cache in ``--cache-dir``; run twice in two processes, the
   second reads what the first wrote.
 
+NNX models (``zoo_nnx.py``, names ``nnx_*``) have no ``init``; their constructor draws the
+parameters, so there: ``eager`` is the constructor called eagerly, ``jit`` is
+``nnx.jit(lambda: Model(..., rngs=nnx.Rngs(0)))()`` (trace, compile and run in one timed
+call), the flaxlazy methods take the constructor and its arguments, and ``lazy_init``
+does not exist (``NNX_METHODS``).
+
 Memory: the peak resident set size ("high water mark", ``VmHWM``) is reset through
 ``/proc/self/clear_refs`` right before the timed call, after imports, model and input
 creation and JAX backend start-up; ``peak_rss`` is that peak minus the RSS at the reset.
@@ -40,6 +46,7 @@ METHODS = (
     "eager", "jit", "lazy_init", "abstract", "materialize_cold", "materialize_warm",
     "materialize_cache1", "materialize_cache2",
 )
+NNX_METHODS = tuple(m for m in METHODS if m != "lazy_init")
 
 
 # --------------------------------------------------------------------------
@@ -106,8 +113,20 @@ def _timed(fn, *args, **kwargs):
     return out, time.perf_counter() - t
 
 
+def _is_nnx(model) -> bool:
+    import zoo_nnx
+
+    return isinstance(model, zoo_nnx.NnxModel)
+
+
 def _plan(model, key):
-    """The materialization plan of ``model`` (internal API; cached traces make it cheap)."""
+    """The materialization plan of ``model`` (internal API; traces it again, untimed)."""
+    if _is_nnx(model):
+        from flaxlazy._src.nnx import api as nnx_api
+
+        args, kwargs = model.call()
+        traced = nnx_api.traced(model.ctor, args, kwargs, fn="materialize")
+        return nnx_api.plan(traced, initializers=None, placement_args={})
     from flaxlazy._src import materialize as materialize_lib
     from flaxlazy._src.linen import call as linen_call
 
@@ -230,13 +249,24 @@ def run_materialize_warm(model, key, concrete, mem):
     from flaxlazy._src.compiles import count_compiles
 
     del concrete
-    out = _block(flaxlazy.materialize(model.module, key, *model.inputs, **model.kwargs))
-    del out
-    mem.reset()
-    with count_compiles() as warm_compiles:
-        out, seconds = _timed(
-            flaxlazy.materialize, model.module, jax.random.key(1), *model.inputs, **model.kwargs
-        )
+    if _is_nnx(model):
+        args, kwargs = model.call(0)
+        _block(_nnx_state(flaxlazy.materialize(model.ctor, *args, **kwargs)))
+        args, kwargs = model.call(1)
+        mem.reset()
+        with count_compiles() as warm_compiles:
+            out, seconds = _timed(
+                lambda: _nnx_state(flaxlazy.materialize(model.ctor, *args, **kwargs))
+            )
+    else:
+        out = _block(flaxlazy.materialize(model.module, key, *model.inputs, **model.kwargs))
+        del out
+        mem.reset()
+        with count_compiles() as warm_compiles:
+            out, seconds = _timed(
+                flaxlazy.materialize, model.module, jax.random.key(1), *model.inputs,
+                **model.kwargs,
+            )
     peak = mem.peak()
     extra = {
         "total_s": seconds, "compiles": warm_compiles.count,
@@ -257,6 +287,54 @@ def run_materialize_warm(model, key, concrete, mem):
     return None, extra
 
 
+# NNX: the constructor draws the parameters. Each runner returns the module's state.
+
+
+def _nnx_state(module):
+    from flax import nnx
+
+    return nnx.state(module)
+
+
+def run_nnx_eager(model, key, concrete, mem):
+    del key, concrete, mem
+    out, seconds = _timed(lambda: _nnx_state(model.build()))
+    return out, {"total_s": seconds}
+
+
+def run_nnx_jit(model, key, concrete, mem):
+    from flax import nnx
+
+    del key, concrete, mem
+    fn = nnx.jit(lambda: model.build())  # the Rngs is created inside, as users write it
+    out, seconds = _timed(lambda: _nnx_state(fn()))
+    return out, {"total_s": seconds}
+
+
+def _run_nnx(fn_name):
+    def run(model, key, concrete, mem):
+        import flaxlazy
+
+        del key, concrete, mem
+        fn = getattr(flaxlazy, fn_name)
+        args, kwargs = model.call()
+        out, seconds = _timed(lambda: _nnx_state(fn(model.ctor, *args, **kwargs)))
+        return out, {"total_s": seconds}
+
+    return run
+
+
+NNX_RUNNERS = {
+    "eager": run_nnx_eager,
+    "jit": run_nnx_jit,
+    "abstract": _run_nnx("abstract_init"),
+    "materialize_cold": _run_nnx("materialize"),
+    "materialize_warm": run_materialize_warm,
+    "materialize_cache1": _run_nnx("materialize"),
+    "materialize_cache2": _run_nnx("materialize"),
+}
+
+
 RUNNERS = {
     "eager": run_eager,
     "jit": run_jit,
@@ -267,6 +345,29 @@ RUNNERS = {
     "materialize_cache1": run_materialize,
     "materialize_cache2": run_materialize,
 }
+
+
+def sizes(model, key, out) -> dict:
+    """Parameter count and bytes, variable bytes and collections of ``out`` (the
+    variables, or an NNX module's state; None: from an abstract init)."""
+    import flaxlazy
+
+    if _is_nnx(model):
+        from flax import nnx
+
+        if out is None:
+            args, kwargs = model.call()
+            out = nnx.state(flaxlazy.abstract_init(model.ctor, *args, **kwargs))
+        params = nnx.filter_state(out, nnx.Param)
+        kinds = {type(v).__name__ for _, v in nnx.to_flat_state(out)}
+    else:
+        if out is None:
+            out = flaxlazy.abstract_init(model.module, key, *model.inputs, **model.kwargs)
+        params, kinds = out.get("params", {}), set(out)
+    return {
+        "param_count": flaxlazy.num_params(params), "param_bytes": flaxlazy.nbytes(params),
+        "variable_bytes": flaxlazy.nbytes(out), "collections": sorted(kinds),
+    }
 
 
 def measure(model_name: str, method: str, cache_dir: str | None) -> dict:
@@ -281,16 +382,21 @@ def measure(model_name: str, method: str, cache_dir: str | None) -> dict:
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     import jax.numpy as jnp
 
-    import flaxlazy
+    import flaxlazy  # noqa: F401 - imported before the clock starts
     from flaxlazy._src.compiles import count_compiles
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import zoo
 
     model = zoo.MODELS[model_name]()
+    nnx_model = _is_nnx(model)
+    runners = NNX_RUNNERS if nnx_model else RUNNERS
+    if method not in runners:
+        raise ValueError(f"--method {method} does not apply to the NNX model {model_name}; "
+                         f"NNX methods: {', '.join(NNX_METHODS)}.")
     key = jax.random.key(0)
     concrete = ()
-    if method in ("eager", "jit"):
+    if method in ("eager", "jit") and not nnx_model:
         concrete = tuple(jnp.zeros(s.shape, s.dtype) for s in model.inputs)
     _block(jnp.zeros(()) + 1)  # start the backend outside the measurement
     import_s = time.perf_counter() - t_start
@@ -309,7 +415,7 @@ def measure(model_name: str, method: str, cache_dir: str | None) -> dict:
     mem = Memory()
     mem.reset()
     with count_compiles() as compiles:
-        out, numbers = RUNNERS[method](model, key, concrete, mem)
+        out, numbers = runners[method](model, key, concrete, mem)
     if method.startswith("materialize_cache"):
         numbers["cache_hits"] = len(hits)
     peak = numbers.pop("peak_rss", None)
@@ -321,13 +427,7 @@ def measure(model_name: str, method: str, cache_dir: str | None) -> dict:
         "startup_s": import_s,
     }
     result.update(numbers)
-    tree = out if out is not None else flaxlazy.abstract_init(
-        model.module, key, *model.inputs, **model.kwargs
-    )
-    result["param_count"] = flaxlazy.num_params(tree.get("params", {}))
-    result["param_bytes"] = flaxlazy.nbytes(tree.get("params", {}))
-    result["variable_bytes"] = flaxlazy.nbytes(tree)
-    result["collections"] = sorted(tree)
+    result.update(sizes(model, key, out))
     if method.startswith("materialize"):
         result["plan"] = _plan_counts(model, key)
     result["jax"] = jax.__version__

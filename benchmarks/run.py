@@ -1,10 +1,13 @@
 """The flaxlazy benchmark: every way to initialize a Flax model, side by side.
 
+Linen models (``zoo.py``) and NNX constructors (``zoo_nnx.py``) run in the same way.
+
 Usage::
 
-    python benchmarks/run.py                 # the whole zoo (about 10 minutes on 2 CPU cores)
-    python benchmarks/run.py --quick         # a CI smoke subset (about two minutes)
+    python benchmarks/run.py                 # the whole zoo (about 13 minutes on 2 CPU cores)
+    python benchmarks/run.py --quick         # a CI smoke subset (about 2.5 minutes)
     python benchmarks/run.py --models gpt12,gpt48 --methods jit,materialize_cold
+    python benchmarks/run.py --only nnx      # the NNX models only (about 3 minutes)
 
 Each (model, method) runs in a fresh ``python benchmarks/measure.py`` process, so cold
 numbers include everything a new process pays. Writes ``results.json`` and
@@ -33,13 +36,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from measure import METHODS  # noqa: E402
+from measure import NNX_METHODS  # noqa: E402
 
-MODELS = (
+LINEN_MODELS = (
     "mlp", "resnet50", "gpt2_small", "gpt2_medium", "gpt12", "gpt24", "gpt48",
     "gpt2_2l", "gpt_jit", "gpt_remat12", "gpt_remat48", "gpt_scan48", "many_leaves",
     "llama7b", "llama70b",
 )
+NNX_MODELS = ("nnx_gpt12", "nnx_gpt48", "nnx_gpt2_medium", "nnx_llama7b")
+MODELS = LINEN_MODELS + NNX_MODELS
+FRAMEWORKS = {"linen": LINEN_MODELS, "nnx": NNX_MODELS}
 DEPTHS = {"gpt12": 12, "gpt24": 24, "gpt48": 48}
+NNX_DEPTHS = {"nnx_gpt12": 12, "nnx_gpt48": 48}
 ALLOCATING = tuple(m for m in METHODS if m != "abstract")
 
 # model -> methods to run in --quick mode: enough to check the targets on gpt48 (depth
@@ -50,6 +58,9 @@ QUICK = {
     "gpt12": ("jit", "materialize_cold"),
     "gpt48": ("materialize_cold", "materialize_warm"),
     "llama7b": ("abstract",),
+    "nnx_gpt12": ("jit", "materialize_cold"),
+    "nnx_gpt48": ("materialize_cold", "materialize_warm"),
+    "nnx_llama7b": ("abstract",),
 }
 # Measurements left out of the full run because they cost minutes and show nothing new.
 SLOW: dict[tuple[str, str], str] = {}
@@ -91,13 +102,15 @@ def _flaxlazy_source() -> dict:
 def _variable_bytes(model: str) -> int:
     """The bytes of ``model``'s variables, from an abstract init in this process."""
     import jax
+    import measure
     import zoo
 
-    import flaxlazy
+    return measure.sizes(zoo.MODELS[model](), jax.random.key(0), None)["variable_bytes"]
 
-    m = zoo.MODELS[model]()
-    shapes = flaxlazy.abstract_init(m.module, jax.random.key(0), *m.inputs, **m.kwargs)
-    return flaxlazy.nbytes(shapes)
+
+def methods_of(model: str) -> tuple[str, ...]:
+    """The methods that apply to ``model``: NNX models have no ``lazy_init``."""
+    return NNX_METHODS if model in NNX_MODELS else METHODS
 
 
 def run_one(model: str, method: str, timeout: float, cache_dir: str | None = None) -> dict:
@@ -138,17 +151,22 @@ def skipped(model: str, method: str, note: str) -> dict:
 def plan_runs(args) -> list[tuple[str, tuple[str, ...]]]:
     models = args.models.split(",") if args.models else list(QUICK if args.quick else MODELS)
     methods = args.methods.split(",") if args.methods else None
+    only = getattr(args, "only", "")
     for name in models:
         if name not in MODELS:
             raise SystemExit(f"--models: unknown model {name!r}; known: {', '.join(MODELS)}.")
     for name in methods or ():
         if name not in METHODS:
             raise SystemExit(f"--methods: unknown method {name!r}; known: {', '.join(METHODS)}.")
+    if only:
+        if only not in FRAMEWORKS:
+            raise SystemExit(f"--only: unknown framework {only!r}; known: linen, nnx.")
+        models = [name for name in models if name in FRAMEWORKS[only]]
     runs = []
     for name in models:
-        chosen = QUICK.get(name, ()) if args.quick and not args.models else METHODS
+        chosen = QUICK.get(name, ()) if args.quick and not args.models else methods_of(name)
         if methods:
-            chosen = tuple(m for m in METHODS if m in methods)
+            chosen = tuple(m for m in methods_of(name) if m in methods)
         runs.append((name, tuple(chosen)))
     return runs
 
@@ -208,9 +226,9 @@ def _s(x) -> str:
 
 def _progress(r: dict) -> str:
     if r["status"] != "ok":
-        return f"  {r['model']:<12} {r['method']:<19} {r['status']}: {r.get('note', '')}"
+        return f"  {r['model']:<15} {r['method']:<19} {r['status']}: {r.get('note', '')}"
     return (
-        f"  {r['model']:<12} {r['method']:<19} {r['total_s']:8.2f} s  "
+        f"  {r['model']:<15} {r['method']:<19} {r['total_s']:8.2f} s  "
         f"peak {_mb(r.get('peak_rss')):>7} MB  ({r.get('wall_s', 0):.0f} s wall, "
         f"load {r.get('load_before', 0):.1f})"
     )
@@ -251,7 +269,7 @@ def _note(r: dict, results: list[dict]) -> str:
 
 def table(results: list[dict]) -> str:
     head = (
-        f"{'model':<12} {'method':<19} {'status':<7} {'total s':>8} {'trace s':>8} "
+        f"{'model':<15} {'method':<19} {'status':<7} {'total s':>8} {'trace s':>8} "
         f"{'compile s':>9} {'#comp':>5} {'run s':>6} {'peak MB':>8} {'vars MB':>8} "
         f"{'peak/vars':>9}  note"
     )
@@ -266,7 +284,7 @@ def table(results: list[dict]) -> str:
         if ok and r.get("variable_bytes") and r["method"] != "abstract":
             ratio = f"{r['peak_rss'] / r['variable_bytes']:.2f}"
         lines.append(
-            f"{r['model']:<12} {r['method']:<19} {r['status']:<7} "
+            f"{r['model']:<15} {r['method']:<19} {r['status']:<7} "
             f"{_s(r.get('total_s')) if ok else '':>8} {_s(trace):>8} {_s(compile_s):>9} "
             f"{r.get('compiles', '') if ok else '':>5} {_s(r.get('run_s')):>6} "
             f"{_mb(r.get('peak_rss')) if ok else '':>8} "
@@ -387,6 +405,22 @@ TARGETS = (
            lambda r, _: (r["peak_rss"] / 1e6, f"{r['peak_rss'] / 1e6:.1f} MB")),
     Target("abstract_init(llama70b) < 5 s", 5.0, True, (("llama70b", "abstract"),),
            lambda r, _: (r["total_s"], f"{r['total_s']:.2f} s")),
+    # The same targets for NNX constructors: jit is nnx.jit(lambda: Model(..., rngs=...)).
+    Target("materialize cold(nnx_gpt48) <= 0.25 x nnx.jit cold(nnx_gpt48)", 0.25, False,
+           (("nnx_gpt48", "materialize_cold"), ("nnx_gpt48", "jit")), _cold_vs_jit),
+    Target("materialize cold(nnx_gpt48) <= 1.5 x materialize cold(nnx_gpt12)", 1.5, False,
+           (("nnx_gpt48", "materialize_cold"), ("nnx_gpt12", "materialize_cold")),
+           lambda deep, small, _: (deep["total_s"] / small["total_s"],
+                                   _ratio_detail(deep, small))),
+    Target("materialize warm(nnx_gpt48) recompiles nothing", 0, False,
+           (("nnx_gpt48", "materialize_warm"),),
+           lambda warm, _: (warm["compiles"], f"{warm['compiles']} compilations")),
+    Target("materialize warm(nnx_gpt48) <= 1.3 x one-call draw", 1.3, False,
+           (("nnx_gpt48", "materialize_warm"),), _warm_vs_draw),
+    Target("peak RSS materialize(nnx_gpt2_medium, 355M) <= 1.15 x variable bytes", 1.15,
+           False, (("nnx_gpt2_medium", "materialize_cold"),), _peak_vs_variables),
+    Target("abstract_init(nnx_llama7b) < 2 s", 2.0, True, (("nnx_llama7b", "abstract"),),
+           lambda r, _: (r["total_s"], f"{r['total_s']:.2f} s")),
     # Issue 12: lifted transforms on the fast path, never slower than jit(init).
     Target("materialize cold <= 1.0 x jit cold, every model measured", NEVER_SLOWER, False,
            (), _never_slower, ISSUE_12),
@@ -445,7 +479,7 @@ def targets_text(rows: list[dict]) -> str:
                          "baseline to beat):")
         verdict = {True: "PASS", False: "FAIL", None: "n/a "}[t["pass"]]
         value = "" if t["value"] is None else f"{t['value']:.3g} (limit {t['limit']:g})"
-        lines.append(f"{verdict}  {t['target']:<66} {value:<22} {t['detail']}")
+        lines.append(f"{verdict}  {t['target']:<70} {value:<22} {t['detail']}")
     return "\n".join(lines)
 
 
@@ -487,12 +521,18 @@ def chart(results: list[dict], path: str) -> bool:
         "materialize_warm": ("tab:cyan", "v", "flaxlazy.materialize, warm"),
         "materialize_cache2": ("tab:green", "P", "materialize, persistent cache"),
     }
-    for method, (color, marker, label) in styles.items():
-        pts = [(d, _find(results, m, method)) for m, d in DEPTHS.items()]
-        pts = [(d, r["total_s"]) for d, r in pts if r]
-        if pts:
-            left.plot(*zip(*pts, strict=True), marker=marker, color=color, label=label)
-    left.set(xlabel="layers (narrow GPT, d_model 256)", ylabel="init time, s (fresh process)",
+    nnx_labels = {"jit": "nnx.jit(constructor), cold", "eager": "NNX constructor (eager)"}
+    for depths, line, framework in ((DEPTHS, "-", "Linen"), (NNX_DEPTHS, "--", "NNX")):
+        for method, (color, marker, label) in styles.items():
+            pts = [(d, _find(results, m, method)) for m, d in depths.items()]
+            pts = [(d, r["total_s"]) for d, r in pts if r]
+            if framework == "NNX":
+                label = nnx_labels.get(method, label) + " (NNX)"
+            if pts:
+                left.plot(*zip(*pts, strict=True), line, marker=marker, color=color,
+                          label=label)
+    left.set(xlabel="layers (narrow GPT, d_model 256; dashed: NNX)",
+             ylabel="init time, s (fresh process)",
              title="Init time vs depth", xticks=list(DEPTHS.values()))
     left.grid(alpha=0.3)
     if left.lines:
@@ -501,6 +541,9 @@ def chart(results: list[dict], path: str) -> bool:
     # Warm peaks are left out: memory the cold call freed is still resident, so a warm
     # call's peak above that baseline understates what it allocates.
     del styles["materialize_warm"]
+    if any(r["model"] in NNX_MODELS for r in results):  # one marker per method, both APIs
+        styles["jit"] = (*styles["jit"][:2], "jax.jit(module.init) / nnx.jit(constructor)")
+        styles["eager"] = (*styles["eager"][:2], "module.init / NNX constructor (eager)")
     styles["abstract"] = ("tab:gray", "x", "flaxlazy.abstract_init")
     styles["materialize_cache1"] = ("tab:olive", "*", "materialize, cache writer")
     xs = []
@@ -542,10 +585,12 @@ def chart(results: list[dict], path: str) -> bool:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="flaxlazy init benchmark")
-    parser.add_argument("--quick", action="store_true", help="CI smoke subset (< 2 min)")
+    parser.add_argument("--quick", action="store_true", help="CI smoke subset (about 2.5 min)")
     parser.add_argument("--out", default=os.path.join(HERE, "results"), help="output folder")
     parser.add_argument("--models", default="", help="comma-separated subset of models")
     parser.add_argument("--methods", default="", help="comma-separated subset of methods")
+    parser.add_argument("--only", default="", choices=("", *FRAMEWORKS),
+                        help="only the models of one framework: linen or nnx")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds per measurement (default 600, 120 with --quick)")
     parser.add_argument("--replot", action="store_true",
@@ -577,7 +622,9 @@ def main(argv=None) -> int:
             saved = json.load(f)
         meta, results = saved["meta"], saved["results"]
     else:
-        print(f"flaxlazy benchmark ({'quick' if args.quick else 'full'}), jax {jax.__version__}, "
+        only = f", {args.only} only" if args.only else ""
+        print(f"flaxlazy benchmark ({'quick' if args.quick else 'full'}{only}), "
+              f"jax {jax.__version__}, "
               f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}", flush=True)
         t = time.perf_counter()
         results = run_all(args, save)

@@ -23,6 +23,8 @@ Models:
   overhead.
 * ``llama7b`` / ``llama70b``: Llama-2 sized (RMSNorm, SwiGLU MLP, rotary attention with
   grouped KV heads, untied head), meant for abstract init only.
+* ``nnx_*``: the NNX models of ``zoo_nnx.py`` (an ``NnxModel``: constructor and
+  arguments, no inputs), under the same names here.
 
 Examples:
   >>> import jax, flaxlazy
@@ -43,6 +45,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import zoo_nnx  # the benchmarks folder is on sys.path wherever the zoo is imported
 
 
 class Model(NamedTuple):
@@ -351,7 +354,7 @@ def llama70b() -> Model:
     )
 
 
-MODELS: dict[str, Callable[[], Model]] = {
+MODELS: dict[str, Callable[[], Model | zoo_nnx.NnxModel]] = {
     "mlp": mlp,
     "resnet50": resnet50,
     "gpt2_small": gpt2_small,
@@ -367,4 +370,5 @@ MODELS: dict[str, Callable[[], Model]] = {
     "many_leaves": many_leaves,
     "llama7b": llama7b,
     "llama70b": llama70b,
+    **zoo_nnx.MODELS,
 }
