@@ -229,17 +229,16 @@ def test_train_state_placement_argument_errors(mesh):
 @pytest.mark.parametrize(
     "module, match",
     [
-        pytest.param(lambda x: x, r"got function .*make it a Linen module", id="function"),
         pytest.param(nn.Dense, r"got the class Dense\. Create an instance: Dense\(\.\.\.\)",
                      id="class"),
         pytest.param("Dense", r"got str 'Dense'", id="str"),
-        pytest.param(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), r"got a flax\.nnx\..*Linear\. NNX "
-                     r"modules are not supported yet", id="nnx"),
+        pytest.param(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), r"an already constructed NNX module "
+                     r"\(Linear\)\. Pass the class and its arguments instead", id="nnx"),
     ],
 )
-def test_lazy_needs_a_linen_module(module, match):
+def test_lazy_needs_a_linen_module_or_nnx_constructor(module, match):
     with pytest.raises(TypeError, match=r"lazy: `module` must be a flax\.linen\.Module "
-                                        r"instance .*" + match):
+                                        r"instance.*" + match):
         flaxlazy.lazy(module)
 
 

@@ -17,6 +17,7 @@ from flaxlazy._src import plan as plan_lib
 from flaxlazy._src.compiles import count_compiles
 from flaxlazy._src.linen import call as linen_call
 from flaxlazy._src.linen import recorder
+from flaxlazy._src.sources import initializer
 
 X = flaxlazy.spec("f32[4,16]")
 
@@ -174,7 +175,7 @@ def test_override_keys_are_per_path_and_stable():
     chex.assert_trees_all_equal(s["b"]["kernel"], b["b"]["kernel"])
     assert not np.allclose(s["a"]["kernel"], s["b"]["kernel"])
     # The key is the root key with a hash of the path folded in: reproducible by hand.
-    k = jax.random.fold_in(jax.random.key(0), plan_lib.override_key("params/a/kernel"))
+    k = jax.random.fold_in(jax.random.key(0), initializer.override_key("params/a/kernel"))
     chex.assert_trees_all_equal(s["a"]["kernel"], nn.initializers.normal(1.0)(k, (16, 8)))
 
 
@@ -188,7 +189,7 @@ def test_scan_override_is_per_layer():
     chex.assert_shape(kernel, (layers, 16, 16))
     # Fan-in is per layer (16, not layers*16), and every layer has its own key.
     key = jax.random.fold_in(
-        jax.random.key(0), plan_lib.override_key("params/stack/Dense_0/kernel")
+        jax.random.key(0), initializer.override_key("params/stack/Dense_0/kernel")
     )
     init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
     want = jnp.stack([init(k, (16, 16)) for k in jax.random.split(key, layers)])

@@ -10,7 +10,7 @@ import json
 import flax.linen as nn
 import jax
 import flaxlazy
-from flaxlazy._src import engine
+from flaxlazy._src.sources import compiled
 
 def rss():
     with open("/proc/self/statm") as f:
@@ -28,9 +28,9 @@ for i in range(N):
     jax.block_until_ready(out)
     del out
     samples.append(rss())
-    sizes.append((len(engine._COMPILED), engine._COMPILED.nbytes))
-print(json.dumps({"rss": samples, "sizes": sizes, "max_bytes": engine._COMPILED.max_bytes,
-                  "max_count": engine._COMPILED.size}))
+    sizes.append((len(compiled._COMPILED), compiled._COMPILED.nbytes))
+print(json.dumps({"rss": samples, "sizes": sizes, "max_bytes": compiled._COMPILED.max_bytes,
+                  "max_count": compiled._COMPILED.size}))
 """
 
 

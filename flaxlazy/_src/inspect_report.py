@@ -30,7 +30,6 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
-from flaxlazy._src import engine
 from flaxlazy._src import initializer_names
 from flaxlazy._src import inspect_render
 from flaxlazy._src import paths
@@ -42,6 +41,7 @@ from flaxlazy._src import specs as specs_lib
 from flaxlazy._src import summary as summary_lib
 from flaxlazy._src import train_state as train_state_lib
 from flaxlazy._src.linen import call as linen_call
+from flaxlazy._src.sources import compiled
 
 OPT_STATE = train_state_lib.OPT_STATE
 STEP = "step"
@@ -231,7 +231,7 @@ def _compiles(plan: plan_lib.Plan, optimizer: bool) -> dict[str, int]:
     keyed, unkeyed, traced = set(), 0, False
     for leaf in plan.leaves:
         if leaf.source in (plan_lib.FLAX, plan_lib.INITIALIZER):
-            key = engine.compile_key(leaf)
+            key = compiled.compile_key(leaf)
             if key is None:
                 unkeyed += 1
             else:

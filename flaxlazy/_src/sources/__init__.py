@@ -1,0 +1,1 @@
+"""Sources: the ``flaxlazy._src.sources`` package; see ``kinds`` for the interface."""

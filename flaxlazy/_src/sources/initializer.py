@@ -1,0 +1,111 @@
+"""Overrides from ``initializers=``: a user initializer drawn with a per-path key.
+
+Each overridden leaf's key is the override stream's root key (Linen: ``params``; NNX:
+``params``, else ``default``) with a hash of the leaf's path folded in: stable across
+processes and unchanged when other layers are added or removed. Stacked leaves
+(``nn.scan``/``nn.vmap``) draw one layer at a time, each layer its own parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxlazy._src import paths
+from flaxlazy._src import programs
+from flaxlazy._src import rules as rules_lib
+from flaxlazy._src.linen import recorder as recorder_lib
+from flaxlazy._src.sources import kinds
+from flaxlazy._src.sources import own
+
+# Domain separation: override keys never coincide with the keys Flax derives itself.
+_OVERRIDE_KEY_PREFIX = "flaxlazy.initializer"
+
+def override_key(path: str) -> int:
+    """The uint32 folded into the root params key for an overridden leaf at ``path``.
+
+    A pure function of the path string: stable across processes and unchanged when other
+    layers are added or removed.
+    """
+    return recorder_lib.static_hash((_OVERRIDE_KEY_PREFIX, path))
+
+def layer_axes(full: tuple[int, ...], layer: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The axes that stacking (``nn.scan``/``nn.vmap``) added to a per-layer shape."""
+    extra = len(full) - len(layer)
+    if extra <= 0:
+        return None
+    if full[extra:] == layer:
+        return tuple(range(extra))
+    if extra == 1:
+        for axis in range(len(full)):
+            if full[:axis] + full[axis + 1 :] == layer:
+                return (axis,)
+    return None
+
+def _override_fn(init: Callable, shape, dtype, layer_shape) -> Callable:
+    """``fn(key)`` drawing a leaf from a user initializer, one layer at a time if stacked."""
+    if layer_shape is None:
+        return lambda key: init(key, shape, dtype)
+    axes = layer_axes(shape, layer_shape)
+    counts = [shape[a] for a in axes]
+
+    def fn(key):
+        keys = jax.random.split(key, int(np.prod(counts))).reshape(*counts, *key.shape)
+        def draw(k):
+            return init(k, layer_shape, dtype)
+
+        for _ in axes:
+            draw = jax.vmap(draw)
+        out = draw(keys)
+        return jnp.moveaxis(out, tuple(range(len(axes))), axes)
+
+    return fn
+
+BOX_RETURNED = (
+    "initializers: {label} returns a Flax {box} for {path!r}; an initializer must return "
+    "the plain array. Return the value inside (`box.unbox()`), and give its sharding with "
+    "`partition_rules=` (or keep the module's own `nn.with_partitioning` annotation)."
+)
+
+
+def plan(rule: rules_lib.Rule, path: str, shape, dtype, layer_shape, root_key
+         ) -> tuple[str, programs.Program, None, int]:
+    """(source, program, value, key) of a leaf that an initializer ``rule.value`` draws."""
+    value = rule.value
+    if paths.is_box(value):
+        raise ValueError(BOX_RETURNED.format(label=rule.label, box=type(value).__name__,
+                                             path=path))
+    if not callable(value):
+        raise TypeError(
+            f"initializers: {rule.label} maps {path!r} to {value!r}; expected an initializer "
+            "`(key, shape, dtype) -> Array`, an array of the parameter's shape, or None."
+        )
+    fn = _override_fn(value, shape, dtype, layer_shape)
+    try:
+        program = programs.trace(fn, root_key)
+    except Exception as e:  # noqa: BLE001 - re-raised with the path that caused it
+        raise ValueError(
+            f"initializers: {rule.label} failed for {path!r} ({kinds.fmt(shape, dtype)}"
+            + (f", one layer {kinds.fmt(layer_shape, dtype)}" if layer_shape else "")
+            + f"): {type(e).__name__}: {e}"
+        ) from e
+    if not own.is_plain(program):
+        out = jax.tree_util.tree_unflatten(program.out_tree, program.jaxpr.out_avals)
+        if paths.is_box(out):
+            raise ValueError(BOX_RETURNED.format(label=rule.label, box=type(out).__name__,
+                                                 path=path))
+        raise ValueError(
+            f"initializers: {rule.label} returns {type(out).__name__} {out!r} for {path!r}; "
+            "an initializer must return one array."
+        )
+    if programs.leaked_tracers(program):
+        raise ValueError(
+            f"initializers: {rule.label} for {path!r} uses a value traced inside "
+            "module.init (a leaked tracer); initializers must depend only on their key."
+        )
+    (got,) = program.jaxpr.out_avals
+    kinds.check_abstract(path, got, shape, dtype, f"the initializer from {rule.label}")
+    return kinds.INITIALIZER, program, None, override_key(path)
