@@ -21,6 +21,7 @@ from nnx_models import values
 import flaxlazy
 from flaxlazy._src.compiles import count_compiles
 from flaxlazy._src.nnx import api as nnx_api
+from flaxlazy._src.sources import initializer
 
 
 def _reference(ctor, *args, seed=0, **kwargs):
@@ -317,3 +318,16 @@ def test_checkpoint_initializers_and_restore(tmp_path):
                                          r"'lm_head/kernel', which the checkpoint does not "
                                          r"have. Closest entries: 'head/kernel/value'"):
         flaxlazy.materialize(GPT, 2, 16, 50, rngs=nnx.Rngs(0), initializers={"head/**": renamed})
+
+
+def test_override_of_a_vmap_stack_draws_per_layer():
+    init = nnx.initializers.lecun_normal()
+    model = flaxlazy.materialize(Stacked, 4, 8, rngs=nnx.Rngs(0),
+                                 initializers={"layers/linear/kernel": init})
+    kernel = model.layers.linear.kernel.get_value()
+    chex.assert_shape(kernel, (4, 8, 8))
+    # Each layer its own 8x8 draw (fan-in 8, not 32), from its own key.
+    key = jax.random.fold_in(jax.random.key(0), initializer.override_key(
+        "params/layers/linear/kernel"))
+    layers = jax.vmap(lambda k: init(k, (8, 8), jnp.float32))(jax.random.split(key, 4))
+    np.testing.assert_array_equal(kernel, layers)

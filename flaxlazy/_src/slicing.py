@@ -61,6 +61,18 @@ class Slice:
     cut: Cut | None
     known: Any = None
 
+    @property
+    def stacked(self) -> tuple[int, ...]:
+        """The stack shape when the output is drawn per layer from a split key (e.g.
+        ``nnx.vmap`` over ``nnx.split_rngs``): the batch shape of the keys its program
+        folds counters into; ``()`` otherwise."""
+        if self.program is None:
+            return ()
+        for eqn in self.program.jaxpr.jaxpr.eqns:
+            if eqn.primitive.name == "random_fold_in" and eqn.invars[0].aval.shape:
+                return tuple(eqn.invars[0].aval.shape)
+        return ()
+
 
 class Analysis:
     """The slices of every output of a closed jaxpr with ``n_roots`` root-key inputs first.

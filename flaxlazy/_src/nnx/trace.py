@@ -52,7 +52,8 @@ class Record:
       fold: the stream counter folded into the root key to make that key.
       stream: the stream's name.
       program: the program, or None when the leaf needs the traced fallback.
-      output: the abstract leaf.
+      output: the abstract leaf; one layer of it for stacked (``nnx.vmap``) leaves, so
+        that overrides draw per layer.
     """
 
     collection: str
@@ -291,9 +292,12 @@ def trace(call: call_lib.ConstructorCall, *, logical: bool = False, fn: str = "m
         qualified = paths.SEP.join((col,) + path)
         state_lib.insert(variables, col, path, state_lib.box(abstract, variable, logical))
         s = analysis.slice(index)
+        stack = s.stacked
+        layer = (jax.ShapeDtypeStruct(abstract.shape[len(stack):], abstract.dtype)
+                 if stack and abstract.shape[:len(stack)] == stack else abstract)
         records[(col, path)] = Record(
             col, path, s.cut is not None, None if s.cut is None else s.cut.count,
-            None if s.cut is None else call.streams[s.cut.root], s.program, abstract,
+            None if s.cut is None else call.streams[s.cut.root], s.program, layer,
         )
         entries.append(_Entry(state_path, variable, qualified, index))
     rng_entries = []
