@@ -331,3 +331,21 @@ def test_override_of_a_vmap_stack_draws_per_layer():
         "params/layers/linear/kernel"))
     layers = jax.vmap(lambda k: init(k, (8, 8), jnp.float32))(jax.random.split(key, 4))
     np.testing.assert_array_equal(kernel, layers)
+
+
+def test_placement_errors_name_nnx_paths():
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices")
+    mesh = jax.make_mesh((8,), ("model",))
+    with pytest.raises(ValueError, match=r"no partition rule matches 'batch_stats/blocks/0/bn/"
+                                         r"mean', .*'blocks/0/ln1/bias'"):
+        flaxlazy.materialize(GPT, 1, 16, 64, rngs=nnx.Rngs(0), mesh=mesh,
+                             partition_rules=[("**/kernel", P())])
+    with pytest.raises(ValueError, match=r"'params/head/kernel'.*not divisible|"
+                                         r"'params/head/kernel'.*divid"):
+        flaxlazy.materialize(GPT, 1, 16, 60, rngs=nnx.Rngs(0), mesh=mesh,
+                             partition_rules=[("head/kernel", P(None, "model")), ("**", P())])
+    # Batch statistics are addressed by their collection, like Linen's.
+    model = flaxlazy.materialize(GPT, 1, 16, 64, rngs=nnx.Rngs(0), mesh=mesh,
+                                 partition_rules=[("batch_stats/**", P("model")), ("**", P())])
+    assert model.blocks[0].bn.mean.get_value().sharding.spec == P("model")
