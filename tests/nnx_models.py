@@ -101,3 +101,19 @@ def values(module):
             x = jax.random.key_data(x)
         out["/".join(map(str, path))] = np.asarray(x)
     return out
+
+
+class KeepsRngs(nnx.Module):
+    """Holds the caller's Rngs itself (its root keys are part of the state)."""
+
+    def __init__(self, *, rngs: nnx.Rngs):
+        self.rngs = rngs
+        self.linear = nnx.Linear(3, 3, rngs=rngs)
+
+
+class TwoRngs(nnx.Module):
+    """Two nnx.Rngs arguments."""
+
+    def __init__(self, first: nnx.Rngs, second: nnx.Rngs):
+        self.a = nnx.Linear(2, 2, rngs=first)
+        self.b = nnx.Linear(2, 2, rngs=second)

@@ -13,8 +13,10 @@ from jax.sharding import PartitionSpec as P
 from nnx_models import GPT
 from nnx_models import Bridged
 from nnx_models import Counter
+from nnx_models import KeepsRngs
 from nnx_models import Sharded
 from nnx_models import Stacked
+from nnx_models import TwoRngs
 from nnx_models import WithState
 from nnx_models import values
 
@@ -349,3 +351,18 @@ def test_placement_errors_name_nnx_paths():
     model = flaxlazy.materialize(GPT, 1, 16, 64, rngs=nnx.Rngs(0), mesh=mesh,
                                  partition_rules=[("batch_stats/**", P("model")), ("**", P())])
     assert model.blocks[0].bn.mean.get_value().sharding.spec == P("model")
+
+
+def test_rngs_held_by_the_module_and_two_rngs_arguments():
+    mine, eager = nnx.Rngs(0, noise=5), nnx.Rngs(0, noise=5)
+    model = flaxlazy.materialize(KeepsRngs, rngs=mine)
+    KeepsRngs(rngs=eager)
+    reference = nnx.jit(lambda: KeepsRngs(rngs=nnx.Rngs(0, noise=5)))()
+    chex.assert_trees_all_equal(values(model), values(reference))
+    chex.assert_trees_all_equal(values(mine), values(eager))
+    both = flaxlazy.materialize(TwoRngs, nnx.Rngs(1), nnx.Rngs(2))
+    reference = nnx.jit(lambda: TwoRngs(nnx.Rngs(1), nnx.Rngs(2)))()
+    chex.assert_trees_all_equal(values(both), values(reference))
+    # Overrides draw from the first Rngs' params/default stream.
+    flaxlazy.materialize(TwoRngs, nnx.Rngs(1), nnx.Rngs(2),
+                         initializers={"b/kernel": nnx.initializers.normal()})

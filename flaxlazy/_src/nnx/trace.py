@@ -113,10 +113,12 @@ class Traced:
 
     @property
     def override_stream(self) -> str | None:
-        """The stream override keys derive from (``params``, else ``default``, as NNX)."""
+        """The stream override keys derive from: ``params``, else ``default`` (as NNX's
+        ``rngs.params()``), of the first ``nnx.Rngs`` argument that has one."""
         for name in ("params", "default"):
-            if name in self.call.streams:
-                return name
+            for stream in self.call.streams:
+                if stream.rsplit(".", 1)[-1] == name:
+                    return stream
         return None
 
     @property
