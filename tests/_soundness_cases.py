@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 import flaxlazy
 
@@ -162,6 +163,56 @@ def module_own_scan(stage):
     return flaxlazy.materialize(model, key(), flaxlazy.spec("f32[2,3]"), None)
 
 
+def nnx_values(model):
+    """An NNX module's state as a pure dict of arrays (keys as their raw data)."""
+    def plain(x):
+        return jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+
+    return jax.tree.map(plain, nnx.to_pure_dict(nnx.state(model)))
+
+
+class NNXNet(nnx.Module):
+    def __init__(self, *, bias_init=nnx.initializers.zeros, kernel_init=None, rngs):
+        kernel_init = kernel_init or nnx.initializers.lecun_normal()
+        self.linear = nnx.Linear(4, 3, bias_init=bias_init, kernel_init=kernel_init,
+                                 rngs=rngs)
+        self.drop = nnx.Dropout(0.1, rngs=rngs)
+
+
+def nnx_own_closure(stage):
+    a = jnp.asarray([1.0, 2.0, 3.0]) if stage == 1 else jnp.asarray([-4.0, 5.0, 0.5])
+    return nnx_values(flaxlazy.materialize(NNXNet, bias_init=make_bias_init(a),
+                                           rngs=nnx.Rngs(KEY_SEED)))
+
+
+def nnx_own_global(stage):
+    global SCALE
+    SCALE = 1.0 if stage == 1 else 6.0
+    return nnx_values(flaxlazy.materialize(NNXNet, kernel_init=_global_init,
+                                           rngs=nnx.Rngs(KEY_SEED)))
+
+
+def nnx_arrays(stage):
+    bias = jnp.ones(3) if stage == 1 else jnp.full(3, 7.0)
+    return nnx_values(flaxlazy.materialize(NNXNet, rngs=nnx.Rngs(KEY_SEED),
+                                           initializers={"linear/bias": bias}))
+
+
+def nnx_vmap_closure(stage):
+    """An nnx.vmap stack whose layers' bias initializer closes over an array."""
+    a = jnp.full((3,), 1.0 if stage == 1 else 2.5)
+
+    def stack(*, rngs):
+        @nnx.split_rngs(splits=2)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return NNXNet(bias_init=make_bias_init(a), rngs=rngs)
+
+        return make(rngs)
+
+    return nnx_values(flaxlazy.materialize(stack, rngs=nnx.Rngs(KEY_SEED)))
+
+
 CASES = {
     f.__name__: f
     for f in (
@@ -169,7 +220,15 @@ CASES = {
         closure_over_array, closure_over_large_array, partial_over_array,
         partial_over_float, callable_object, bound_method, mutated_object,
         global_in_initializer, module_own_closure, module_own_global, module_own_scan,
+        nnx_own_closure, nnx_own_global, nnx_arrays, nnx_vmap_closure,
     )
+}
+
+# NNX cases using only the module's own initializers: also compared with nnx.jit.
+NNX_OWN = {
+    "nnx_own_closure": lambda stage: functools.partial(NNXNet, bias_init=make_bias_init(
+        jnp.asarray([1.0, 2.0, 3.0]) if stage == 1 else jnp.asarray([-4.0, 5.0, 0.5]))),
+    "nnx_own_global": lambda stage: functools.partial(NNXNet, kernel_init=_global_init),
 }
 
 # Cases using only the module's own initializers: also compared with jax.jit(init).

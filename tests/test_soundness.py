@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import flaxlazy
 from flaxlazy._src import compiles
@@ -58,6 +59,16 @@ def test_module_own_initializers_equal_jit_init(name):
         got = cases.CASES[name](stage)
         model = cases.OWN[name](stage)
         want = jax.jit(model.init)(cases.key(), jnp.zeros(cases.X.shape, cases.X.dtype))
+        chex.assert_trees_all_equal(got, want)
+
+
+@pytest.mark.parametrize("name", list(cases.NNX_OWN))
+def test_nnx_own_initializers_equal_nnx_jit(name):
+    for stage in (1, 2, 1):
+        cases.set_stage_globals(stage)
+        got = cases.CASES[name](stage)
+        ctor = cases.NNX_OWN[name](stage)
+        want = cases.nnx_values(nnx.jit(lambda c=ctor: c(rngs=nnx.Rngs(cases.KEY_SEED)))())
         chex.assert_trees_all_equal(got, want)
 
 
