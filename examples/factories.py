@@ -1,7 +1,9 @@
 """Model factories for ``flaxlazy inspect``: will a model fit, and how is it sharded?
 
-Each function here returns a Flax Linen module, or ``(module, inputs)``, and is what
-``flaxlazy inspect`` is pointed at (``FILE.py:FACTORY`` or ``package.module:FACTORY``).
+Each function here returns a Flax Linen module, or ``(module, inputs)``, or an NNX
+constructor with its arguments, ``(GPT, args, kwargs)``, and is what ``flaxlazy inspect``
+is pointed at (``FILE.py:FACTORY`` or ``package.module:FACTORY``); an NNX Module class
+such as ``GPT`` can be named directly, its arguments given with ``--arg``/``--kwarg``.
 Nothing is allocated: the 64-device layout of a Llama-2-7B-sized model with its AdamW
 state is checked in seconds on a laptop, from the repository root::
 
@@ -10,6 +12,10 @@ state is checked in seconds on a laptop, from the repository root::
     flaxlazy inspect examples/factories.py:mlp --input f32[32,784]    # inputs given here
     flaxlazy inspect examples/factories.py:llama_tiny --mesh data=2,model=4 \\
         --rules LLAMA_RULES --optimizer adamw --depth 1 --json        # machine-readable
+    flaxlazy inspect examples/factories.py:gpt2 --mesh data=2,model=4 \
+        --rules GPT_RULES --optimizer adamw --device-memory 16GiB     # NNX
+    flaxlazy inspect examples/factories.py:GPT --arg 2 --arg 64 --arg 256 \
+        --kwarg heads=4 --mesh data=2,model=4 --rules GPT_RULES       # NNX class, arguments
 
 (``--rules LLAMA_RULES`` is a name in the target's module; ``module:NAME`` or
 ``file.py:NAME`` name one elsewhere.) Run as a script, this file prints the same
@@ -30,6 +36,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import flaxlazy
@@ -47,6 +54,22 @@ LLAMA_RULES = [
     ("layers_*/mlp/down/kernel", P("model", "data")),  # (mlp, d)
     ("lm_head/kernel", P("data", "model")),  # (d, vocab)
     ("**/scale", P()),  # RMSNorm scales: replicated
+]
+
+# The NNX GPT below, the same way: state paths inside `params` (`blocks/0/up/kernel`).
+GPT_RULES = [
+    ("embed/embedding", P("model", "data")),  # (vocab, d)
+    ("pos/embedding", P(None, "data")),  # (context, d)
+    ("blocks/*/attn/out/kernel", P("model", None, "data")),  # (h, d/h, d)
+    ("blocks/*/attn/*/kernel", P("data", "model", None)),  # query, key, value: (d, h, d/h)
+    ("blocks/*/attn/out/bias", P()),  # (d,)
+    ("blocks/*/attn/*/bias", P("model", None)),  # (h, d/h)
+    ("blocks/*/up/kernel", P("data", "model")),  # (d, 4d)
+    ("blocks/*/up/bias", P("model")),
+    ("blocks/*/down/kernel", P("model", "data")),  # (4d, d)
+    ("head/kernel", P("data", "model")),  # (d, vocab)
+    ("**/bias", P()),  # LayerNorm biases and scales, the down projection's bias
+    ("**/scale", P()),
 ]
 
 
@@ -146,6 +169,41 @@ class ScannedMLP(nn.Module):
         return nn.Dense(10, name="head")(x)
 
 
+class GPTBlock(nnx.Module):
+    """One pre-norm GPT-2 block (NNX): attention, an MLP, LayerNorms, Dropout."""
+
+    def __init__(self, d: int, heads: int, *, rngs: nnx.Rngs):
+        self.ln1 = nnx.LayerNorm(d, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(heads, d, decode=False, rngs=rngs)
+        self.ln2 = nnx.LayerNorm(d, rngs=rngs)
+        self.up = nnx.Linear(d, 4 * d, rngs=rngs)
+        self.down = nnx.Linear(4 * d, d, rngs=rngs)
+        self.drop = nnx.Dropout(0.1, rngs=rngs)
+
+    def __call__(self, x):
+        x = x + self.drop(self.attn(self.ln1(x)))
+        return x + self.drop(self.down(jax.nn.gelu(self.up(self.ln2(x)))))
+
+
+class GPT(nnx.Module):
+    """A GPT-2-style decoder in NNX: token and position embeddings, an ``nnx.List`` of
+    blocks, a final LayerNorm and an untied head."""
+
+    def __init__(self, layers: int, d: int, vocab: int, *, heads: int = 12,
+                 context: int = 1024, rngs: nnx.Rngs):
+        self.embed = nnx.Embed(vocab, d, rngs=rngs)
+        self.pos = nnx.Embed(context, d, rngs=rngs)
+        self.blocks = nnx.List([GPTBlock(d, heads, rngs=rngs) for _ in range(layers)])
+        self.ln = nnx.LayerNorm(d, rngs=rngs)
+        self.head = nnx.Linear(d, vocab, use_bias=False, rngs=rngs)
+
+    def __call__(self, tokens):
+        x = self.embed(tokens) + self.pos(jnp.arange(tokens.shape[-1]))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln(x))
+
+
 def mlp() -> nn.Module:
     """The quick start's MLP; its input comes from ``--input f32[32,784]``."""
     return nn.Sequential([nn.Dense(256), nn.relu, nn.Dense(10)])
@@ -174,6 +232,18 @@ def convnet():
 def scanned():
     """An ``nn.scan`` stack: its layers come from one compiled run of ``module.init``."""
     return ScannedMLP(), (flaxlazy.spec("f32[4,16]"),)
+
+
+def gpt2():
+    """GPT-2 small's shape in NNX (12 layers, d 768, vocab padded to 50304; 163M params
+    with its untied head): the class and its arguments, ``flaxlazy inspect`` adds
+    ``rngs=nnx.Rngs(0)``."""
+    return GPT, (12, 768, 50304), {"heads": 12}
+
+
+def gpt_tiny():
+    """GPT-2's shape in miniature (2 layers, d 64): the same rules fit a (2, 4) mesh."""
+    return GPT, (2, 64, 256), {"heads": 4, "context": 64}
 
 
 MODELS = {"llama7b": llama7b, "llama70b": llama70b, "llama_tiny": llama_tiny}

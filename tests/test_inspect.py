@@ -244,11 +244,20 @@ def test_factory_that_raises_one_line_and_traceback_only_with_debug(tmp_path):
     assert "Traceback" in debug.stderr and "raise RuntimeError" in debug.stderr
 
 
-def test_nnx_target_says_it_is_not_supported_yet(tmp_path, capsys):
+def test_nnx_target_is_constructed_with_rngs(tmp_path, capsys):
     (tmp_path / "nnx_model.py").write_text(
-        "from flax import nnx\nclass Model(nnx.Module):\n    pass\n")
-    assert cli.main(["inspect", f"{tmp_path / 'nnx_model.py'}:Model"]) == 2
-    assert "is an NNX module; only Linen modules are supported" in capsys.readouterr().err
+        "from flax import nnx\nclass Model(nnx.Module):\n"
+        "    def __init__(self, d, *, rngs):\n        self.w = nnx.Linear(d, d, rngs=rngs)\n"
+        "def two(d, rngs=None):\n    return nnx.Linear(d, 2 * d, rngs=rngs)\n")
+    assert cli.main(["inspect", f"{tmp_path / 'nnx_model.py'}:Model", "--arg", "8", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"] == "Model" and report["collections"]["params"]["params"] == 72
+    assert report["framework"] == "nnx"
+    # A function taking `rngs` is a constructor, not a factory; --rngs names its streams.
+    argv = ["inspect", f"{tmp_path / 'nnx_model.py'}:two", "--kwarg", "d=4", "--rngs", "params"]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("two (") and "truncated_normal (params stream)" in text
 
 
 def test_optimizer_and_rules_by_reference(tmp_path, capsys, monkeypatch):
@@ -283,6 +292,11 @@ def test_report_text_color_and_defaults(factories):
                          partition_rules=[("**", P())])
     with pytest.raises(ValueError, match=r"expected an optax.GradientTransformation or one of"):
         flaxlazy.inspect(factories.mlp(), KEY, flaxlazy.spec("f32[2,784]"), optimizer="adm")
+    by_keyword = flaxlazy.inspect(factories.mlp(), flaxlazy.spec("f32[2,784]"), rngs=KEY)
+    assert by_keyword.leaves == report.leaves and by_keyword.framework == "linen"
+    with pytest.raises(TypeError, match=r"inspect: missing `rngs`: for a Linen module pass a "
+                                        r"PRNG key after it"):
+        flaxlazy.inspect(factories.mlp())
 
 
 def test_console_script_and_module_entry_point():

@@ -1,7 +1,8 @@
 """The ``flaxlazy`` command: ``flaxlazy inspect TARGET [options]`` (also ``python -m flaxlazy``).
 
 Everything the command does is ``flaxlazy.inspect``; this module only turns the command
-line into its arguments (a factory to call, specs, a mesh, names of objects to import)
+line into its arguments (a factory to call, specs or an NNX constructor's arguments, a
+mesh, names of objects to import)
 and its result into text, JSON and an exit status: 0 (the report), 1 (``--strict`` and
 something ``materialize`` would stop on, or "does not fit"), 2 (a usage error: a bad
 TARGET, a factory that raises, a malformed mesh or spec; one line, with the traceback
@@ -11,11 +12,14 @@ only under ``--debug``).
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import difflib
+import functools
 import hashlib
 import importlib
 import importlib.util
+import inspect as pyinspect
 import json
 import os
 import pathlib
@@ -24,30 +28,47 @@ import sys
 import traceback
 from collections.abc import Sequence
 from typing import Any
+from typing import NamedTuple
 
 PROG = "flaxlazy"
 DESCRIPTION = (
-    "Inspect a Flax Linen model without allocating anything: every parameter's shape, "
+    "Inspect a Flax Linen or NNX model without allocating anything: every parameter's shape, "
     "initializer and PartitionSpec, the bytes each device will hold (with the optimizer "
     "state), whether that fits, and how many functions materialize will compile."
 )
 TARGET_HELP = (
-    "what to inspect: MODULE:FACTORY (a dotted module importable from the current "
-    "directory) or FILE.py:FACTORY. FACTORY returns a Linen module (give its inputs with "
-    "--input), or (module, inputs), or (module, inputs, kwargs); it is called with no "
-    "arguments. A module instance works too."
+    "what to inspect: MODULE:NAME (a dotted module importable from the current directory) "
+    "or FILE.py:NAME. NAME is a Linen module instance; an NNX Module class, or a function "
+    "taking `rngs` (an NNX constructor: give its arguments with --arg/--kwarg); or a "
+    "FACTORY, called with no arguments, returning a Linen module (give its inputs with "
+    "--input), (module, inputs) or (module, inputs, kwargs), or an NNX constructor, "
+    "(constructor, args) or (constructor, args, kwargs)."
 )
 EPILOG = (
     "REF arguments (--rules, --logical-axis-rules, --optimizer) name an object the same "
     "way as TARGET, MODULE:NAME or FILE.py:NAME, or by NAME alone in TARGET's module. "
     "Exit status: 0 the report; 1 with --strict, when materialize would stop (a leaf no "
     "rule covers, a rule that matches nothing, an indivisible dimension) or the load does "
-    "not fit --device-memory; 2 a usage error. NNX models are not supported yet; when "
-    "they are, --arg/--kwarg will pass an NNX constructor its arguments. Example: "
+    "not fit --device-memory; 2 a usage error. NNX: the report is what "
+    "flaxlazy.materialize(constructor, *args, **kwargs) (with --optimizer, "
+    "init_train_state) would create; an NNX constructor that takes `rngs` and is not "
+    "given one gets rngs=nnx.Rngs(0) (--rngs NAMES: a stream per name). Examples: "
     "flaxlazy inspect examples/factories.py:llama7b --mesh data=8,model=8 "
-    "--rules LLAMA_RULES --optimizer adamw --device-memory 80GiB"
+    "--rules LLAMA_RULES --optimizer adamw --device-memory 80GiB; "
+    "flaxlazy inspect examples/factories.py:GPT --arg 12 --arg 768 --arg 50304 "
+    "--mesh data=2,model=4 --rules GPT_RULES --optimizer adamw (NNX)"
 )
 MESH_FORM = "expected NAME=SIZE pairs separated by commas, such as data=2,model=4"
+ARG_HELP = (
+    "a constructor argument, in order; repeatable; replaces the positional "
+    "arguments the factory returns. VALUE is a Python literal (12, 0.1, True, None, "
+    "'text', (1, 2)), an array spec such as f32[8,16] (an abstract array), or else a string"
+)
+KWARG_HELP = (
+    "a constructor keyword argument, NAME=VALUE (VALUE as for --arg); "
+    "repeatable; added to (or replacing) the keyword arguments the factory returns"
+)
+_SPEC_LIKE = re.compile(r"[A-Za-z][A-Za-z0-9]*\[.*\]")
 
 
 class UsageError(Exception):
@@ -107,6 +128,46 @@ def parse_inputs(texts: Sequence[str]) -> tuple[tuple, dict]:
         else:
             kwargs[name] = value
     return tuple(args), kwargs
+
+
+def parse_value(text: str, flag: str) -> Any:
+    """A constructor argument from the command line: a literal, a spec, or the string.
+
+    Examples:
+      >>> parse_value("12", "--arg"), parse_value("(1, 2)", "--arg"), parse_value("gelu", "--arg")
+      (12, (1, 2), 'gelu')
+      >>> parse_value("f32[8,16]", "--arg")
+      ShapeDtypeStruct(shape=(8, 16), dtype=float32)
+    """
+    from flaxlazy._src import specs
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        pass
+    if _SPEC_LIKE.fullmatch(text.strip()):
+        try:
+            return specs.spec(text.strip())
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"{flag} {text!r}: {e}") from None
+    return text
+
+
+def parse_arguments(arg_texts: Sequence[str], kwarg_texts: Sequence[str]) -> tuple[tuple, dict]:
+    """``--arg`` and ``--kwarg`` values: an NNX constructor's positional and keyword
+    arguments."""
+    args = tuple(parse_value(text, "--arg") for text in arg_texts)
+    kwargs = {}
+    for text in kwarg_texts:
+        name, eq, value = text.partition("=")
+        name = name.strip()
+        if not eq:
+            raise UsageError(f"--kwarg {text!r}: expected NAME=VALUE, e.g. heads=12.")
+        if not name.isidentifier():
+            raise UsageError(f"--kwarg {text!r}: {name!r} is not a keyword name; write "
+                             "NAME=VALUE, e.g. heads=12.")
+        kwargs[name] = parse_value(value, "--kwarg")
+    return args, kwargs
 
 
 _LOADED: dict[str, Any] = {}
@@ -184,18 +245,32 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
-def build_model(obj: Any, ref: str, inputs: tuple, kwargs: dict, given: bool):
-    """``(module, inputs, kwargs)`` from what TARGET names."""
+class Model(NamedTuple):
+    """What TARGET names, ready for ``inspect``: ``module`` (a Linen module or an NNX
+    constructor), its ``args`` (Linen: the inputs) and ``kwargs``, and whether it is NNX."""
+
+    module: Any
+    args: tuple
+    kwargs: dict
+    nnx: bool
+
+
+def build_model(obj: Any, ref: str, inputs: tuple, kwargs: dict, given: bool,
+                arguments: tuple[tuple, dict] = ((), {}), arguments_given: bool = False
+                ) -> Model:
+    """The model TARGET names, with the inputs (``--input``) or the NNX constructor's
+    arguments (``--arg``/``--kwarg``) the command line gives."""
     import flax.linen as nn
 
-    made = obj
-    if _is_nnx(obj):
-        raise UsageError(f"TARGET {ref!r} is an NNX module; only Linen modules are supported "
-                         "so far (NNX support will add --arg/--kwarg for its constructor).")
-    if not isinstance(obj, nn.Module):
-        if not callable(obj):
-            raise UsageError(f"TARGET {ref!r} is a {type(obj).__name__}, not a Linen module "
-                             "or a function returning one.")
+    made = obj  # a Linen module, an NNX class, a function taking `rngs`: not called
+    if isinstance(obj, nn.Module) or _nnx_constructor(obj):
+        pass
+    elif _nnx_instance(obj):
+        raise UsageError(_ALREADY_BUILT.format(ref=ref, what="is", name=type(obj).__name__))
+    elif not callable(obj):
+        raise UsageError(f"TARGET {ref!r} is a {type(obj).__name__}, not a Linen module, an "
+                         "NNX Module class or a function returning one.")
+    else:
         try:
             made = obj()
         except Exception as e:  # noqa: BLE001 - reported in one line
@@ -206,24 +281,108 @@ def build_model(obj: Any, ref: str, inputs: tuple, kwargs: dict, given: bool):
         extra_kwargs = rest[0] if rest else {}
         if not isinstance(extra_args, (tuple, list)):
             extra_args = (extra_args,)
-    if not isinstance(made, nn.Module):
-        what = type(made).__name__
-        if _is_nnx(made):
-            raise UsageError(f"TARGET {ref!r} gives an NNX {what}; only Linen modules are "
-                             "supported so far.")
-        raise UsageError(f"TARGET {ref!r} gives a {what}; expected a flax.linen.Module, "
-                         "(module, inputs) or (module, inputs, kwargs).")
-    if given:  # --input replaces what the factory gives
-        return made, inputs, kwargs
-    return made, tuple(extra_args), dict(extra_kwargs)
+        if not isinstance(extra_kwargs, dict):
+            raise UsageError(f"TARGET {ref!r} gives kwargs of type "
+                             f"{type(extra_kwargs).__name__}; expected a dict.")
+    if _nnx_instance(made):
+        raise UsageError(_ALREADY_BUILT.format(ref=ref, what="gives", name=type(made).__name__))
+    if isinstance(made, nn.Module):
+        if arguments_given:
+            raise UsageError(f"--arg/--kwarg pass an NNX constructor its arguments; TARGET "
+                             f"{ref!r} is a Linen module: give its inputs with --input.")
+        if given:  # --input replaces what the factory gives
+            return Model(made, inputs, kwargs, False)
+        return Model(made, tuple(extra_args), dict(extra_kwargs), False)
+    if not _nnx_target(made):
+        raise UsageError(f"TARGET {ref!r} gives a {type(made).__name__}; expected a "
+                         "flax.linen.Module, (module, inputs) or (module, inputs, kwargs), or "
+                         "an NNX constructor, (constructor, args) or (constructor, args, "
+                         "kwargs).")
+    if given:
+        raise UsageError("--input gives a Linen module its inputs; pass an NNX constructor its "
+                         "arguments with --arg/--kwarg (an array as a spec: --arg f32[8,16]).")
+    args = arguments[0] if arguments[0] else tuple(extra_args)
+    return Model(made, args, {**extra_kwargs, **arguments[1]}, True)
 
 
-def _is_nnx(obj: Any) -> bool:
+_ALREADY_BUILT = (
+    "TARGET {ref!r} {what} an NNX module already constructed ({name}): its arrays are "
+    "allocated. Name its class, or return (class, args, kwargs) from the factory, and "
+    "flaxlazy inspect constructs it abstractly."
+)
+
+
+def _nnx_instance(obj: Any) -> bool:
     try:
         from flax import nnx
     except ImportError:  # pragma: no cover - depends on the installed flax
         return False
-    return isinstance(obj, nnx.Module) or (isinstance(obj, type) and issubclass(obj, nnx.Module))
+    return isinstance(obj, nnx.Module)
+
+
+def _nnx_target(obj: Any) -> bool:
+    """An NNX constructor: a callable that is neither a Linen module nor an NNX instance."""
+    from flaxlazy._src.nnx import call as nnx_call
+
+    return nnx_call.is_nnx_target(obj) and not _nnx_instance(obj)
+
+
+def _nnx_constructor(obj: Any) -> bool:
+    """Named as TARGET, an NNX constructor rather than a factory: an NNX Module class, or a
+    function with an ``rngs`` parameter."""
+    try:
+        from flax import nnx
+    except ImportError:  # pragma: no cover
+        return False
+    if isinstance(obj, type):
+        return issubclass(obj, nnx.Module)
+    return _nnx_target(obj) and _rngs_parameter(obj) is not None
+
+
+def _signature(ctor: Any, args: tuple = (), kwargs: dict | None = None
+               ) -> tuple[pyinspect.Signature | None, tuple, dict]:
+    """The constructor's own signature (a class's ``__init__`` without ``self``; under
+    ``functools.partial``, the wrapped one with the bound arguments added to ``args`` and
+    ``kwargs``), or None where Python gives none."""
+    kwargs = dict(kwargs or {})
+    while isinstance(ctor, functools.partial):
+        args, kwargs, ctor = (*ctor.args, *args), {**ctor.keywords, **kwargs}, ctor.func
+    try:
+        if isinstance(ctor, type):  # NNX's metaclass hides __init__ from signature(cls)
+            sig = pyinspect.signature(ctor.__init__)
+            sig = sig.replace(parameters=list(sig.parameters.values())[1:])
+        else:
+            sig = pyinspect.signature(ctor)
+    except (TypeError, ValueError):  # a builtin, an odd callable
+        return None, args, kwargs
+    return sig, args, kwargs
+
+
+def _rngs_parameter(ctor: Any) -> pyinspect.Parameter | None:
+    sig, _, _ = _signature(ctor)
+    parameter = None if sig is None else sig.parameters.get("rngs")
+    if parameter is None or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+        return None
+    return parameter
+
+
+def with_rngs(ctor: Any, args: tuple, kwargs: dict, streams: list[str] | None) -> dict:
+    """``kwargs`` plus ``rngs=nnx.Rngs(0)`` (or one stream per name in ``streams``) when
+    the constructor takes ``rngs`` and the arguments do not give it."""
+    from flax import nnx
+
+    parameter = _rngs_parameter(ctor)
+    if parameter is None or "rngs" in kwargs:
+        return kwargs
+    sig, all_args, all_kwargs = _signature(ctor, args, kwargs)
+    try:
+        bound = sig.bind_partial(*all_args, **all_kwargs)
+    except TypeError:
+        return kwargs  # the arguments do not fit: inspect says how, in the constructor's words
+    if "rngs" in bound.arguments or parameter.default not in (parameter.empty, None):
+        return kwargs
+    rngs = nnx.Rngs(**dict.fromkeys(streams, 0)) if streams else nnx.Rngs(0)
+    return {**kwargs, "rngs": rngs}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -237,8 +396,11 @@ def parser() -> argparse.ArgumentParser:
                             description=DESCRIPTION, epilog=EPILOG)
     p.add_argument("target", metavar="TARGET", help=TARGET_HELP)
     p.add_argument("--input", action="append", default=[], metavar="SPEC",
-                   help="an input spec such as i32[8,2048], or NAME=SPEC for a keyword input; "
-                        "repeatable, in order; replaces the inputs the factory returns")
+                   help="Linen: an input spec such as i32[8,2048], or NAME=SPEC for a keyword "
+                        "input; repeatable, in order; replaces the inputs the factory returns")
+    p.add_argument("--arg", action="append", default=[], metavar="VALUE", help="NNX: " + ARG_HELP)
+    p.add_argument("--kwarg", action="append", default=[], metavar="NAME=VALUE",
+                   help="NNX: " + KWARG_HELP)
     p.add_argument("--mesh", metavar="AXES",
                    help="an abstract mesh, e.g. data=8,model=8 (no devices needed)")
     p.add_argument("--rules", metavar="REF", help="partition rules, [(pattern, PartitionSpec)]")
@@ -255,9 +417,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", help="cast floating parameters to this dtype (what-if), e.g. bf16")
     p.add_argument("--device-memory", metavar="SIZE",
                    help="one device's memory, e.g. 80GiB: says whether the load fits")
-    p.add_argument("--rngs", default="params", metavar="NAMES",
-                   help="rng streams init needs, comma-separated (default: params)")
-    p.add_argument("--method", help="the module method init calls (default: __call__)")
+    p.add_argument("--rngs", metavar="NAMES",
+                   help="rng streams, comma-separated: Linen, the keys init needs (default: "
+                        "params); NNX, the streams of the nnx.Rngs given to a constructor "
+                        "that takes `rngs` and is not given one (default: nnx.Rngs(0))")
+    p.add_argument("--method", help="Linen: the module method init calls (default: __call__)")
     p.add_argument("--top", metavar="N|all",
                    help="list the N largest leaves, or all (default: all up to 40, else 10)")
     p.add_argument("--depth", type=_positive, metavar="K", help="subtotals per module to depth K")
@@ -322,11 +486,13 @@ def run(args: argparse.Namespace) -> int:
         except (TypeError, ValueError) as e:
             raise UsageError(f"{flag}: {e}") from None
     inputs, kwargs = parse_inputs(args.input)
+    arguments = parse_arguments(args.arg, args.kwarg)
     top = _top(args.top)
     where = args.target.rpartition(":")[0]
     obj = resolve(args.target, "TARGET")
     target_module = load_module(where, "TARGET") if where else None
-    module, inputs, kwargs = build_model(obj, args.target, inputs, kwargs, bool(args.input))
+    model = build_model(obj, args.target, inputs, kwargs, bool(args.input), arguments,
+                        bool(args.arg or args.kwarg))
     refs = {}
     for flag, value in (("--rules", args.rules), ("--logical-axis-rules",
                                                   args.logical_axis_rules)):
@@ -334,19 +500,27 @@ def run(args: argparse.Namespace) -> int:
     if mesh is None and (args.rules or args.logical_axis_rules or args.require_rules is not None):
         raise UsageError("--rules, --logical-axis-rules and --require-rules need a --mesh.")
     optimizer = _optimizer(args.optimizer, target_module)
-    names = [n.strip() for n in args.rngs.split(",") if n.strip()]
-    key = jax.eval_shape(jax.random.key, 0)  # abstract: no device array
-    rngs = key if names == ["params"] else {n: key for n in names}
+    names = [n.strip() for n in (args.rngs or "params").split(",") if n.strip()]
+    if model.nnx:
+        call_args = model.args
+        call_kwargs = with_rngs(model.module, model.args, model.kwargs,
+                                names if args.rngs is not None else None)
+        hint = "" if model.args or model.kwargs else (
+            " (no arguments were given: pass --arg VALUE, --kwarg NAME=VALUE)")
+    else:
+        key = jax.eval_shape(jax.random.key, 0)  # abstract: no device array
+        rngs = key if names == ["params"] else {n: key for n in names}
+        call_args, call_kwargs = (rngs, *model.args), model.kwargs
+        hint = "" if model.args or model.kwargs else " (no inputs were given: pass --input SPEC)"
     try:
         report = inspect_report.inspect(
-            module, rngs, *inputs, mesh=mesh, partition_rules=refs["--rules"],
+            model.module, *call_args, mesh=mesh, partition_rules=refs["--rules"],
             logical_axis_rules=refs["--logical-axis-rules"],
             allow_unused_rules=args.allow_unused_rules, require_rules=args.require_rules,
             optimizer=optimizer, dtype=args.dtype, device_memory=args.device_memory,
-            method=args.method, top=top, depth=args.depth, **kwargs,
+            method=args.method, top=top, depth=args.depth, **call_kwargs,
         )
     except Exception as e:  # noqa: BLE001 - one line unless --debug
-        hint = "" if inputs or kwargs else " (no inputs were given: pass --input SPEC)"
         raise UsageError(f"inspecting {args.target} failed: {_one_line(e)}{hint}") from e
     report = dataclasses.replace(report, target=args.target)
     if args.json:

@@ -6,6 +6,7 @@ import functools
 import inspect as pyinspect
 from typing import Any
 
+from flaxlazy._src import _compat
 from flaxlazy._src import paths
 from flaxlazy._src import plan as plan_lib
 from flaxlazy._src import rules as rules_lib
@@ -21,6 +22,15 @@ _VARIANCE_SCALING = {
 }
 _SCALARS = (bool, int, float, str, type(None))
 _MAX_DEPTH = 8
+# jax.random's samplers, by the name of the function the traced program calls.
+_DISTRIBUTIONS = frozenset({
+    "normal", "truncated_normal", "uniform", "bernoulli", "randint", "gamma", "beta",
+    "exponential", "laplace", "logistic", "cauchy", "gumbel", "orthogonal", "choice",
+    "permutation", "rademacher", "categorical", "dirichlet", "poisson", "t",
+})
+# Primitives that only reshape or recast a value: a fill stays that fill through them.
+_FILL_KEEPING = frozenset({"broadcast_in_dim", "reshape", "convert_element_type",
+                           "squeeze", "expand_dims"})
 
 
 def _closure(fn: Any) -> tuple[dict[str, Any], set[str]]:
@@ -75,6 +85,81 @@ def initializer_name(fn: Any, _depth: int = 0) -> str:
     return f"{outer}({', '.join(args)})" if args else outer
 
 
+def _fill(jaxpr: Any) -> Any:
+    """The scalar a keyless program's one output is filled with, or None if it is not a
+    fill (a literal, broadcast, reshaped or recast: ``jnp.zeros``, ``jnp.full``...)."""
+    inner = jaxpr.jaxpr
+    if len(inner.outvars) != 1:
+        return None
+    producers = {v: e for e in inner.eqns for v in e.outvars}
+    consts = dict(zip(inner.constvars, jaxpr.consts, strict=True))
+    v = inner.outvars[0]
+    for _ in range(len(inner.eqns) + 1):
+        if _compat.is_literal(v):
+            value = _compat.literal_value(v)
+            break
+        if v in consts:
+            value = consts[v]
+            break
+        eqn = producers.get(v)
+        if eqn is None or eqn.primitive.name not in _FILL_KEEPING or len(eqn.invars) != 1:
+            return None
+        v = eqn.invars[0]
+    else:
+        return None
+    if getattr(value, "size", 1) != 1:
+        return None
+    return value.item() if hasattr(value, "item") else value
+
+
+def _sampler(jaxpr: Any) -> str | None:
+    """The jax.random sampler a keyed program calls at its top level, if exactly one."""
+    found = {
+        str(e.params.get("name", "")).lstrip("_") for e in jaxpr.jaxpr.eqns
+        if "name" in e.params
+    } & _DISTRIBUTIONS
+    return found.pop() if len(found) == 1 else None
+
+
+def program_name(record: Any) -> str:
+    """A record without a named initializer (NNX: a slice of the traced constructor), in
+    words read off its program: ``zeros``, ``ones``, ``constant(0.5)``, ``constant``
+    (computed from constants), ``truncated_normal (params stream)``, ``random (params
+    stream)``, ``key (dropout stream)`` (a key made from a stream), or ``module``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from flaxlazy._src import programs
+      >>> class Rec:
+      ...     program = programs.trace(lambda: jnp.zeros((3, 2)))
+      ...     stream = None
+      >>> program_name(Rec())
+      'zeros'
+      >>> Rec.program = programs.trace(
+      ...     lambda k: 0.02 * jax.random.normal(k, (3, 2)), jax.random.key(0))
+      >>> Rec.stream = "params"
+      >>> program_name(Rec())
+      'normal (params stream)'
+    """
+    program = getattr(record, "program", None)
+    if program is None:
+        return "module"
+    jaxpr = program.jaxpr
+    stream = getattr(record, "stream", None)
+    if not jaxpr.jaxpr.invars:  # keyless: from constants alone
+        value = _fill(jaxpr)
+        if value is None:
+            return "constant"
+        if isinstance(value, bool) or value not in (0, 1):
+            return f"constant({value!r})"
+        return "zeros" if value == 0 else "ones"
+    where = f" ({stream} stream)" if stream else ""
+    outs = jaxpr.jaxpr.outvars
+    if len(outs) == 1 and _compat.is_key_array(outs[0].aval):  # a stream's key (or keys)
+        return "key" + where
+    return (_sampler(jaxpr) or "random") + where
+
+
 class Names:
     """Each plan leaf's initializer, in words (``Names(traced, initializers).of(leaf)``)."""
 
@@ -89,7 +174,11 @@ class Names:
     def of(self, leaf: plan_lib.Leaf) -> str:
         if leaf.source == plan_lib.FLAX:
             rec, _ = plan_lib._find_record(self._index, leaf.path)
-            return initializer_name(rec.init_fn) if rec is not None else "module"
+            if rec is None:
+                return "module"
+            if getattr(rec, "init_fn", None) is None:  # NNX: a slice of the constructor
+                return program_name(rec)
+            return initializer_name(rec.init_fn)
         if leaf.source == plan_lib.INITIALIZER:
             rule = self._rules.get(paths.split_params(leaf.path)[0])
             return "override " + (initializer_name(rule.value) if rule is not None else "?")

@@ -90,8 +90,10 @@ def report_text(report: Any, *, color: bool = False) -> str:
             big = ", ".join(f"{leaf.path} {summary.format_bytes(leaf.per_device)}"
                             for leaf in report.largest(3))
             facts.append(("largest there", big))
-    kinds = {"initializers": "initializers", "traced_run": "traced module.init run",
-             "optimizer_init": "tx.init"}
+    kinds = {"initializers": "initializers",
+             "traced_run": "traced constructor run" if report.framework == "nnx"
+             else "traced module.init run",
+             "rngs_update": "nnx.Rngs update", "optimizer_init": "tx.init"}
     parts = [f"{n} {kinds.get(k, k)}" for k, n in report.compiles.items() if n]
     facts.append(("compiles", f"materialize will compile {report.compiles_total}"
                   + (f" ({', '.join(parts)})" if parts else "")))
@@ -123,7 +125,8 @@ def report_dict(report: Any) -> dict[str, Any]:
     ]
     keys = ("leaves", "params", "bytes", "per_device")
     out = {
-        "model": report.model, "target": report.target, "inputs": list(report.inputs),
+        "model": report.model, "framework": report.framework, "target": report.target,
+        "inputs": list(report.inputs),
         "mesh": dict(report.mesh) if report.mesh else None, "devices": report.devices,
         "optimizer": report.optimizer, "dtype": report.dtype, "leaves": leaves,
         "collections": {k: dict(zip(keys, v, strict=True))

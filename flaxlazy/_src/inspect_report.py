@@ -1,6 +1,7 @@
 """``flaxlazy.inspect``: will it fit, how is it sharded, what will init cost; nothing allocated.
 
-The report is read off the pipeline ``materialize`` runs, stopped before the last stage:
+The report is read off the pipeline ``materialize`` runs (for a Linen module or an NNX
+constructor), stopped before the last stage:
 the abstract trace (every leaf's shape and dtype), the plan (where each leaf's value comes
 from and the program that will compute it) and the placement (each leaf's
 ``PartitionSpec`` over a mesh, real or abstract). Bytes per device follow from shapes,
@@ -13,10 +14,12 @@ divide), the report keeps that exact message, counts the leaf as replicated and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
 import time
+from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
 from typing import NamedTuple
@@ -25,15 +28,18 @@ import flax.linen as nn
 import jax
 import numpy as np
 import optax
+from flax import nnx
 from jax.sharding import AbstractMesh
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
+from flaxlazy._src import _compat
 from flaxlazy._src import initializer_names
 from flaxlazy._src import inspect_render
 from flaxlazy._src import paths
 from flaxlazy._src import plan as plan_lib
+from flaxlazy._src import programs
 from flaxlazy._src import rules as rules_lib
 from flaxlazy._src import sharding as sharding_lib
 from flaxlazy._src import sharding_checks
@@ -41,6 +47,10 @@ from flaxlazy._src import specs as specs_lib
 from flaxlazy._src import summary as summary_lib
 from flaxlazy._src import train_state as train_state_lib
 from flaxlazy._src.linen import call as linen_call
+from flaxlazy._src.nnx import api as nnx_api
+from flaxlazy._src.nnx import call as nnx_call
+from flaxlazy._src.nnx import optimizer as nnx_optimizer
+from flaxlazy._src.nnx import trace as nnx_trace
 from flaxlazy._src.sources import compiled
 
 OPT_STATE = train_state_lib.OPT_STATE
@@ -54,6 +64,7 @@ UNCOVERED = sharding_lib.PROBLEM_UNCOVERED
 BAD_SPEC = sharding_lib.PROBLEM_BAD_SPEC
 DOES_NOT_FIT = "does_not_fit"
 
+LINEN, NNX = "linen", "nnx"
 FAIL_MARK = "!"  # materialize would stop on this leaf; counted as replicated
 _MARKS = {sharding_lib.FAILED: FAIL_MARK, sharding_lib.DEFAULT: summary_lib.DEFAULT_MARK}
 OPTIMIZERS = {
@@ -97,9 +108,11 @@ class LeafReport(NamedTuple):
       dtype: its dtype name (after ``dtype=``'s cast).
       source: where its value comes from: ``"flax"`` (the module's own initializer),
         ``"initializer"`` (an override), ``"array"``, ``"checkpoint"``, ``"traced"``
-        (one compiled run of ``module.init``), ``"optimizer"`` (``tx.init``) or ``"step"``.
-      init: the initializer by name where known (``"lecun_normal"``), or what gives the
-        value (``"tx.init"``, the checkpoint entry...).
+        (one compiled run of ``module.init``, or of the NNX constructor), ``"optimizer"``
+        (``tx.init``) or ``"step"``.
+      init: the initializer by name where known (``"lecun_normal"``; for NNX, read off
+        the traced constructor: ``"zeros"``, ``"truncated_normal (params stream)"``), or
+        what gives the value (``"tx.init"``, the checkpoint entry...).
       spec: its ``PartitionSpec``, or None without a mesh.
       count: its number of elements.
       nbytes: its global bytes.
@@ -221,16 +234,19 @@ def _opt_shardings(layout, opt, params) -> tuple[list, list[Problem]]:
     return out, [problem]
 
 
-def _compiles(plan: plan_lib.Plan, optimizer: bool) -> dict[str, int]:
+def _compiles(plan: plan_lib.Plan, optimizer: bool, rngs_update: bool = False
+              ) -> dict[str, int]:
     """How many functions a cold ``materialize`` (and ``tx.init``) compiles for this plan.
 
     One per distinct (program, sharding) among module and override initializers (the
-    engine's cache key), one per leaf whose program has no key (never cached), one for the
-    traced run if any leaf needs it, and one for ``tx.init`` with an optimizer.
+    engine's cache key) but constant fills (placed from the host), one per leaf whose
+    program has no key (never cached), one for the traced run if any leaf needs it, one
+    for ``tx.init`` with an optimizer, and for NNX one to update the caller's
+    ``nnx.Rngs`` when its end state must be computed.
     """
     keyed, unkeyed, traced = set(), 0, False
     for leaf in plan.leaves:
-        if leaf.source in (plan_lib.FLAX, plan_lib.INITIALIZER):
+        if leaf.source in (plan_lib.FLAX, plan_lib.INITIALIZER) and _compiled(leaf):
             key = compiled.compile_key(leaf)
             if key is None:
                 unkeyed += 1
@@ -238,9 +254,17 @@ def _compiles(plan: plan_lib.Plan, optimizer: bool) -> dict[str, int]:
                 keyed.add(key)
         traced |= leaf.source == plan_lib.TRACED
     out = {"initializers": len(keyed) + unkeyed, "traced_run": int(traced)}
+    if rngs_update:
+        out["rngs_update"] = 1
     if optimizer:  # init_train_state: one jit of tx.init, whatever the state holds
         out["optimizer_init"] = 1
     return out
+
+
+def _compiled(leaf: plan_lib.Leaf) -> bool:
+    """Whether the engine runs compiled code for a ``flax``/``initializer`` leaf: not for
+    a constant fill, which ``sources.compiled.execute`` places from the host."""
+    return _compat.is_key_array(leaf) or programs.fill_value(leaf.program) is None
 
 
 def _module_key(path: str, depth: int, params: dict[str, str]) -> str:
@@ -268,7 +292,7 @@ class Report:
     (shards of a ``NamedSharding`` over evenly divided dimensions are all the same size).
 
     Attributes:
-      model: the module's class name.
+      model: the module's class name (NNX: the constructor's class or function name).
       inputs: the abstract inputs, e.g. ``("int32[8,2048]",)``.
       mesh: ``((axis, size), ...)``, or None (one device).
       optimizer: the optimizer's name, or None.
@@ -282,6 +306,7 @@ class Report:
       top: how many of the largest leaves the text lists (None: all when there are at
         most 40, else 10).
       depth: per-module subtotals to this depth in the text and JSON (None: none).
+      framework: ``"linen"`` or ``"nnx"``.
     """
 
     model: str
@@ -297,6 +322,7 @@ class Report:
     target: str | None = None
     top: int | None = None
     depth: int | None = None
+    framework: str = LINEN
 
     @property
     def devices(self) -> int:
@@ -395,9 +421,8 @@ class Report:
 
 
 def inspect(
-    module: nn.Module,
-    rngs: Any,
-    *inputs: Any,
+    module: nn.Module | Callable[..., Any],
+    *args: Any,
     mesh: Any = None,
     partition_rules: Any = None,
     logical_axis_rules: Any = None,
@@ -427,11 +452,13 @@ def inspect(
     same message, the leaf counted as replicated, instead of raised.
 
     Args:
-      module: a Flax Linen module.
-      rngs: a key or a dict of keys, as for ``abstract_init`` (a ``ShapeDtypeStruct``
-        of a key, ``jax.eval_shape(jax.random.key, 0)``, allocates nothing).
-      *inputs: the inputs, as for ``abstract_init`` (specs such as
-        ``flaxlazy.spec("i32[8,2048]")``).
+      module: a Flax Linen module, or an NNX Module class (or a function returning an
+        NNX Module), as for ``materialize``.
+      *args: Linen: ``rngs`` (a key or a dict of keys, as for ``abstract_init``; a
+        ``ShapeDtypeStruct`` of a key, ``jax.eval_shape(jax.random.key, 0)``, allocates
+        nothing), then the inputs (specs such as ``flaxlazy.spec("i32[8,2048]")``).
+        NNX: the constructor's arguments, ``rngs=nnx.Rngs(0)`` among them (array
+        arguments may be specs).
       mesh: a ``Mesh``, an ``AbstractMesh``, or ``{axis: size}`` for an abstract one.
       partition_rules: as in ``materialize``.
       logical_axis_rules: as in ``materialize``.
@@ -440,17 +467,17 @@ def inspect(
       initializers: as in ``materialize`` (their sources show in the report).
       optimizer: an optax ``GradientTransformation``, or one of ``"adamw"``, ``"adam"``,
         ``"sgd"``, ``"adafactor"``, ``"lion"``: adds the train state's optimizer state and
-        step, placed as ``init_train_state`` places them.
+        step, placed as ``init_train_state`` places them (NNX: the ``nnx.Optimizer``'s).
       dtype: a floating dtype (``"bf16"``...) to cast floating parameters to, for a
         what-if (the optimizer state follows the cast parameters).
       device_memory: one device's memory, in bytes or as ``"80GiB"``: the report says
         whether the per-device load fits.
-      method: as in ``Module.init``.
-      mutable: as in ``Module.init``.
+      method: Linen only, as in ``Module.init``.
+      mutable: Linen only, as in ``Module.init``.
       top: how many of the largest leaves ``str(report)`` lists (default: all when
         there are at most 40 leaves, else 10).
       depth: per-module subtotals to this depth in the text and JSON.
-      **kwargs: keyword inputs for the module.
+      **kwargs: keyword inputs for the module (NNX: constructor keyword arguments).
 
     Returns:
       A ``Report``: ``print(report)`` for the table, ``report.to_json()``,
@@ -469,7 +496,16 @@ def inspect(
       ...     partition_rules=[("kernel", P(None, "model")), ("bias", P())],
       ...     optimizer="adam", device_memory="1MiB")
       >>> report.per_device, report.fits, report.compiles_total  # params, mu, nu: 1/8 each
-      (798728, True, 3)
+      (798728, True, 2)
+
+      An NNX constructor and its arguments:
+
+      >>> from flax import nnx
+      >>> report = flaxlazy.inspect(
+      ...     nnx.Linear, 512, 1024, rngs=nnx.Rngs(0), mesh={"model": 8},
+      ...     partition_rules=[("kernel", P(None, "model")), ("bias", P())])
+      >>> report.model, report.per_device, [leaf.init for leaf in report.leaves]
+      ('Linear', 266240, ['zeros', 'truncated_normal (default stream)'])
     """
     start = time.perf_counter()
     mesh = as_mesh(mesh)
@@ -482,8 +518,19 @@ def inspect(
     cast = cast_dtype(dtype) if dtype is not None else None
     memory = parse_bytes(device_memory) if device_memory is not None else None
 
-    call = linen_call.make_call(module, rngs, inputs, kwargs, method=method, mutable=mutable)
-    traced = linen_call.trace(call)
+    is_nnx = nnx_call.is_nnx_target(module)
+    if is_nnx:
+        linen_call.reject_linen_options("inspect", method=method, mutable=mutable,
+                                        capture_intermediates=False)
+        traced = nnx_api.traced(module, args, kwargs, fn="inspect",
+                                logical_axis_rules=logical_axis_rules)
+        model, inputs = model_name(module), traced.call.inputs
+    else:
+        rngs, inputs = linen_call.split_rngs_argument(args, kwargs, fn="inspect")
+        call = linen_call.make_call(module, rngs, inputs, kwargs, method=method,
+                                    mutable=mutable, fn="inspect")
+        traced = linen_call.trace(call)
+        model, inputs = type(module).__name__, call.inputs
     flat = paths.flatten(traced.variables)[0]
 
     # Placement of the variables, problems collected in the order materialize meets them.
@@ -505,36 +552,83 @@ def inspect(
                           shardings=(lambda p, _: sharding_of[p]) if mesh else None)
 
     names = initializer_names.Names(traced, initializers)
-    leaves = []
+    leaves, abstract = [], {}
     for leaf, (path, _) in zip(plan.leaves, flat, strict=True):
         leaf_dtype = leaf.dtype
         if cast is not None and path.startswith(paths.PARAMS + paths.SEP) and \
                 jax.numpy.issubdtype(leaf_dtype, jax.numpy.floating):
             leaf_dtype = cast
+        abstract[path] = jax.ShapeDtypeStruct(leaf.shape, leaf_dtype,
+                                              sharding=sharding_of.get(path))
         leaves.append(_leaf_report(path, leaf.shape, leaf_dtype, leaf.source,
                                    names.of(leaf), *(specs.get(path) or (None, "")), mesh))
 
     opt_problems, unused_names = [], [p for p, _ in flat]
     if tx is not None:
-        params = _abstract_params(traced.variables, leaves, sharding_of)
-        opt_leaves, opt_problems = _optimizer_leaves(
-            tx, params, mesh, train_state_lib._Layout(
-                mesh, partition_rules, logical_axis_rules, allow_unused_rules, require_rules,
-            ) if mesh is not None else None)
+        layout = train_state_lib._Layout(
+            mesh, partition_rules, logical_axis_rules, allow_unused_rules, require_rules,
+        ) if mesh is not None else None
+        if is_nnx:
+            opt, params, step = _nnx_optimizer_state(traced, tx, abstract)
+        else:
+            opt, params, step = _linen_optimizer_state(traced.variables, tx, abstract)
+        opt_leaves, opt_problems = _optimizer_leaves(opt, params, step, mesh, layout)
         leaves += opt_leaves
-        unused_names += [leaf.path for leaf in opt_leaves]
+        unused_names += [leaf.path for leaf in opt_leaves if leaf.source == OPTIMIZER]
     unused = [] if allow_unused_rules or mesh is None else _unused_rules(rules, unused_names)
-    # materialize checks unused rules first; init_train_state after laying out variables.
-    problems = (leaf_problems + unused + opt_problems if tx is not None
-                else unused + leaf_problems)
+    # materialize checks unused rules first. Linen's init_train_state lays out the
+    # variables, checks unused rules, then places the optimizer state; NNX's materializes
+    # the module, places the optimizer state, then checks unused rules.
+    if tx is None:
+        problems = unused + leaf_problems
+    elif is_nnx:
+        problems = leaf_problems + opt_problems + unused
+    else:
+        problems = leaf_problems + unused + opt_problems
     return Report(
-        model=type(module).__name__,
-        inputs=tuple(_fmt(tuple(x.shape), x.dtype) for x in call.inputs),
+        model=model,
+        inputs=tuple(_fmt(tuple(x.shape), x.dtype) for x in inputs),
         mesh=tuple((str(k), int(v)) for k, v in mesh.shape.items()) if mesh else None,
         optimizer=tx_name, dtype=None if cast is None else cast.name,
-        leaves=tuple(leaves), compiles=_compiles(plan, tx is not None), problems=tuple(problems),
-        device_memory=memory, seconds=time.perf_counter() - start, top=top, depth=depth,
+        leaves=tuple(leaves),
+        compiles=_compiles(plan, tx is not None, rngs_update=is_nnx and _rngs_update(traced)),
+        problems=tuple(problems), device_memory=memory,
+        seconds=time.perf_counter() - start, top=top, depth=depth,
+        framework=NNX if is_nnx else LINEN,
     )
+
+
+def model_name(ctor: Any) -> str:
+    """The name an NNX constructor goes by: its class's or function's (through partials).
+
+    Examples:
+      >>> import functools
+      >>> from flax import nnx
+      >>> model_name(nnx.Linear), model_name(functools.partial(nnx.Linear, 4))
+      ('Linear', 'Linear')
+    """
+    while isinstance(ctor, functools.partial):
+        ctor = ctor.func
+    return getattr(ctor, "__name__", None) or type(ctor).__name__
+
+
+def _rngs_update(traced: nnx_trace.Traced) -> bool:
+    """Whether NNX ``materialize`` runs one compiled function to leave the caller's
+    ``nnx.Rngs`` as the constructor would (``Traced.update_rngs``): when some key or
+    counter it ends with is neither a known constant nor the unchanged root key."""
+    invars = traced.analysis.closed.jaxpr.invars
+    outvars = traced.analysis.closed.jaxpr.outvars
+    for obj, entries in zip(traced.call.rngs, traced.rng_entries, strict=True):
+        for e in entries:
+            if e.output is None or traced.analysis.slice(e.output).known is not None:
+                continue
+            out = outvars[e.output]
+            if out in invars[: traced.n_rng] and invars.index(out) == nnx_trace._root_index(
+                traced.call.streams, obj, e, traced.call.rngs
+            ):
+                continue
+            return True
+    return False
 
 
 def _leaf_report(path, shape, dtype, source, init, spec, mark, mesh) -> LeafReport:
@@ -548,9 +642,8 @@ def _leaf_report(path, shape, dtype, source, init, spec, mark, mesh) -> LeafRepo
                       per_device, mark)
 
 
-def _optimizer_leaves(tx, params, mesh, layout) -> tuple[list[LeafReport], list[Problem]]:
+def _optimizer_leaves(opt, params, step, mesh, layout) -> tuple[list[LeafReport], list[Problem]]:
     """The optimizer state's and the step's leaves, placed as ``init_train_state`` does."""
-    opt = jax.eval_shape(tx.init, params)
     flat = paths.flatten(opt)[0]
     placed, problems = [(None, "")] * len(flat), []
     if layout is not None:
@@ -560,16 +653,36 @@ def _optimizer_leaves(tx, params, mesh, layout) -> tuple[list[LeafReport], list[
                      "tx.init", None if sh is None else sh.spec, mark, mesh)
         for (inner, leaf), (sh, mark) in zip(flat, placed, strict=True)
     ]
-    leaves.append(_leaf_report(STEP, (), np.dtype(np.int32), STEP, "zeros",
+    leaves.append(_leaf_report(STEP, tuple(step.shape), step.dtype, STEP, "zeros",
                                None if mesh is None else PartitionSpec(), "", mesh))
     return leaves, problems
 
 
-def _abstract_params(variables: Any, leaves: list[LeafReport], sharding_of: dict) -> Any:
-    """The unboxed params as ``tx.init`` sees them: cast dtype, with their shardings."""
-    reports = {leaf.path: leaf for leaf in leaves}
+def _linen_optimizer_state(variables: Any, tx: Any, abstract: dict) -> tuple[Any, Any, Any]:
+    """``(opt_state, params, step)``, abstract, as Linen's ``init_train_state`` makes them:
+    ``tx.init`` of the unboxed params (cast dtype, with their shardings)."""
     flat, treedef = paths.flatten(variables)
-    out = [jax.ShapeDtypeStruct(reports[p].shape, reports[p].dtype, sharding=sharding_of.get(p))
-           for p, _ in flat]
-    params, _ = train_state_lib._split(jax.tree_util.tree_unflatten(treedef, out))
-    return params
+    tree = jax.tree_util.tree_unflatten(treedef, [abstract[p] for p, _ in flat])
+    params, _ = train_state_lib._split(tree)
+    return (jax.eval_shape(tx.init, params), params,
+            jax.ShapeDtypeStruct((), np.dtype(np.int32)))
+
+
+def _nnx_optimizer_state(traced: nnx_trace.Traced, tx: Any, abstract: dict
+                         ) -> tuple[Any, Any, Any]:
+    """``(opt_state, params, step)``, abstract, as NNX's ``init_train_state`` makes them:
+    the ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` of the abstract model, its state and
+    the model's params as the plain nested dicts its layout places."""
+    model = traced.module(abstract)
+    optimizer = nnx_optimizer.abstract_optimizer(model, tx, None)
+    flat = list(nnx.to_flat_state(nnx.state(optimizer)))
+    opt = nnx_optimizer._plain([(p[1:], v) for p, v in flat if p[0] == OPT_STATE])
+    params = nnx_optimizer._plain(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    steps = [v.get_value() for p, v in flat if p[0] != OPT_STATE]
+    if len(steps) != 1:  # pragma: no cover - depends on flax's nnx.Optimizer
+        raise NotImplementedError(
+            "inspect: this flax version's nnx.Optimizer holds "
+            f"{[paths.SEP.join(map(str, p)) for p, _ in flat if p[0] != OPT_STATE]} besides "
+            "its opt_state; inspect knows only `step`."
+        )
+    return opt, params, steps[0]
