@@ -34,12 +34,10 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
-from flaxlazy._src import _compat
 from flaxlazy._src import initializer_names
 from flaxlazy._src import inspect_render
 from flaxlazy._src import paths
 from flaxlazy._src import plan as plan_lib
-from flaxlazy._src import programs
 from flaxlazy._src import rules as rules_lib
 from flaxlazy._src import sharding as sharding_lib
 from flaxlazy._src import sharding_checks
@@ -246,7 +244,7 @@ def _compiles(plan: plan_lib.Plan, optimizer: bool, rngs_update: bool = False
     """
     keyed, unkeyed, traced = set(), 0, False
     for leaf in plan.leaves:
-        if leaf.source in (plan_lib.FLAX, plan_lib.INITIALIZER) and _compiled(leaf):
+        if leaf.source in (plan_lib.FLAX, plan_lib.INITIALIZER) and compiled.fill(leaf) is None:
             key = compiled.compile_key(leaf)
             if key is None:
                 unkeyed += 1
@@ -259,12 +257,6 @@ def _compiles(plan: plan_lib.Plan, optimizer: bool, rngs_update: bool = False
     if optimizer:  # init_train_state: one jit of tx.init, whatever the state holds
         out["optimizer_init"] = 1
     return out
-
-
-def _compiled(leaf: plan_lib.Leaf) -> bool:
-    """Whether the engine runs compiled code for a ``flax``/``initializer`` leaf: not for
-    a constant fill, which ``sources.compiled.execute`` places from the host."""
-    return _compat.is_key_array(leaf) or programs.fill_value(leaf.program) is None
 
 
 def _module_key(path: str, depth: int, params: dict[str, str]) -> str:
@@ -591,7 +583,8 @@ def inspect(
         mesh=tuple((str(k), int(v)) for k, v in mesh.shape.items()) if mesh else None,
         optimizer=tx_name, dtype=None if cast is None else cast.name,
         leaves=tuple(leaves),
-        compiles=_compiles(plan, tx is not None, rngs_update=is_nnx and _rngs_update(traced)),
+        compiles=_compiles(plan, tx is not None,
+                           rngs_update=is_nnx and traced.rngs_update_compiles),
         problems=tuple(problems), device_memory=memory,
         seconds=time.perf_counter() - start, top=top, depth=depth,
         framework=NNX if is_nnx else LINEN,
@@ -610,25 +603,6 @@ def model_name(ctor: Any) -> str:
     while isinstance(ctor, functools.partial):
         ctor = ctor.func
     return getattr(ctor, "__name__", None) or type(ctor).__name__
-
-
-def _rngs_update(traced: nnx_trace.Traced) -> bool:
-    """Whether NNX ``materialize`` runs one compiled function to leave the caller's
-    ``nnx.Rngs`` as the constructor would (``Traced.update_rngs``): when some key or
-    counter it ends with is neither a known constant nor the unchanged root key."""
-    invars = traced.analysis.closed.jaxpr.invars
-    outvars = traced.analysis.closed.jaxpr.outvars
-    for obj, entries in zip(traced.call.rngs, traced.rng_entries, strict=True):
-        for e in entries:
-            if e.output is None or traced.analysis.slice(e.output).known is not None:
-                continue
-            out = outvars[e.output]
-            if out in invars[: traced.n_rng] and invars.index(out) == nnx_trace._root_index(
-                traced.call.streams, obj, e, traced.call.rngs
-            ):
-                continue
-            return True
-    return False
 
 
 def _leaf_report(path, shape, dtype, source, init, spec, mark, mesh) -> LeafReport:

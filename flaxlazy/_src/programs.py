@@ -123,6 +123,38 @@ def runner(program: Program, draw: Callable[..., Any] | None = None) -> Callable
     return run
 
 
+def fill_value(program: Program) -> Any:
+    """The scalar a program fills its one output with, whatever its inputs, or None.
+
+    ``jnp.zeros(shape)``, ``jnp.ones(shape, bf16)``, ``jnp.full(shape, 7)``: a broadcast
+    of a literal, nothing else. Such a leaf needs no compiled code at all.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> float(fill_value(trace(lambda: jnp.ones((2, 3), jnp.bfloat16))))
+      1.0
+      >>> fill_value(trace(lambda: jnp.arange(3.0))) is None
+      True
+    """
+    jaxpr = program.jaxpr.jaxpr  # its inputs (a key it ignores) may not be read
+    if jaxpr.constvars or len(jaxpr.outvars) != 1 or any(v in jaxpr.invars for v in (
+        *jaxpr.outvars, *(x for eqn in jaxpr.eqns for x in eqn.invars)
+    ) if not _compat.is_literal(v)):
+        return None
+    (out,) = jaxpr.outvars
+    if not jaxpr.eqns:
+        return _compat.literal_value(out) if _compat.is_literal(out) else None
+    if len(jaxpr.eqns) != 1:
+        return None
+    (eqn,) = jaxpr.eqns
+    (operand,) = eqn.invars if len(eqn.invars) == 1 else (None,)
+    if eqn.primitive.name != "broadcast_in_dim" or not _compat.is_literal(operand) or (
+        eqn.outvars[0] is not out
+    ):
+        return None
+    return _compat.literal_value(operand)
+
+
 def jaxpr_key(jaxpr: Any) -> Hashable | None:
     """The structural key of an open jaxpr (constants as inputs), or None if unkeyable."""
     return _key_or_none(lambda: _jaxpr_key(jaxpr))

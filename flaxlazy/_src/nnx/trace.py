@@ -145,24 +145,33 @@ class Traced:
         flat = [(e.state_path, _value(e, values)) for e in self.entries]
         return nnx.merge(self.graphdef, nnx.from_flat_state(flat))
 
-    def update_rngs(self, keys: list, dyn: list) -> None:
-        """Leaves the caller's ``nnx.Rngs`` as the constructor would have."""
-        pending = []
+    def _rng_updates(self) -> list[tuple[Any, _Entry, Any]]:
+        """``(caller's Rngs, entry, value)`` for each RNG variable the constructor leaves
+        changed: ``value`` is its known end value (a counter), or None when it has to be
+        computed (a key the constructor replaced). Unchanged root keys are left out."""
+        invars = self.analysis.closed.jaxpr.invars
+        out = []
         for obj, entries in zip(self.call.rngs, self.rng_entries, strict=True):
             for e in entries:
                 if e.output is None:
                     continue
-                s = self.analysis.slice(e.output)
-                out = self.analysis.closed.jaxpr.outvars[e.output]
-                invars = self.analysis.closed.jaxpr.invars
-                if s.known is not None:
-                    pending.append((obj, e, s.known))
-                elif out in invars[: self.n_rng] and invars.index(out) == _root_index(
-                    self.call.streams, obj, e, self.call.rngs
-                ):
+                known = self.analysis.slice(e.output).known
+                var = self.analysis.closed.jaxpr.outvars[e.output]
+                if known is None and var in invars[: self.n_rng] and invars.index(
+                    var
+                ) == _root_index(self.call.streams, obj, e, self.call.rngs):
                     continue  # the root key, unchanged
-                else:
-                    pending.append((obj, e, None))
+                out.append((obj, e, known))
+        return out
+
+    @property
+    def rngs_update_compiles(self) -> bool:
+        """Whether ``update_rngs`` runs one compiled function (a key to compute)."""
+        return any(value is None for _, _, value in self._rng_updates())
+
+    def update_rngs(self, keys: list, dyn: list) -> None:
+        """Leaves the caller's ``nnx.Rngs`` as the constructor would have."""
+        pending = self._rng_updates()
         computed = [e.output for _, e, v in pending if v is None]
         values = iter(_evaluate(self.analysis.pruned(computed), keys, dyn) if computed else [])
         for obj, e, value in pending:

@@ -88,11 +88,36 @@ def _cost(consts: Sequence[Any], baked: Sequence[bool]) -> int:
     )
 
 
+def _filled(leaf: Any, value: Any) -> jax.Array:
+    """A leaf filled with one scalar, built shard by shard on the host: no compilation
+    (``jnp.zeros`` would compile a broadcast per shape) and no full copy on any device."""
+    sharding = leaf.sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    dtype = np.dtype(leaf.dtype)
+
+    def shard(index):
+        shape = tuple(len(range(*s.indices(n))) for s, n in zip(index, leaf.shape, strict=True))
+        return np.full(shape, value, dtype)
+
+    return jax.make_array_from_callback(tuple(leaf.shape), sharding, shard)
+
+
+def fill(leaf: Any) -> Any:
+    """The scalar a ``flax``/``initializer`` leaf is filled with (zeros, ones...), when it
+    needs no compiled code at all; None when it runs a compiled function."""
+    if _compat.is_key_array(leaf):
+        return None
+    return programs.fill_value(leaf.program)
+
+
 def execute(plan: Any, indices: list[int], context: kinds.Context) -> dict[int, Any]:
-    """Each leaf from its compiled function, keyed from its stream's root."""
+    """Each leaf from its compiled function, keyed from its stream's root; constant
+    fills (zeros, ones) are placed without compiling anything."""
     out = {}
     for i in indices:
         leaf = plan.leaves[i]
+        if (value := fill(leaf)) is not None:
+            out[i] = _filled(leaf, value)
+            continue
         key_hash = None if leaf.key is None else np.uint32(leaf.key)
         out[i] = _leaf_fn(leaf)(
             context.roots[leaf.stream] if key_hash is not None else None, key_hash,
