@@ -366,3 +366,23 @@ def test_rngs_held_by_the_module_and_two_rngs_arguments():
     # Overrides draw from the first Rngs' params/default stream.
     flaxlazy.materialize(TwoRngs, nnx.Rngs(1), nnx.Rngs(2),
                          initializers={"b/kernel": nnx.initializers.normal()})
+
+
+def test_logical_annotations_with_logical_axis_rules():
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices")
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+
+    def make(*, rngs):
+        init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "mlp"))
+        return nnx.Linear(16, 64, kernel_init=init, rngs=rngs)
+
+    rules = [("embed", "data"), ("mlp", "model")]
+    model = flaxlazy.materialize(make, rngs=nnx.Rngs(0), mesh=mesh, logical_axis_rules=rules)
+    assert model.kernel.get_value().sharding.spec == P("data", "model")
+    with flax.config.temp_flip_flag("always_shard_variable", False):  # NNX needs a mesh
+        reference = _reference(make)
+    chex.assert_trees_all_equal(values(model), values(reference))
+    with pytest.raises(ValueError, match=r"logical axes \('embed', 'mlp'\).*no rule for 'mlp'"):
+        flaxlazy.materialize(make, rngs=nnx.Rngs(0), mesh=mesh,
+                             logical_axis_rules=[("embed", "data")])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
 import jax
 
 from flaxlazy._src import engine
@@ -15,8 +16,7 @@ from flaxlazy._src.nnx import trace as trace_lib
 
 
 def _logical(logical_axis_rules: Any) -> bool:
-    import flax.linen as nn  # noqa: PLC0415 - the logical-rules context is Flax-wide
-
+    """Whether NNX annotations name logical axes: rules given, or set in Flax's context."""
     return bool(logical_axis_rules) or bool(nn.get_logical_axis_rules())
 
 

@@ -207,7 +207,7 @@ def _value(entry: _Entry, values: Mapping[str, Any]) -> Any:
     return value if entry.variable is None else entry.variable.replace(value)
 
 
-_LOCK = threading.RLock()
+_LOCK = threading.RLock()  # held while NNX classes are patched for a trace
 
 
 @contextlib.contextmanager
@@ -229,12 +229,11 @@ def _concrete_counters():
         with jax.ensure_compile_time_eval():
             return original(self)
 
-    with _LOCK:
-        stream.__call__ = call
-        try:
-            yield
-        finally:
-            stream.__call__ = original
+    stream.__call__ = call
+    try:
+        yield
+    finally:
+        stream.__call__ = original
 
 
 def trace(call: call_lib.ConstructorCall, *, logical: bool = False, fn: str = "materialize"
@@ -262,7 +261,7 @@ def trace(call: call_lib.ConstructorCall, *, logical: bool = False, fn: str = "m
             fresh_keys = nnx.from_flat_state([(p, v.replace(next(it))) for p, v in flat])
             objs.append(nnx.merge(graphdef, fresh_keys, jax.tree_util.tree_map(lambda x: x, rest)))
         args, kwargs = call.rebuild(objs, list(dyn))
-        with _compat.nnx_unconstrained(), _concrete_counters():
+        with _LOCK, _compat.nnx_unconstrained(), _concrete_counters():
             module = call.ctor(*args, **kwargs)
         if not isinstance(module, nnx.Module):
             raise TypeError(NOT_A_MODULE.format(
