@@ -105,8 +105,8 @@ class Analysis:
                 _compat.is_literal(v) or v in known for v in eqn.invars
             ):
                 continue
-            if any(np.prod(v.aval.shape, dtype=int) > FOLD_ELEMENTS
-                   or not hasattr(v.aval, "shape") for v in eqn.outvars):
+            if any(not hasattr(v.aval, "shape")
+                   or np.prod(v.aval.shape, dtype=int) > FOLD_ELEMENTS for v in eqn.outvars):
                 continue
             foldable.append(eqn)
             for v in eqn.outvars:
