@@ -165,9 +165,8 @@ def test_sharded_on_eight_devices(always_shard):
         with jax.set_mesh(mesh):
             reference = _reference(Sharded)
     _same_structure(model, reference)
-    # NNX shards eagerly only with the flag on; flaxlazy honours the annotation either way.
-    if always_shard:
-        assert reference.up.kernel.get_value().sharding.spec == P(None, "model")
+    # flaxlazy honours the annotation with the flag on or off (NNX itself shards eagerly
+    # only with it on, and not in every supported Flax version).
     up = model.up.kernel.get_value()
     assert up.sharding.spec == P(None, "model")
     assert {s.data.shape for s in up.addressable_shards} == {(16, 16)}
