@@ -290,12 +290,13 @@ def _rope(x, base: float = 10000.0):
 class LlamaAttention(nn.Module):
     n_heads: int
     n_kv_heads: int
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         b, t, c = x.shape
         hd = c // self.n_heads
-        dense = functools.partial(nn.DenseGeneral, use_bias=False)
+        dense = functools.partial(nn.DenseGeneral, use_bias=False, param_dtype=self.param_dtype)
         q = _rope(dense((self.n_heads, hd), name="q_proj")(x))
         k = _rope(dense((self.n_kv_heads, hd), name="k_proj")(x))
         v = dense((self.n_kv_heads, hd), name="v_proj")(x)
@@ -310,17 +311,19 @@ class LlamaBlock(nn.Module):
     n_heads: int
     n_kv_heads: int
     mlp_dim: int
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         c = x.shape[-1]
-        x = x + LlamaAttention(self.n_heads, self.n_kv_heads, name="self_attn")(
-            nn.RMSNorm(name="input_layernorm")(x)
-        )
-        h = nn.RMSNorm(name="post_attention_layernorm")(x)
-        gate = nn.Dense(self.mlp_dim, use_bias=False, name="gate_proj")(h)
-        up = nn.Dense(self.mlp_dim, use_bias=False, name="up_proj")(h)
-        return x + nn.Dense(c, use_bias=False, name="down_proj")(nn.silu(gate) * up)
+        dense = functools.partial(nn.Dense, use_bias=False, param_dtype=self.param_dtype)
+        norm = functools.partial(nn.RMSNorm, param_dtype=self.param_dtype)
+        x = x + LlamaAttention(self.n_heads, self.n_kv_heads, self.param_dtype,
+                               name="self_attn")(norm(name="input_layernorm")(x))
+        h = norm(name="post_attention_layernorm")(x)
+        gate = dense(self.mlp_dim, name="gate_proj")(h)
+        up = dense(self.mlp_dim, name="up_proj")(h)
+        return x + dense(c, name="down_proj")(nn.silu(gate) * up)
 
 
 class Llama(nn.Module):
@@ -330,14 +333,17 @@ class Llama(nn.Module):
     n_heads: int
     n_kv_heads: int
     mlp_dim: int
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, tokens):
-        x = nn.Embed(self.vocab, self.d_model, name="embed_tokens")(tokens)
+        dtype = self.param_dtype
+        x = nn.Embed(self.vocab, self.d_model, param_dtype=dtype, name="embed_tokens")(tokens)
         for i in range(self.n_layers):
-            x = LlamaBlock(self.n_heads, self.n_kv_heads, self.mlp_dim, name=f"layers_{i}")(x)
-        x = nn.RMSNorm(name="norm")(x)
-        return nn.Dense(self.vocab, use_bias=False, name="lm_head")(x)
+            x = LlamaBlock(self.n_heads, self.n_kv_heads, self.mlp_dim, dtype,
+                           name=f"layers_{i}")(x)
+        x = nn.RMSNorm(param_dtype=dtype, name="norm")(x)
+        return nn.Dense(self.vocab, use_bias=False, param_dtype=dtype, name="lm_head")(x)
 
 
 def llama7b() -> Model:
