@@ -5,6 +5,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import flaxlazy
 from flaxlazy._src import _compat
@@ -79,3 +81,62 @@ def test_materialize_chunks_large_leaves_exactly(monkeypatch):
     chex.assert_trees_all_equal(got, want)
     assert calls == [(3000, 64)]
     flaxlazy.clear_caches()
+
+
+def _mesh():
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices")
+    return jax.make_mesh((2, 4), ("data", "model"))
+
+
+@pytest.mark.parametrize("spec", [
+    P("model", None), P(None, "model"), P("data", "model"), P(("data", "model"), None),
+    P(None, ("model", "data")), P("model"), P(),
+], ids=str)
+@pytest.mark.parametrize("name", ["lecun_normal", "truncated_normal", "uniform"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_sharded_draw_is_bit_identical(spec, name, dtype):
+    mesh = _mesh()
+    shape = (48, 72)
+    sharding = NamedSharding(mesh, spec)
+    fn = lambda k: INITS[name](k, shape, dtype)  # noqa: E731
+    key = jax.random.key(3)
+    closed = jax.make_jaxpr(fn)(key)
+    draw = chunked.sharded_chunked_jaxpr(closed, shape, dtype, sharding, chunk=100)
+    got = jax.jit(lambda k: draw(k, closed.consts), out_shardings=sharding)(key)
+    assert got.sharding.spec == sharding.spec
+    chex.assert_trees_all_equal(got, jax.jit(fn)(key))
+
+
+def test_sharded_scratch_is_one_block_per_device():
+    mesh = _mesh()
+    shape = (2048, 1024)
+    sharding = NamedSharding(mesh, P(None, "model"))
+    fn = lambda k: nn.initializers.lecun_normal()(k, shape)  # noqa: E731
+    whole = jax.jit(fn, out_shardings=sharding).lower(jax.random.key(0)).compile()
+    closed = jax.make_jaxpr(fn)(jax.random.key(0))
+    draw = chunked.sharded_chunked_jaxpr(closed, shape, jnp.float32, sharding, chunk=1 << 14)
+    parts = jax.jit(lambda k: draw(k, closed.consts), out_shardings=sharding).lower(
+        jax.random.key(0)).compile()
+    shard = 2048 * 1024 * 4 // 4
+    assert whole.memory_analysis().temp_size_in_bytes >= 2 * shard  # the problem solved
+    assert parts.memory_analysis().temp_size_in_bytes <= shard // 4
+
+
+def test_materialize_chunks_sharded_leaves_exactly(monkeypatch):
+    mesh = _mesh()
+    monkeypatch.setattr(chunked, "SHARD_MIN_ELEMENTS", 10_000)
+    assert _compat.chunking_ok()
+    calls = []
+    real = chunked.sharded_chunked_jaxpr
+    monkeypatch.setattr(chunked, "sharded_chunked_jaxpr",
+                        lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    flaxlazy.clear_caches()
+    model = nn.Embed(3000, 64)
+    x = flaxlazy.spec("i32[2,3]")
+    got = flaxlazy.materialize(model, jax.random.key(0), x, mesh=mesh,
+                               partition_rules=[("embedding", P("data", "model"))])
+    want = jax.jit(model.init)(jax.random.key(0), jnp.zeros(x.shape, jnp.int32))
+    chex.assert_trees_all_equal(got, want)
+    assert got["params"]["embedding"].sharding.spec == P("data", "model")
+    assert calls == [(3000, 64)]

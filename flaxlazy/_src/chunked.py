@@ -30,6 +30,8 @@ from flaxlazy._src import _compat
 # Leaves with more elements than this are drawn in chunks of CHUNK_ELEMENTS.
 MIN_ELEMENTS = 1 << 20
 CHUNK_ELEMENTS = 1 << 18
+# A sharded leaf is drawn in chunks when one device's shard has more elements than this.
+SHARD_MIN_ELEMENTS = 1 << 20
 
 _ELEMENTWISE = frozenset(
     """abs add and atan2 bitcast_convert_type cbrt ceil clamp convert_element_type copy
@@ -56,10 +58,11 @@ class _Block:
 
 
 class _Context:
-    def __init__(self, full_shape: tuple[int, ...], offset: jax.Array, size: int):
+    """The block being drawn: ``counters`` are its elements' flat indices in the leaf."""
+
+    def __init__(self, full_shape: tuple[int, ...], counters: jax.Array):
         self.full_shape = full_shape
-        self.offset = offset
-        self.size = size
+        self.counters = counters
 
     def bits(self, key: jax.Array, bit_width: int) -> jax.Array:
         if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) or key.shape:
@@ -67,7 +70,7 @@ class _Context:
         if jax.random.key_impl(key) != jax.random.key_impl(jax.random.key(0, impl="threefry2x32")):
             raise NotChunkable("not a threefry2x32 key")
         data = jax.random.key_data(key)
-        lo = lax.iota(np.uint32, self.size) + self.offset
+        lo = self.counters
         hi = jnp.zeros_like(lo)
         bits1, bits2 = _compat.threefry2x32_p.bind(data[0], data[1], hi, lo)
         if bit_width == 64:
@@ -130,6 +133,14 @@ def _eval(jaxpr: Any, consts: list, args: list, ctx: _Context) -> list:
     return [read(v) for v in jaxpr.outvars]
 
 
+def _draw_block(jaxpr, key, consts, shape, dtype, counters, block_shape) -> jax.Array:
+    """The elements at flat indices ``counters`` of the leaf, shaped ``block_shape``."""
+    (out,) = _eval(jaxpr, list(consts), [key], _Context(shape, counters))
+    if not isinstance(out, _Block):
+        raise NotChunkable("the output is not drawn from random bits")
+    return out.value.astype(dtype).reshape(block_shape)
+
+
 def chunked(fn: Callable[[Any], jax.Array], key_spec: Any, shape, dtype,
             chunk: int = CHUNK_ELEMENTS) -> Callable[[Any], jax.Array]:
     """Returns ``fn`` re-expressed to draw its output ``chunk`` elements at a time.
@@ -179,11 +190,9 @@ def chunked_jaxpr(closed: Any, shape, dtype, chunk: int = CHUNK_ELEMENTS) -> Cal
     jaxpr = closed.jaxpr  # the closures below keep the jaxpr, never the constants
 
     def block(key, consts, first_row, n_rows):  # first_row: a traced int
-        ctx = _Context(shape, first_row.astype(np.uint32) * np.uint32(row), n_rows * row)
-        (out,) = _eval(jaxpr, list(consts), [key], ctx)
-        if not isinstance(out, _Block):
-            raise NotChunkable("the output is not drawn from random bits")
-        return out.value.astype(dtype).reshape((n_rows,) + shape[1:])
+        offset = first_row.astype(np.uint32) * np.uint32(row)
+        return _draw_block(jaxpr, key, consts, shape, dtype,
+                           lax.iota(np.uint32, n_rows * row) + offset, (n_rows,) + shape[1:])
 
     # Dry run: find out now (abstractly) whether every step is supported.
     key_aval = closed.in_avals[0]
@@ -205,5 +214,103 @@ def chunked_jaxpr(closed: Any, shape, dtype, chunk: int = CHUNK_ELEMENTS) -> Cal
             tail = block(key, consts, jnp.uint32(n_full * rows), rest)
             out = lax.dynamic_update_slice(out, tail, (n_full * rows, *zeros))
         return out
+
+    return draw
+
+
+def _shard_offsets(spec: Any, mesh: Any, local: tuple[int, ...]) -> list[Any]:
+    """Inside ``shard_map``: where this device's shard starts, per dimension."""
+    out = []
+    for dim, names in enumerate(tuple(spec) + (None,) * (len(local) - len(tuple(spec)))):
+        if names is None:
+            out.append(np.uint32(0))
+            continue
+        names = (names,) if isinstance(names, str) else tuple(names)
+        index = jnp.uint32(0)
+        for name in names:  # row-major over the named axes, as NamedSharding lays out
+            index = index * np.uint32(mesh.shape[name]) + lax.axis_index(name).astype(np.uint32)
+        out.append(index * np.uint32(local[dim]))
+    return out
+
+
+def sharded_chunked_jaxpr(closed: Any, shape, dtype, sharding: Any,
+                          chunk: int = CHUNK_ELEMENTS) -> Callable:
+    """Like ``chunked_jaxpr``, each device drawing only its own shard, block by block.
+
+    Element ``i`` of the leaf depends on the key and ``i`` alone, so a device computes
+    the flat indices of its shard's elements and draws them in blocks of whole local
+    rows: no device holds more than its shard plus one block of temporaries, and every
+    value is bit-identical to drawing the leaf whole.
+
+    Args:
+      closed: the initializer's closed jaxpr (``fn(key)``).
+      shape: the leaf's (global) shape.
+      dtype: its dtype.
+      sharding: its ``NamedSharding``.
+      chunk: elements per block.
+
+    Returns:
+      ``g(key, consts)``, to trace inside ``jax.jit(..., out_shardings=sharding)``.
+    """
+    shape = tuple(shape)
+    if not isinstance(sharding, jax.sharding.NamedSharding) or not shape:
+        raise NotChunkable("not a NamedSharding")
+    if math.prod(shape) >= 2**32 or not jax.config.jax_threefry_partitionable:
+        raise NotChunkable("size or PRNG configuration")
+    if len(closed.jaxpr.invars) != 1:
+        raise NotChunkable("no key")
+    mesh, spec = sharding.mesh, sharding.spec
+    local = tuple(sharding.shard_shape(shape))
+    row = math.prod(local[1:])
+    rows = max(1, min(local[0], chunk // max(row, 1)))
+    if row > chunk:
+        raise NotChunkable("rows larger than one chunk")
+    n_full, rest = divmod(local[0], rows)
+    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+    jaxpr = closed.jaxpr
+
+    def counters(offsets, first_row, n_rows):
+        """Flat indices in the leaf of local rows [first_row, first_row + n_rows)."""
+        block = (n_rows,) + local[1:]
+        flat = jnp.zeros(block, np.uint32)
+        for d in range(len(shape)):
+            index = lax.broadcasted_iota(np.uint32, block, d) + offsets[d]
+            if d == 0:
+                index = index + first_row.astype(np.uint32)
+            flat = flat + index * np.uint32(strides[d])
+        return flat.reshape(-1)
+
+    def block(key, consts, offsets, first_row, n_rows):
+        return _draw_block(jaxpr, key, consts, shape, dtype,
+                           counters(offsets, first_row, n_rows), (n_rows,) + local[1:])
+
+    key_aval = closed.in_avals[0]
+    jax.eval_shape(  # dry run: every step supported?
+        lambda k, c: block(k, c, [np.uint32(0)] * len(shape), jnp.int32(0), rows),
+        jax.ShapeDtypeStruct(key_aval.shape, key_aval.dtype), list(closed.consts),
+    )
+    zeros = (0,) * (len(shape) - 1)
+
+    def per_device(key, consts):
+        offsets = _shard_offsets(spec, mesh, local)
+
+        def body(i, out):
+            first = i * rows
+            return lax.dynamic_update_slice(
+                out, block(key, consts, offsets, first, rows), (first, *zeros))
+
+        out = lax.fori_loop(0, n_full, body, jnp.zeros(local, dtype))
+        if rest:
+            tail = block(key, consts, offsets, jnp.int32(n_full * rows), rest)
+            out = lax.dynamic_update_slice(out, tail, (n_full * rows, *zeros))
+        return out
+
+    replicated = jax.sharding.PartitionSpec()
+
+    def draw(key, consts):
+        return jax.shard_map(
+            per_device, mesh=mesh, in_specs=(replicated, [replicated] * len(consts)),
+            out_specs=spec, check_vma=False,
+        )(key, list(consts))
 
     return draw

@@ -49,18 +49,7 @@ def _leaf_fn(leaf: Any):
     program = leaf.program
 
     def make():
-        draw = None
-        if (
-            leaf.key is not None
-            and math.prod(leaf.shape) > chunked.MIN_ELEMENTS
-            and _single_device(leaf.sharding)
-            and _compat.chunking_ok()
-        ):
-            try:
-                draw = chunked.chunked_jaxpr(program.jaxpr, leaf.shape, leaf.dtype)
-            except chunked.NotChunkable:
-                pass
-        run = programs.runner(program, draw)
+        run = programs.runner(program, _chunked_draw(leaf))
 
         def keyed(root, key_hash, runtime):
             if key_hash is None:
@@ -71,6 +60,24 @@ def _leaf_fn(leaf: Any):
 
     return _COMPILED.get(compile_key(leaf), make,
                          nbytes=_cost(program.jaxpr.consts, program.baked))
+
+def _chunked_draw(leaf: Any) -> Any:
+    """The block-by-block draw of a large random leaf (each device its own shard), or
+    None to draw it whole (small, not chunkable, or chunking unsound here)."""
+    if leaf.key is None or not _compat.chunking_ok():
+        return None
+    program = leaf.program
+    try:
+        if _single_device(leaf.sharding):
+            if math.prod(leaf.shape) > chunked.MIN_ELEMENTS:
+                return chunked.chunked_jaxpr(program.jaxpr, leaf.shape, leaf.dtype)
+        elif math.prod(leaf.sharding.shard_shape(leaf.shape)) > chunked.SHARD_MIN_ELEMENTS:
+            return chunked.sharded_chunked_jaxpr(program.jaxpr, leaf.shape, leaf.dtype,
+                                                 leaf.sharding)
+    except chunked.NotChunkable:
+        pass
+    return None
+
 
 def compile_key(leaf: Any) -> Any:
     """The compiled-function cache key of a ``"flax"``/``"initializer"`` leaf (None: never
