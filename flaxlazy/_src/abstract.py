@@ -35,13 +35,19 @@ def abstract_init(
     with ``jax.eval_shape``. Flax partitioning boxes (``nn.Partitioned``,
     ``nn.LogicallyPartitioned``) are kept around their abstract values.
 
+    For Flax NNX, ``abstract_init(GPT, *args, rngs=nnx.Rngs(0), **kwargs)`` returns the
+    abstract module, as ``nnx.eval_shape(lambda: GPT(...))`` does (with each leaf's
+    ``NamedSharding`` under a mesh), and leaves the caller's ``nnx.Rngs`` untouched.
+
     Args:
-      module: a Flax Linen module.
-      rngs: a PRNG key, or a dict of keys such as ``{"params": k1, "dropout": k2}``; a
-        ``jax.ShapeDtypeStruct`` of a key works too.
-      *inputs: the positional inputs, any pytrees mixing arrays, ``ShapeDtypeStruct``s
-        (e.g. ``flaxlazy.spec("f32[8,784]")``) and Python values. Arrays count only by
-        shape and dtype; other values are passed through unchanged.
+      module: a Flax Linen module, or an NNX Module class (or any function returning
+        an NNX module).
+      *args: Linen: ``rngs``, a PRNG key or a dict of keys such as ``{"params": k1,
+        "dropout": k2}`` (a ``jax.ShapeDtypeStruct`` of a key works too; also accepted
+        as ``rngs=``), then the positional inputs, any pytrees mixing arrays,
+        ``ShapeDtypeStruct``s (e.g. ``flaxlazy.spec("f32[8,784]")``) and Python values.
+        Arrays count only by shape and dtype; other values are passed through
+        unchanged. NNX: the constructor's arguments, ``rngs=nnx.Rngs(...)`` among them.
       method: as in ``Module.init``: the method to call (default ``__call__``).
       mutable: as in ``Module.init``: the collections to create.
       capture_intermediates: as in ``Module.init``.
@@ -51,7 +57,7 @@ def abstract_init(
       logical_axis_rules: with ``mesh``, as in ``materialize``.
       allow_unused_rules: with ``mesh``, as in ``materialize``.
       require_rules: with ``mesh``, as in ``materialize``.
-      **kwargs: keyword inputs, treated like ``inputs``.
+      **kwargs: keyword inputs, treated like ``inputs`` (NNX: the constructor's keywords).
 
     Returns:
       The variables tree (a dict of collections) with ``ShapeDtypeStruct`` leaves.

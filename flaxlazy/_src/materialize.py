@@ -42,6 +42,13 @@ def materialize(
 ) -> Any:
     """Creates the variables ``module.init(rngs, *inputs, **kwargs)`` would, compiled.
 
+    For Flax NNX, ``materialize(GPT, *args, rngs=nnx.Rngs(0), **kwargs)`` returns the
+    module ``GPT(*args, rngs=..., **kwargs)`` would construct, its values (RNG state
+    included) bit-for-bit those of ``nnx.jit(lambda: GPT(...))()``, and leaves the
+    caller's ``nnx.Rngs`` as the constructor would; the options below work the same way,
+    on NNX state paths (``blocks/0/mlp/kernel``; other variables by collection,
+    ``batch_stats/bn/mean``).
+
     The init is first traced abstractly (no FLOPs, no memory), then each variable is
     created by jit-compiled code directly on ``device``: parameters with a static recipe
     by a small compiled initializer shared by every parameter of the same signature
@@ -54,9 +61,12 @@ def materialize(
     ``ValueError`` naming the variables, rather than initializing them from zeros.
 
     Args:
-      module: a Flax Linen module.
-      rngs: a PRNG key or a dict of keys (``{"params": k1, "dropout": k2}``).
-      *inputs: pytrees mixing arrays, ``ShapeDtypeStruct``s and Python values.
+      module: a Flax Linen module, or an NNX Module class (or any function returning
+        an NNX module).
+      *args: Linen: ``rngs``, a PRNG key or a dict of keys (``{"params": k1, "dropout":
+        k2}``; also accepted as ``rngs=``), then the inputs, pytrees mixing arrays,
+        ``ShapeDtypeStruct``s and Python values. NNX: the constructor's arguments
+        (arrays among them may be specs), ``rngs=nnx.Rngs(...)`` among them.
       initializers: an initializer tree keyed by path inside ``params``: a mapping or
         list of ``(pattern, value)`` (glob with ``*``/``**``, or a compiled regex; first
         match wins) or a nested dict mirroring the params tree. A value is an
@@ -87,10 +97,11 @@ def materialize(
       method: as in ``Module.init``.
       mutable: as in ``Module.init``.
       capture_intermediates: as in ``Module.init``.
-      **kwargs: keyword inputs, like ``inputs``.
+      **kwargs: keyword inputs, like ``inputs`` (NNX: the constructor's keywords).
 
     Returns:
-      The same variables tree as ``module.init``, with ``jax.Array`` leaves.
+      The same variables tree as ``module.init``, with ``jax.Array`` leaves; for NNX,
+      the module.
 
     Raises:
       ValueError: an initializer pattern matching no parameter (with the closest real

@@ -99,7 +99,8 @@ def check_module(module: Any, *, fn: str, what: str = "module") -> None:
         if type(module).__module__.startswith("flax.nnx") or any(
             c.__module__.startswith("flax.nnx") for c in type(module).__mro__
         ):
-            hint = " NNX modules are not supported yet; flaxlazy handles Linen modules."
+            hint = (f" For NNX, pass the class and its arguments: flaxlazy.{fn}("
+                    f"{type(module).__name__}, ..., rngs=nnx.Rngs(0)).")
         elif callable(module):
             hint = " To wrap a function, make it a Linen module (nn.compact __call__)."
     raise TypeError(NOT_A_MODULE.format(fn=fn, what=what, got=got, hint=hint))
