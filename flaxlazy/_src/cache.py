@@ -56,6 +56,9 @@ class LRU:
     def __len__(self) -> int:
         return len(self._data)
 
+    def __contains__(self, key: Hashable | None) -> bool:
+        return key is not None and key in self._data
+
     def clear(self) -> None:
         self._data.clear()
         self.nbytes = 0

@@ -236,22 +236,16 @@ def _compiles(plan: plan_lib.Plan, optimizer: bool, rngs_update: bool = False
               ) -> dict[str, int]:
     """How many functions a cold ``materialize`` (and ``tx.init``) compiles for this plan.
 
-    One per distinct (program, sharding) among module and override initializers (the
-    engine's cache key) but constant fills (placed from the host), one per leaf whose
-    program has no key (never cached), one for the traced run if any leaf needs it, one
+    For module and override initializers, what ``sources.compiled`` compiles with an
+    empty cache (one function per distinct program and sharding, the one-off programs
+    together as one, constant fills none), one for the traced run if any leaf needs it, one
     for ``tx.init`` with an optimizer, and for NNX one to update the caller's
     ``nnx.Rngs`` when its end state must be computed.
     """
-    keyed, unkeyed, traced = set(), 0, False
-    for leaf in plan.leaves:
-        if leaf.source in (plan_lib.FLAX, plan_lib.INITIALIZER) and compiled.fill(leaf) is None:
-            key = compiled.compile_key(leaf)
-            if key is None:
-                unkeyed += 1
-            else:
-                keyed.add(key)
-        traced |= leaf.source == plan_lib.TRACED
-    out = {"initializers": len(keyed) + unkeyed, "traced_run": int(traced)}
+    coded = [i for i, leaf in enumerate(plan.leaves)
+             if leaf.source in (plan_lib.FLAX, plan_lib.INITIALIZER)]
+    traced = any(leaf.source == plan_lib.TRACED for leaf in plan.leaves)
+    out = {"initializers": compiled.cold_compiles(plan, coded), "traced_run": int(traced)}
     if rngs_update:
         out["rngs_update"] = 1
     if optimizer:  # init_train_state: one jit of tx.init, whatever the state holds

@@ -11,6 +11,7 @@ random leaves are drawn in chunks (``chunked``).
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -37,7 +38,11 @@ _EXECUTABLE_BYTES = 5 << 19  # 2.5 MiB
 _COMPILED = cache_lib.LRU(256, max_bytes=256 << 20)
 
 def _single_device(sharding: Any) -> bool:
-    return sharding is None or len(sharding.device_set) == 1
+    if sharding is None:
+        return True
+    mesh = getattr(sharding, "mesh", None)  # an AbstractMesh (inspect) has no devices
+    return mesh.size == 1 if mesh is not None else len(sharding.device_set) == 1
+
 
 def _leaf_fn(leaf: Any):
     """The compiled ``g(root, hash, consts)``: the leaf's program on ``fold_in(root, hash)``.
@@ -61,22 +66,28 @@ def _leaf_fn(leaf: Any):
     return _COMPILED.get(compile_key(leaf), make,
                          nbytes=_cost(program.jaxpr.consts, program.baked))
 
+def _large(leaf: Any) -> bool:
+    """Whether a leaf (or, sharded, one device's shard) is large enough to draw in chunks."""
+    if _single_device(leaf.sharding):
+        return math.prod(leaf.shape) > chunked.MIN_ELEMENTS
+    return math.prod(leaf.sharding.shard_shape(leaf.shape)) > chunked.SHARD_MIN_ELEMENTS
+
+
 def _chunked_draw(leaf: Any) -> Any:
     """The block-by-block draw of a large random leaf (each device its own shard), or
     None to draw it whole (small, not chunkable, or chunking unsound here)."""
-    if leaf.key is None or not _compat.chunking_ok():
+    if leaf.key is None or not _large(leaf):
+        return None
+    if not _compat.chunking_ok():  # checked once, and only once a leaf is large
         return None
     program = leaf.program
     try:
         if _single_device(leaf.sharding):
-            if math.prod(leaf.shape) > chunked.MIN_ELEMENTS:
-                return chunked.chunked_jaxpr(program.jaxpr, leaf.shape, leaf.dtype)
-        elif math.prod(leaf.sharding.shard_shape(leaf.shape)) > chunked.SHARD_MIN_ELEMENTS:
-            return chunked.sharded_chunked_jaxpr(program.jaxpr, leaf.shape, leaf.dtype,
-                                                 leaf.sharding)
+            return chunked.chunked_jaxpr(program.jaxpr, leaf.shape, leaf.dtype)
+        return chunked.sharded_chunked_jaxpr(program.jaxpr, leaf.shape, leaf.dtype,
+                                             leaf.sharding)
     except chunked.NotChunkable:
-        pass
-    return None
+        return None
 
 
 def compile_key(leaf: Any) -> Any:
@@ -116,18 +127,84 @@ def fill(leaf: Any) -> Any:
     return programs.fill_value(leaf.program)
 
 
+def _fusable(leaf: Any, key: Any, counts: collections.Counter) -> bool:
+    """Whether a leaf's compiled function would serve it alone this call and is not
+    cached yet (a one-off program drawn whole on one device): such leaves are compiled
+    together, as one executable, which costs less than compiling them apart."""
+    return (
+        key is not None and counts[key] == 1 and key not in _COMPILED
+        and _single_device(leaf.sharding) and not _large(leaf)
+    )
+
+
+def _groups(plan: Any, indices: list[int]) -> tuple[list[int], list[int]]:
+    """``(fused, alone)``: the leaves compiled together, and those run one by one."""
+    keys = {i: compile_key(plan.leaves[i]) for i in indices}
+    counts = collections.Counter(keys.values())
+    fused = [i for i in indices if _fusable(plan.leaves[i], keys[i], counts)]
+    if len(fused) < 2:
+        fused = []
+    return fused, [i for i in indices if i not in set(fused)]
+
+
+def cold_compiles(plan: Any, indices: list[int]) -> int:
+    """How many functions ``execute`` compiles for these leaves with an empty cache."""
+    with_code = [i for i in indices if fill(plan.leaves[i]) is None]
+    keys = [compile_key(plan.leaves[i]) for i in with_code]
+    counts = collections.Counter(keys)
+    fused = sum(
+        1 for i, key in zip(with_code, keys, strict=True)
+        if key is not None and counts[key] == 1 and _single_device(plan.leaves[i].sharding)
+        and not _large(plan.leaves[i])
+    )
+    fused = fused if fused >= 2 else 0
+    return len({k for k in keys if k is not None}) - fused + (1 if fused else 0) + sum(
+        1 for k in keys if k is None)
+
+
+def _fused_fn(leaves: list[Any], keys: list[Any]):
+    """One compiled ``g(roots, hashes, runtimes) -> [leaf values]`` for several leaves."""
+    runs = [programs.runner(leaf.program) for leaf in leaves]
+
+    def make():
+        def fused(roots, hashes, runtimes):
+            return [
+                run(runtime) if key_hash is None
+                else run(runtime, jax.random.fold_in(root, key_hash))
+                for run, root, key_hash, runtime in zip(runs, roots, hashes, runtimes,
+                                                        strict=True)
+            ]
+
+        return jax.jit(fused, out_shardings=[leaf.sharding for leaf in leaves])
+
+    nbytes = sum(_cost(leaf.program.jaxpr.consts, leaf.program.baked) for leaf in leaves)
+    return _COMPILED.get(("fused", tuple(keys)), make, nbytes=nbytes)
+
+
 def execute(plan: Any, indices: list[int], context: kinds.Context) -> dict[int, Any]:
     """Each leaf from its compiled function, keyed from its stream's root; constant
-    fills (zeros, ones) are placed without compiling anything."""
+    fills (zeros, ones) are placed without compiling anything, and one-off programs not
+    compiled yet are compiled together."""
     out = {}
+    coded = []
     for i in indices:
-        leaf = plan.leaves[i]
-        if (value := fill(leaf)) is not None:
-            out[i] = _filled(leaf, value)
-            continue
+        if (value := fill(plan.leaves[i])) is not None:
+            out[i] = _filled(plan.leaves[i], value)
+        else:
+            coded.append(i)
+
+    def args(leaf):
         key_hash = None if leaf.key is None else np.uint32(leaf.key)
-        out[i] = _leaf_fn(leaf)(
-            context.roots[leaf.stream] if key_hash is not None else None, key_hash,
-            leaf.program.runtime_consts,
-        )
+        root = context.roots[leaf.stream] if key_hash is not None else None
+        return root, key_hash, leaf.program.runtime_consts
+
+    fused, alone = _groups(plan, coded)
+    if fused:
+        leaves = [plan.leaves[i] for i in fused]
+        roots, hashes, runtimes = zip(*(args(leaf) for leaf in leaves), strict=True)
+        values = _fused_fn(leaves, [compile_key(leaf) for leaf in leaves])(
+            list(roots), list(hashes), list(runtimes))
+        out.update(zip(fused, values, strict=True))
+    for i in alone:
+        out[i] = _leaf_fn(plan.leaves[i])(*args(plan.leaves[i]))
     return out
