@@ -278,15 +278,6 @@ def many_leaves() -> Model:
 # Llama-2 sized (abstract init only)
 
 
-def _rope(x, base: float = 10000.0):
-    t, d = x.shape[-3], x.shape[-1]
-    freqs = base ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
-    angles = jnp.arange(t, dtype=jnp.float32)[:, None] * freqs[None, :]
-    cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
-    x1, x2 = x[..., ::2], x[..., 1::2]
-    return jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).reshape(x.shape)
-
-
 class LlamaAttention(nn.Module):
     n_heads: int
     n_kv_heads: int
@@ -297,8 +288,8 @@ class LlamaAttention(nn.Module):
         b, t, c = x.shape
         hd = c // self.n_heads
         dense = functools.partial(nn.DenseGeneral, use_bias=False, param_dtype=self.param_dtype)
-        q = _rope(dense((self.n_heads, hd), name="q_proj")(x))
-        k = _rope(dense((self.n_kv_heads, hd), name="k_proj")(x))
+        q = zoo_nnx.rope(dense((self.n_heads, hd), name="q_proj")(x))
+        k = zoo_nnx.rope(dense((self.n_kv_heads, hd), name="k_proj")(x))
         v = dense((self.n_kv_heads, hd), name="v_proj")(x)
         rep = self.n_heads // self.n_kv_heads
         k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)

@@ -141,7 +141,9 @@ def gpt2_medium() -> NnxModel:
 # Llama-2 sized (abstract init only)
 
 
-def _rope(x, base: float = 10000.0):
+def rope(x, base: float = 10000.0):
+    """Rotary position embedding over axis -3 (time) of ``[..., t, heads, d]`` (also
+    used by zoo.py's Linen Llama)."""
     t, d = x.shape[-3], x.shape[-1]
     freqs = base ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
     angles = jnp.arange(t, dtype=jnp.float32)[:, None] * freqs[None, :]
@@ -163,8 +165,8 @@ class LlamaAttention(nnx.Module):
     def __call__(self, x):
         b, t, c = x.shape
         hd = c // self.n_heads
-        q = _rope(self.q_proj(x).reshape(b, t, self.n_heads, hd))
-        k = _rope(self.k_proj(x).reshape(b, t, self.n_kv_heads, hd))
+        q = rope(self.q_proj(x).reshape(b, t, self.n_heads, hd))
+        k = rope(self.k_proj(x).reshape(b, t, self.n_kv_heads, hd))
         v = self.v_proj(x).reshape(b, t, self.n_kv_heads, hd)
         rep = self.n_heads // self.n_kv_heads
         k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
