@@ -92,6 +92,7 @@ KEEP_ANNOTATIONS_HINT = (
     "replicate only the rest, end with [..., ('**', None), ('**', PartitionSpec())]."
 )
 
+
 class Choice(NamedTuple):
     """One leaf's ``PartitionSpec`` and what chose it.
 

@@ -37,6 +37,7 @@ _EXECUTABLE_BYTES = 5 << 19  # 2.5 MiB
 # (about 100 initializers: far more signatures than one model has).
 _COMPILED = cache_lib.LRU(256, max_bytes=256 << 20)
 
+
 def _single_device(sharding: Any) -> bool:
     if sharding is None:
         return True
@@ -65,6 +66,7 @@ def _leaf_fn(leaf: Any):
 
     return _COMPILED.get(compile_key(leaf), make,
                          nbytes=_cost(program.jaxpr.consts, program.baked))
+
 
 def _large(leaf: Any) -> bool:
     """Whether a leaf (or, sharded, one device's shard) is large enough to draw in chunks."""
@@ -98,6 +100,7 @@ def compile_key(leaf: Any) -> Any:
         return None
     config = (jax.config.jax_threefry_partitionable, jax.config.jax_enable_x64)
     return ("leaf", leaf.program.key, leaf.sharding, config)
+
 
 def _cost(consts: Sequence[Any], baked: Sequence[bool]) -> int:
     """Estimated bytes a compiled function holds: executable overhead + baked constants."""

@@ -24,6 +24,7 @@ from flaxlazy._src.sources import own
 # Domain separation: override keys never coincide with the keys Flax derives itself.
 _OVERRIDE_KEY_PREFIX = "flaxlazy.initializer"
 
+
 def override_key(path: str) -> int:
     """The uint32 folded into the root params key for an overridden leaf at ``path``.
 
@@ -31,6 +32,7 @@ def override_key(path: str) -> int:
     layers are added or removed.
     """
     return recorder_lib.static_hash((_OVERRIDE_KEY_PREFIX, path))
+
 
 def layer_axes(full: tuple[int, ...], layer: tuple[int, ...]) -> tuple[int, ...] | None:
     """The axes that stacking (``nn.scan``/``nn.vmap``) added to a per-layer shape."""
@@ -44,6 +46,7 @@ def layer_axes(full: tuple[int, ...], layer: tuple[int, ...]) -> tuple[int, ...]
             if full[:axis] + full[axis + 1 :] == layer:
                 return (axis,)
     return None
+
 
 def _override_fn(init: Callable, shape, dtype, layer_shape) -> Callable:
     """``fn(key)`` drawing a leaf from a user initializer, one layer at a time if stacked."""
@@ -63,6 +66,7 @@ def _override_fn(init: Callable, shape, dtype, layer_shape) -> Callable:
         return jnp.moveaxis(out, tuple(range(len(axes))), axes)
 
     return fn
+
 
 BOX_RETURNED = (
     "initializers: {label} returns a Flax {box} for {path!r}; an initializer must return "

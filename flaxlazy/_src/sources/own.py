@@ -23,12 +23,14 @@ def _select(tree: Any, sub: str) -> Any:
     flat, _ = paths.flatten(tree)
     return paths.unbox(dict(flat)[sub])
 
+
 def _replay(rec: Any, sub: str) -> Callable:
     """``fn(key)`` recreating one leaf of a recorded variable (``fn()`` without a key)."""
     init_fn, args, kwargs = rec.init_fn, rec.init_args, rec.init_kwargs
     if rec.takes_key:
         return lambda key: _select(init_fn(key, *args, **kwargs), sub)
     return lambda: _select(init_fn(*args, **kwargs), sub)
+
 
 def _replays_alone(fn: Callable, key_spec: Any, shape, dtype) -> programs.Program | None:
     """``fn`` traced alone, if it traces on its own (no leaked tracers, no scope access).
@@ -42,10 +44,13 @@ def _replays_alone(fn: Callable, key_spec: Any, shape, dtype) -> programs.Progra
         return None
     return program if is_plain(program) and _makes(program, shape, dtype) else None
 
+
 _PLAIN = jax.tree_util.tree_structure(0)
+
 
 def is_plain(program: programs.Program) -> bool:
     return program.out_tree == _PLAIN
+
 
 def _makes(program: programs.Program, shape, dtype) -> bool:
     """Whether a one-output program makes exactly this leaf, from its key alone.
@@ -56,6 +61,7 @@ def _makes(program: programs.Program, shape, dtype) -> bool:
     return not programs.leaked_tracers(program) and (
         (tuple(out.shape), out.dtype) == (tuple(shape), dtype)
     )
+
 
 def program(rec: Any, sub: str, root_key: Any, shape, dtype):
     """The program of one leaf: the one recorded during the trace, or a fresh trace.

@@ -27,6 +27,7 @@ DATA_DEPENDENT = (
     "initialization sees real data."
 )
 
+
 def _dependency_error(call, names, used_inputs, n_rng, concrete) -> str | None:
     spec_inputs = [
         i for i, used in enumerate(used_inputs[n_rng:]) if used and not concrete[i]
@@ -38,6 +39,7 @@ def _dependency_error(call, names, used_inputs, n_rng, concrete) -> str | None:
         s="s" if len(names) == 1 else "",
         inputs=", ".join(f"#{i} {specs.to_spec(call.inputs[i])}" for i in spec_inputs),
     )
+
 
 def _traced_runner(plan: Any, leaves: Sequence[Any], concrete: tuple):
     """A compiled ``(rngs, concrete_inputs) -> [values]`` for the traced leaves.
