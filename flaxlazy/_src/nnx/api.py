@@ -1,4 +1,4 @@
-"""``abstract_init`` and ``materialize`` for NNX constructors: the core behind NNX in and out."""
+"""The NNX entrance's trace, plan and ``materialize``: the core behind NNX in and out."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import jax
 from flaxlazy._src import engine
 from flaxlazy._src import placement
 from flaxlazy._src import plan as plan_lib
-from flaxlazy._src import sharding as sharding_lib
 from flaxlazy._src.nnx import call as call_lib
 from flaxlazy._src.nnx import trace as trace_lib
 
@@ -25,29 +24,6 @@ def traced(ctor: Any, args: tuple, kwargs: dict, *, fn: str, logical_axis_rules:
     """The abstract trace of ``ctor(*args, **kwargs)``."""
     call = call_lib.make_call(ctor, args, kwargs, fn=fn)
     return trace_lib.trace(call, logical=_logical(logical_axis_rules), fn=fn)
-
-
-def abstract_init(
-    ctor: Any, args: tuple, kwargs: dict, *, mesh: Any, partition_rules: Any,
-    logical_axis_rules: Any, allow_unused_rules: bool, require_rules: bool | None,
-) -> Any:
-    """The abstract module, as ``nnx.eval_shape`` gives it, with shardings under a mesh."""
-    t = traced(ctor, args, kwargs, fn="abstract_init", logical_axis_rules=logical_axis_rules)
-    variables = t.variables
-    if mesh is not None:
-        variables = sharding_lib.with_shardings(
-            variables, mesh, partition_rules=partition_rules,
-            logical_axis_rules=logical_axis_rules, allow_unused_rules=allow_unused_rules,
-            require_rules=require_rules,
-        )
-    elif partition_rules is not None or logical_axis_rules is not None or (
-        require_rules is not None
-    ):
-        raise TypeError(
-            "abstract_init: `partition_rules`, `logical_axis_rules` and `require_rules` "
-            "need a `mesh=`."
-        )
-    return trace_lib.build_module(t, variables)
 
 
 def plan(t: trace_lib.Traced, *, initializers: Any, placement_args: dict) -> plan_lib.Plan:
