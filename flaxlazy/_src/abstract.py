@@ -84,7 +84,7 @@ def abstract_init(
             capture_intermediates=capture_intermediates,
         )
         traced = nnx_api.traced(module, args, kwargs, fn="abstract_init",
-                                logical_axis_rules=logical_axis_rules)
+                                logical_axis_rules=logical_axis_rules, record=False)
         variables = traced.variables
     else:
         rngs, inputs = linen_call.split_rngs_argument(args, kwargs, fn="abstract_init")

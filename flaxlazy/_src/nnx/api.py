@@ -19,11 +19,11 @@ def _logical(logical_axis_rules: Any) -> bool:
     return bool(logical_axis_rules) or bool(nn.get_logical_axis_rules())
 
 
-def traced(ctor: Any, args: tuple, kwargs: dict, *, fn: str, logical_axis_rules: Any = None
-           ) -> trace_lib.Traced:
-    """The abstract trace of ``ctor(*args, **kwargs)``."""
+def traced(ctor: Any, args: tuple, kwargs: dict, *, fn: str, logical_axis_rules: Any = None,
+           record: bool = True) -> trace_lib.Traced:
+    """The abstract trace of ``ctor(*args, **kwargs)`` (``record``: see ``trace.trace``)."""
     call = call_lib.make_call(ctor, args, kwargs, fn=fn)
-    return trace_lib.trace(call, logical=_logical(logical_axis_rules), fn=fn)
+    return trace_lib.trace(call, logical=_logical(logical_axis_rules), record=record, fn=fn)
 
 
 def plan(t: trace_lib.Traced, *, initializers: Any, placement_args: dict) -> plan_lib.Plan:

@@ -90,7 +90,7 @@ class Traced:
       variables: ``{collection: nested dict}`` with ``ShapeDtypeStruct`` leaves (Flax
         partitioning boxes where NNX has a sharding annotation).
       records: per ``(collection, path)``, its ``Record``.
-      analysis: the jaxpr and its slices.
+      analysis: the jaxpr and its slices (None when traced with ``record=False``).
       graphdef: the module's graph definition.
       entries: the module's state leaves, in state order.
       rng_entries: per caller Rngs object, its state leaves after construction.
@@ -99,7 +99,7 @@ class Traced:
     call: call_lib.ConstructorCall
     variables: Any
     records: Mapping[tuple[str, tuple[str, ...]], Record]
-    analysis: slicing.Analysis
+    analysis: slicing.Analysis | None
     graphdef: Any
     entries: tuple[_Entry, ...]
     rng_entries: tuple[tuple[_Entry, ...], ...]
@@ -236,8 +236,8 @@ def _concrete_counters():
         stream.__call__ = original
 
 
-def trace(call: call_lib.ConstructorCall, *, logical: bool = False, fn: str = "materialize"
-          ) -> Traced:
+def trace(call: call_lib.ConstructorCall, *, logical: bool = False, record: bool = True,
+          fn: str = "materialize") -> Traced:
     """Traces the constructor with ``jax.make_jaxpr`` (nothing computed) and slices it.
 
     Never cached, like the Linen trace: what a constructor creates can depend on anything
@@ -246,6 +246,8 @@ def trace(call: call_lib.ConstructorCall, *, logical: bool = False, fn: str = "m
     Args:
       call: the constructor call.
       logical: whether sharding annotations name logical axes (``logical_axis_rules``).
+      record: whether to slice the jaxpr into per-leaf records (not for shapes alone:
+        ``abstract_init`` needs only ``variables`` and the module's structure).
       fn: the public function, for errors.
     """
     # Keys in ``call.streams`` order (NNX's flat-state order, as ``stream_names``).
@@ -283,7 +285,7 @@ def trace(call: call_lib.ConstructorCall, *, logical: bool = False, fn: str = "m
 
     abstract_keys = [specs.to_spec(k) for k in call.keys()]
     closed = jax.make_jaxpr(run)(abstract_keys, list(call.inputs))
-    analysis = slicing.Analysis(closed, len(call.streams))
+    analysis = slicing.Analysis(closed, len(call.streams)) if record else None
 
     counter = iter(range(len(closed.jaxpr.outvars)))
     variables: dict = {}
@@ -301,14 +303,9 @@ def trace(call: call_lib.ConstructorCall, *, logical: bool = False, fn: str = "m
         col, path = state_lib.qualified(state_path, leaf)
         qualified = paths.SEP.join((col,) + path)
         state_lib.insert(variables, col, path, state_lib.box(abstract, variable, logical))
-        s = analysis.slice(index)
-        stack = s.stacked
-        layer = (jax.ShapeDtypeStruct(abstract.shape[len(stack):], abstract.dtype)
-                 if stack and abstract.shape[:len(stack)] == stack else abstract)
-        records[(col, path)] = Record(
-            col, path, s.cut is not None, None if s.cut is None else s.cut.count,
-            None if s.cut is None else call.streams[s.cut.root], s.program, layer,
-        )
+        if analysis is not None:
+            records[(col, path)] = _record(analysis.slice(index), col, path, abstract,
+                                           call.streams)
         entries.append(_Entry(state_path, variable, qualified, index))
     rng_entries = []
     for flat in found["rngs"]:
@@ -320,6 +317,15 @@ def trace(call: call_lib.ConstructorCall, *, logical: bool = False, fn: str = "m
         rng_entries.append(tuple(group))
     return Traced(call, variables, records, analysis, found["graphdef"], tuple(entries),
                   tuple(rng_entries))
+
+
+def _record(s: slicing.Slice, col: str, path: tuple[str, ...], abstract: Any,
+            streams: tuple[str, ...]) -> Record:
+    stack = s.stacked
+    layer = (jax.ShapeDtypeStruct(abstract.shape[len(stack):], abstract.dtype)
+             if stack and abstract.shape[:len(stack)] == stack else abstract)
+    return Record(col, path, s.cut is not None, None if s.cut is None else s.cut.count,
+                  None if s.cut is None else streams[s.cut.root], s.program, layer)
 
 
 def build_module(traced: Traced, variables: Any) -> Any:
