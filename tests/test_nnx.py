@@ -385,3 +385,22 @@ def test_logical_annotations_with_logical_axis_rules():
     with pytest.raises(ValueError, match=r"logical axes \('embed', 'mlp'\).*no rule for 'mlp'"):
         flaxlazy.materialize(make, rngs=nnx.Rngs(0), mesh=mesh,
                              logical_axis_rules=[("embed", "data")])
+
+
+def _rekeyed(table, *, rngs):
+    """Replaces the params stream's key with one derived from ``table``'s data."""
+    rngs.params.key[...] = jax.random.fold_in(rngs.params.key[...],
+                                              jnp.sum(table).astype(jnp.uint32))
+    return nnx.Linear(2, 2, rngs=nnx.Rngs(1))
+
+
+def test_constructor_that_replaces_a_stream_key():
+    table = jnp.arange(3)
+    mine, eager = nnx.Rngs(params=4), nnx.Rngs(params=4)
+    model = flaxlazy.materialize(_rekeyed, table, rngs=mine)
+    reference = _rekeyed(table, rngs=eager)
+    chex.assert_trees_all_equal(values(model), values(reference))
+    chex.assert_trees_all_equal(values(mine), values(eager))  # the new key, computed
+    with pytest.raises(ValueError, match=r"'nnx.Rngs params/key' depends on the values of "
+                                         r"input\(s\) #0"):
+        flaxlazy.materialize(_rekeyed, flaxlazy.spec("i32[3]"), rngs=nnx.Rngs(params=4))

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 
 from flaxlazy._src import engine
 from flaxlazy._src import placement
@@ -49,5 +48,5 @@ def materialize(
     dyn = call_lib.dynamic_inputs(args, kwargs)
     variables = engine.execute(p, keys, dyn)
     module = trace_lib.build_module(t, variables)
-    t.update_rngs(keys, [None if isinstance(x, jax.ShapeDtypeStruct) else x for x in dyn])
+    t.update_rngs(keys, dyn)
     return module

@@ -34,6 +34,7 @@ from flaxlazy._src import slicing
 from flaxlazy._src import specs
 from flaxlazy._src.nnx import call as call_lib
 from flaxlazy._src.nnx import state as state_lib
+from flaxlazy._src.sources import traced as traced_source
 
 NOT_A_MODULE = (
     "{fn}: {ctor} returned {got}, not an nnx.Module. Pass an NNX Module class, or a "
@@ -169,11 +170,23 @@ class Traced:
         """Whether ``update_rngs`` runs one compiled function (a key to compute)."""
         return any(value is None for _, _, value in self._rng_updates())
 
-    def update_rngs(self, keys: list, dyn: list) -> None:
-        """Leaves the caller's ``nnx.Rngs`` as the constructor would have."""
+    def update_rngs(self, keys: list, inputs: list) -> None:
+        """Leaves the caller's ``nnx.Rngs`` as the constructor would have.
+
+        Args:
+          keys: the stream root keys the constructor ran with.
+          inputs: the call's dynamic inputs, arrays or specs.
+        """
         pending = self._rng_updates()
-        computed = [e.output for _, e, v in pending if v is None]
-        values = iter(_evaluate(self.analysis.pruned(computed), keys, dyn) if computed else [])
+        computed = [e for _, e, v in pending if v is None]
+        values = iter([])
+        if computed:  # a key the constructor replaced: one compiled, pruned run
+            names = ["nnx.Rngs " + paths.SEP.join(map(str, e.state_path)) for e in computed]
+            concrete, dyn = traced_source.concrete_inputs(inputs)
+            values = iter(traced_source.pruned_runner(
+                self.analysis.pruned([e.output for e in computed]), names,
+                [None] * len(computed), self.n_rng, self.call.inputs, concrete,
+            )(keys, dyn))
         for obj, e, value in pending:
             value = next(values) if value is None else value
             nnx.update(obj, nnx.from_flat_state([(e.state_path, e.variable.replace(value))]))
@@ -184,20 +197,6 @@ def _root_index(streams, obj, entry, rngs) -> int:
     name = paths.SEP.join(map(str, entry.state_path[:-1]))
     full = name if len(rngs) == 1 else f"{i}.{name}"
     return streams.index(full) if full in streams else -1
-
-
-def _evaluate(closed: Any, keys: list, dyn: list) -> list:
-    jaxpr = _compat.convert_constvars_jaxpr(closed.jaxpr)
-    n_const = len(closed.consts)
-    pruned, used = _compat.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
-    args = list(closed.consts) + list(keys) + list(dyn)
-    kept = [a for a, u in zip(args, used, strict=True) if u]
-    if any(isinstance(a, jax.ShapeDtypeStruct) for a in kept[n_const:]):
-        raise ValueError(
-            "the constructor leaves its nnx.Rngs in a state that depends on an input "
-            "given as a spec; pass the concrete array."
-        )
-    return jax.jit(lambda *a: _compat.eval_jaxpr(pruned, [], *a))(*kept)
 
 
 def _value(entry: _Entry, values: Mapping[str, Any]) -> Any:

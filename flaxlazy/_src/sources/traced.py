@@ -28,7 +28,7 @@ DATA_DEPENDENT = (
 )
 
 
-def _dependency_error(call, names, used_inputs, n_rng, concrete) -> str | None:
+def _dependency_error(inputs, names, used_inputs, n_rng, concrete) -> str | None:
     spec_inputs = [
         i for i, used in enumerate(used_inputs[n_rng:]) if used and not concrete[i]
     ]
@@ -37,37 +37,36 @@ def _dependency_error(call, names, used_inputs, n_rng, concrete) -> str | None:
     return DATA_DEPENDENT.format(
         paths=", ".join(repr(n) for n in names),
         s="s" if len(names) == 1 else "",
-        inputs=", ".join(f"#{i} {specs.to_spec(call.inputs[i])}" for i in spec_inputs),
+        inputs=", ".join(f"#{i} {specs.to_spec(inputs[i])}" for i in spec_inputs),
     )
 
 
-def _traced_runner(plan: Any, leaves: Sequence[Any], concrete: tuple):
-    """A compiled ``(rngs, concrete_inputs) -> [values]`` for the traced leaves.
+def pruned_runner(closed: Any, names: Sequence[str], shardings: Sequence[Any], n_rng: int,
+                  inputs: Sequence[Any], concrete: tuple):
+    """A compiled ``(rng_leaves, dyn) -> [values]`` for the outputs of a traced jaxpr.
 
-    ``module.init`` is traced to a jaxpr at every call and pruned to the wanted leaves;
-    the compiled function is cached by that pruned program (constants are passed as
+    The jaxpr (inputs: ``n_rng`` rng leaves, then the call's dynamic ``inputs``; outputs:
+    the values ``names``) is pruned to what its outputs need; an output that needs an
+    input given only as a spec (``concrete`` False) is a ``ValueError`` naming it. The
+    compiled function is cached by the pruned program (constants are passed as
     arguments), so a changed module, closure or global is never served stale code.
     """
-    call = plan.traced.call
-    names = tuple(leaf.path for leaf in leaves)
-    shardings = tuple(leaf.sharding for leaf in leaves)
-    closed = plan.traced.fallback_jaxpr(list(names))
+    names, shardings = tuple(names), tuple(shardings)
     jaxpr = _compat.convert_constvars_jaxpr(closed.jaxpr)
     n_const = len(closed.consts)
-    n_rng = plan.traced.n_rng
     pruned, used = _compat.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
     used_consts, used_inputs = used[:n_const], used[n_const:]
-    if _dependency_error(call, names, used_inputs, n_rng, concrete):
-        # Name exactly the leaves that depend on spec inputs.
+    if _dependency_error(inputs, names, used_inputs, n_rng, concrete):
+        # Name exactly the outputs that depend on spec inputs.
         bad = [
             n for i, n in enumerate(names)
             if _dependency_error(
-                call, [n],
+                inputs, [n],
                 _compat.dce_jaxpr(jaxpr, [j == i for j in range(len(names))])[1][n_const:],
                 n_rng, concrete,
             )
         ]
-        raise ValueError(_dependency_error(call, bad, used_inputs, n_rng, concrete))
+        raise ValueError(_dependency_error(inputs, bad, used_inputs, n_rng, concrete))
     consts = [c for c, u in zip(closed.consts, used_consts, strict=True) if u]
     if any(isinstance(c, jax.core.Tracer) for c in consts):
         program_key = None  # materialize inside a trace: nothing to reuse
@@ -83,18 +82,27 @@ def _traced_runner(plan: Any, leaves: Sequence[Any], concrete: tuple):
 
     compiled = compiled_lib._COMPILED.get(key, make, nbytes=compiled_lib._EXECUTABLE_BYTES)
 
-    def runner(rngs, dyn):
-        flat_in = plan.traced.rng_leaves(rngs) + list(dyn)
+    def runner(rng_leaves, dyn):
+        flat_in = list(rng_leaves) + list(dyn)
         args = [x for x, u in zip(flat_in, used_inputs, strict=True) if u]
         return compiled(*consts, *args)
 
     return runner
 
 
-def execute(plan: Any, indices: list[int], context: kinds.Context) -> dict[int, Any]:
-    """All traced leaves from one compiled run."""
-    inputs = context.inputs
+def concrete_inputs(inputs: Sequence[Any]) -> tuple[tuple, list]:
+    """``(concrete, dyn)``: which inputs are arrays, and the inputs with specs as None."""
     concrete = tuple(not isinstance(x, jax.ShapeDtypeStruct) for x in inputs)
-    runner = _traced_runner(plan, [plan.leaves[i] for i in indices], concrete)
-    dyn = [x if c else None for x, c in zip(inputs, concrete, strict=True)]
-    return dict(zip(indices, runner(context.rngs, dyn), strict=True))
+    return concrete, [x if c else None for x, c in zip(inputs, concrete, strict=True)]
+
+
+def execute(plan: Any, indices: list[int], context: kinds.Context) -> dict[int, Any]:
+    """All traced leaves from one compiled run of the entrance's whole init, pruned."""
+    traced = plan.traced
+    names = [plan.leaves[i].path for i in indices]
+    concrete, dyn = concrete_inputs(context.inputs)
+    runner = pruned_runner(
+        traced.fallback_jaxpr(names), names, [plan.leaves[i].sharding for i in indices],
+        traced.n_rng, traced.call.inputs, concrete,
+    )
+    return dict(zip(indices, runner(traced.rng_leaves(context.rngs), dyn), strict=True))
