@@ -130,39 +130,37 @@ def fill(leaf: Any) -> Any:
     return programs.fill_value(leaf.program)
 
 
-def _fusable(leaf: Any, key: Any, counts: collections.Counter) -> bool:
+def _fusable(leaf: Any, key: Any, counts: collections.Counter, cold: bool) -> bool:
     """Whether a leaf's compiled function would serve it alone this call and is not
     cached yet (a one-off program drawn whole on one device): such leaves are compiled
     together, as one executable, which costs less than compiling them apart."""
     return (
-        key is not None and counts[key] == 1 and key not in _COMPILED
+        key is not None and counts[key] == 1 and (cold or key not in _COMPILED)
         and _single_device(leaf.sharding) and not _large(leaf)
     )
 
 
-def _groups(plan: Any, indices: list[int]) -> tuple[list[int], list[int]]:
-    """``(fused, alone)``: the leaves compiled together, and those run one by one."""
+def _groups(plan: Any, indices: list[int], *, cold: bool = False
+            ) -> tuple[list[int], list[int]]:
+    """``(fused, alone)``: the leaves compiled together, and those run one by one.
+
+    ``cold``: as with an empty cache (what a fresh process does).
+    """
     keys = {i: compile_key(plan.leaves[i]) for i in indices}
     counts = collections.Counter(keys.values())
-    fused = [i for i in indices if _fusable(plan.leaves[i], keys[i], counts)]
+    fused = [i for i in indices if _fusable(plan.leaves[i], keys[i], counts, cold)]
     if len(fused) < 2:
         fused = []
-    return fused, [i for i in indices if i not in set(fused)]
+    chosen = set(fused)
+    return fused, [i for i in indices if i not in chosen]
 
 
 def cold_compiles(plan: Any, indices: list[int]) -> int:
     """How many functions ``execute`` compiles for these leaves with an empty cache."""
-    with_code = [i for i in indices if fill(plan.leaves[i]) is None]
-    keys = [compile_key(plan.leaves[i]) for i in with_code]
-    counts = collections.Counter(keys)
-    fused = sum(
-        1 for i, key in zip(with_code, keys, strict=True)
-        if key is not None and counts[key] == 1 and _single_device(plan.leaves[i].sharding)
-        and not _large(plan.leaves[i])
-    )
-    fused = fused if fused >= 2 else 0
-    return len({k for k in keys if k is not None}) - fused + (1 if fused else 0) + sum(
-        1 for k in keys if k is None)
+    fused, alone = _groups(plan, [i for i in indices if fill(plan.leaves[i]) is None],
+                           cold=True)
+    keys = [compile_key(plan.leaves[i]) for i in alone]
+    return int(bool(fused)) + len({k for k in keys if k is not None}) + keys.count(None)
 
 
 def _fused_fn(leaves: list[Any], keys: list[Any]):
