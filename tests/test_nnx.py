@@ -404,3 +404,13 @@ def test_constructor_that_replaces_a_stream_key():
     with pytest.raises(ValueError, match=r"'nnx.Rngs params/key' depends on the values of "
                                          r"input\(s\) #0"):
         flaxlazy.materialize(_rekeyed, flaxlazy.spec("i32[3]"), rngs=nnx.Rngs(params=4))
+
+
+def test_overrides_need_a_params_or_default_stream():
+    def make(*, rngs):
+        return nnx.Linear(2, 2, rngs=nnx.Rngs(1))  # its own Rngs; the caller's has none
+
+    with pytest.raises(ValueError, match=r"overriding parameters needs .*NNX: a 'params' "
+                                         r"or 'default' stream"):
+        flaxlazy.materialize(make, rngs=nnx.Rngs(dropout=0),
+                             initializers={"kernel": nnx.initializers.ones})
