@@ -69,6 +69,11 @@ def is_literal(x: Any) -> bool:
     return isinstance(x, _core.Literal)
 
 
+def trace_state_clean() -> bool:
+    """Whether no JAX transformation is tracing right now (calls run eagerly)."""
+    return _core.trace_state_clean()
+
+
 def is_key_array(x: Any) -> bool:
     dtype = getattr(x, "dtype", None)
     return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)

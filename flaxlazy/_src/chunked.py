@@ -42,6 +42,7 @@ _ELEMENTWISE = frozenset(
 )
 _CALLS = frozenset({"pjit", "jit", "closed_call", "core_call", "remat", "checkpoint"})
 _SAME_LAYOUT = frozenset({"reshape", "squeeze", "expand_dims", "broadcast_in_dim"})
+_KEY_USES = frozenset({"random_bits", "random_wrap"}) | _CALLS
 
 
 class NotChunkable(Exception):
@@ -57,6 +58,36 @@ class _Block:
         self.value = value
 
 
+class KeyToken:
+    """Stands for the initializer's key where only its threefry bits are given
+    (``from_bits``): any use of the key other than drawing bits is ``NotChunkable``."""
+
+
+KEY = KeyToken()
+_THREEFRY = "threefry2x32"
+
+
+def threefry(key: jax.Array, counters: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The two threefry2x32 halves ``jax.random`` draws at flat indices ``counters``."""
+    if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) or key.shape:
+        raise NotChunkable("random_bits on a batch of keys")
+    if jax.random.key_impl(key) != jax.random.key_impl(jax.random.key(0, impl=_THREEFRY)):
+        raise NotChunkable("not a threefry2x32 key")
+    data = jax.random.key_data(key)
+    lo = counters
+    hi = jnp.zeros_like(lo)
+    bits1, bits2 = _compat.threefry2x32_p.bind(data[0], data[1], hi, lo)
+    return bits1, bits2
+
+
+def combine(bits1: jax.Array, bits2: jax.Array, bit_width: int) -> jax.Array:
+    """``random_bits`` of ``bit_width`` from the two threefry halves, as JAX combines them."""
+    if bit_width == 64:
+        return (bits1.astype(np.uint64) << np.uint64(32)) | bits2.astype(np.uint64)
+    bits = bits1 ^ bits2
+    return bits if bit_width == 32 else bits.astype(_compat.uint_dtype(bit_width))
+
+
 class _Context:
     """The block being drawn: ``counters`` are its elements' flat indices in the leaf."""
 
@@ -64,23 +95,31 @@ class _Context:
         self.full_shape = full_shape
         self.counters = counters
 
-    def bits(self, key: jax.Array, bit_width: int) -> jax.Array:
-        if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) or key.shape:
-            raise NotChunkable("random_bits on a batch of keys")
-        if jax.random.key_impl(key) != jax.random.key_impl(jax.random.key(0, impl="threefry2x32")):
-            raise NotChunkable("not a threefry2x32 key")
-        data = jax.random.key_data(key)
-        lo = self.counters
-        hi = jnp.zeros_like(lo)
-        bits1, bits2 = _compat.threefry2x32_p.bind(data[0], data[1], hi, lo)
-        if bit_width == 64:
-            return (bits1.astype(np.uint64) << np.uint64(32)) | bits2.astype(np.uint64)
-        bits = bits1 ^ bits2
-        return bits if bit_width == 32 else bits.astype(_compat.uint_dtype(bit_width))
+    def bits(self, key: Any, bit_width: int) -> jax.Array:
+        if isinstance(key, KeyToken):
+            raise NotChunkable("no key")
+        return combine(*threefry(key, self.counters), bit_width)
+
+
+class _GivenBits(_Context):
+    """A block whose threefry halves are given, for the initializer's own key (``KEY``)."""
+
+    def __init__(self, full_shape: tuple[int, ...], bits1: jax.Array, bits2: jax.Array):
+        self.full_shape = full_shape
+        self.halves = (bits1, bits2)
+
+    def bits(self, key: Any, bit_width: int) -> jax.Array:
+        if key is not KEY:
+            raise NotChunkable("random bits of a key derived from the initializer's key")
+        return combine(*self.halves, bit_width)
 
 
 def _full_size(aval: Any, ctx: _Context) -> bool:
     return math.prod(getattr(aval, "shape", ())) == math.prod(ctx.full_shape)
+
+
+def _size(v: Any) -> int:
+    return math.prod(getattr(v.aval, "shape", ()))
 
 
 def _as_operand(x: Any) -> Any:
@@ -105,7 +144,13 @@ def _eval(jaxpr: Any, consts: list, args: list, ctx: _Context) -> list:
         ins = [read(v) for v in eqn.invars]
         name = eqn.primitive.name
         blocks = any(isinstance(x, _Block) for x in ins)
-        if name == "random_bits":
+        if any(isinstance(x, KeyToken) for x in ins) and name not in _KEY_USES:
+            raise NotChunkable(f"primitive {name!r} on the key")
+        if name == "random_wrap" and isinstance(ins[0], KeyToken):
+            if getattr(eqn.params["impl"], "name", None) != _THREEFRY:
+                raise NotChunkable("not a threefry2x32 key")
+            outs = [ins[0]]  # the raw key data, wrapped: still the initializer's key
+        elif name == "random_bits":
             if tuple(eqn.params["shape"]) != ctx.full_shape:
                 raise NotChunkable("random bits of another shape")
             outs = [_Block(ctx.bits(ins[0], eqn.params["bit_width"]))]
@@ -123,6 +168,9 @@ def _eval(jaxpr: Any, consts: list, args: list, ctx: _Context) -> list:
             outs = [ins[0]]  # row-major flat blocks are unchanged by these
         elif blocks:
             raise NotChunkable(f"primitive {name!r} on a random array")
+        elif name in _SAME_LAYOUT and np.size(ins[0]) == 1 and _size(eqn.outvars[0]) == 1:
+            outs = [ins[0]]  # a scalar as [1, 1] (broadcast to rank): kept a scalar, so
+            # blocks of leaves of any rank evaluate the same operations
         elif any(_full_size(v.aval, ctx) for v in eqn.outvars) and math.prod(ctx.full_shape) > 1:
             raise NotChunkable(f"full-size non-random value from {name!r}")
         else:
@@ -139,6 +187,39 @@ def _draw_block(jaxpr, key, consts, shape, dtype, counters, block_shape) -> jax.
     if not isinstance(out, _Block):
         raise NotChunkable("the output is not drawn from random bits")
     return out.value.astype(dtype).reshape(block_shape)
+
+
+def from_bits(closed: Any, shape, dtype) -> Callable:
+    """An initializer re-expressed on given bits: ``g(bits1, bits2, consts)``.
+
+    ``bits1``, ``bits2`` are the threefry halves (``threefry``) of any flat indices of
+    the leaf, as one flat block; ``g`` returns the leaf's elements at those indices, in
+    ``dtype``. It needs no key: it is the initializer's arithmetic after ``random_bits``
+    alone, the same for every block and every leaf it computes the same thing for.
+
+    Args:
+      closed: the initializer's closed jaxpr (``fn(key)``).
+      shape: the leaf's shape.
+      dtype: its dtype.
+
+    Raises:
+      NotChunkable: as ``chunked``; also when the key is used for anything but drawing
+        bits of the whole leaf (split, folded, or drawn at another shape).
+    """
+    shape = tuple(shape)
+    if math.prod(shape) >= 2**32 or not jax.config.jax_threefry_partitionable:
+        raise NotChunkable("size or PRNG configuration")
+    if len(closed.jaxpr.invars) != 1:
+        raise NotChunkable("no key")
+    jaxpr = closed.jaxpr
+
+    def g(bits1, bits2, consts):
+        (out,) = _eval(jaxpr, list(consts), [KEY], _GivenBits(shape, bits1, bits2))
+        if not isinstance(out, _Block):
+            raise NotChunkable("the output is not drawn from random bits")
+        return out.value.astype(dtype)
+
+    return g
 
 
 def chunked(fn: Callable[[Any], jax.Array], key_spec: Any, shape, dtype,

@@ -23,6 +23,7 @@ from flaxlazy._src import _compat
 from flaxlazy._src import cache as cache_lib
 from flaxlazy._src import chunked
 from flaxlazy._src import programs
+from flaxlazy._src.sources import flat
 from flaxlazy._src.sources import kinds
 
 # A jit-compiled CPU initializer with its wrapper holds about 2-3 MiB (measured: 100
@@ -155,12 +156,22 @@ def _groups(plan: Any, indices: list[int], *, cold: bool = False
     return fused, [i for i in indices if i not in chosen]
 
 
+def _flat(leaf: Any) -> bool:
+    """Whether a leaf is drawn flat (``flat``) when its root key allows it."""
+    return flat.on_one_cpu(leaf.sharding) and flat.transform(leaf) is not None
+
+
 def cold_compiles(plan: Any, indices: list[int]) -> int:
-    """How many functions ``execute`` compiles for these leaves with an empty cache."""
-    fused, alone = _groups(plan, [i for i in indices if fill(plan.leaves[i]) is None],
+    """How many functions ``execute`` compiles for these leaves with an empty cache (and
+    concrete threefry keys)."""
+    coded = [i for i in indices if fill(plan.leaves[i]) is None]
+    drawn_flat = [plan.leaves[i] for i in coded if _flat(plan.leaves[i])]
+    chosen = {id(leaf) for leaf in drawn_flat}
+    fused, alone = _groups(plan, [i for i in coded if id(plan.leaves[i]) not in chosen],
                            cold=True)
     keys = [compile_key(plan.leaves[i]) for i in alone]
-    return int(bool(fused)) + len({k for k in keys if k is not None}) + keys.count(None)
+    return (flat.cold_compiles(drawn_flat) + int(bool(fused))
+            + len({k for k in keys if k is not None}) + keys.count(None))
 
 
 def _fused_fn(leaves: list[Any], keys: list[Any]):
@@ -184,20 +195,25 @@ def _fused_fn(leaves: list[Any], keys: list[Any]):
 
 def execute(plan: Any, indices: list[int], context: kinds.Context) -> dict[int, Any]:
     """Each leaf from its compiled function, keyed from its stream's root; constant
-    fills (zeros, ones) are placed without compiling anything, and one-off programs not
+    fills (zeros, ones) are placed without compiling anything, random leaves on one CPU
+    device are drawn flat by kernels shared across shapes, and one-off programs not
     compiled yet are compiled together."""
     out = {}
     coded = []
-    for i in indices:
-        if (value := fill(plan.leaves[i])) is not None:
-            out[i] = _filled(plan.leaves[i], value)
-        else:
-            coded.append(i)
 
     def args(leaf):
         key_hash = None if leaf.key is None else np.uint32(leaf.key)
         root = context.roots[leaf.stream] if key_hash is not None else None
         return root, key_hash, leaf.program.runtime_consts
+
+    for i in indices:
+        leaf = plan.leaves[i]
+        if (value := fill(leaf)) is not None:
+            out[i] = _filled(leaf, value)
+        elif _flat(leaf) and flat.usable(root := context.roots[leaf.stream]):
+            out[i] = flat.draw(leaf, root, np.uint32(leaf.key), flat.transform(leaf))
+        else:
+            coded.append(i)
 
     fused, alone = _groups(plan, coded)
     if fused:

@@ -1,0 +1,180 @@
+"""Flat draws: random leaves of every shape from compiled code shared across shapes.
+
+On a model with many parameter shapes (ResNet-50 has 46), compiling an initializer per
+shape is most of a cold start: each compile generates the threefry hash and the
+initializer's arithmetic again, for one shape. But with the partitionable threefry,
+element ``i`` of a random leaf depends on its key and ``i`` alone (see ``chunked``), so a
+leaf is drawn here as flat blocks of ``BLOCK`` elements by two compiled kernels:
+
+1. ``bits(root, fold, start)``: the threefry halves of flat indices
+   ``[start, start + BLOCK)`` under ``fold_in(root, fold)``, the leaf's key. One compiled
+   function serves every random leaf.
+2. the leaf's *transform*: its initializer's jaxpr after ``random_bits``, re-expressed on
+   one block of those bits (uniform -> normal -> truncation -> scaling), literals and all
+   (``chunked.from_bits``). It is traced to a ``Program`` and compiled once per program
+   key, so it is shared by every leaf whose initializer computes exactly the same thing,
+   whatever the leaf's shape: every ``normal(0.02)`` leaf of a GPT, every ``he_normal``
+   kernel with one fan-in. Initializers that differ in any literal (a fan-in's scale)
+   get their own, since XLA folds literals differently from run-time scalars.
+
+The blocks are copied into an aligned host buffer of the leaf's shape, which becomes the
+device array without another copy. So this serves leaves placed on one CPU device,
+drawn outside any trace; the others run one compiled function per program
+(``compiled``). Values are bit-identical to the leaf's whole draw.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from jax import lax
+
+from flaxlazy._src import _compat
+from flaxlazy._src import cache as cache_lib
+from flaxlazy._src import chunked
+from flaxlazy._src import programs
+
+# Elements per block: large enough that dispatch is a small share of a block's work,
+# small enough that a small leaf's rounding up to one block costs well under 1 ms.
+BLOCK = 1 << 16
+# Blocks in flight while earlier ones are copied out (overlaps XLA work and copies).
+_WINDOW = 2
+_ALIGN = 64  # host buffers this aligned become CPU device arrays without a copy
+
+# (program key, shape, dtype) -> the transform Program, or None (not drawn flat).
+_TRANSFORMS = cache_lib.LRU(4096)
+# Compiled kernels: the bits kernel per root type, a transform per program key.
+_KERNELS = cache_lib.LRU(256, max_bytes=128 << 20)
+_KERNEL_BYTES = 5 << 19  # an executable with its wrapper (see compiled._EXECUTABLE_BYTES)
+
+
+def transform(leaf: Any) -> programs.Program | None:
+    """The leaf's transform (bits block -> values block) as a keyed ``Program``, or None
+    when its initializer is not random bits followed by elementwise arithmetic on its
+    own key, or captures large constants (passed at run time, so not keyed by value)."""
+    program = leaf.program
+    if leaf.key is None or not all(program.baked) or programs.leaked_tracers(program):
+        return None
+
+    def make():
+        try:
+            g = chunked.from_bits(program.jaxpr, leaf.shape, leaf.dtype)
+            spec = jax.ShapeDtypeStruct((BLOCK,), np.uint32)
+            consts = list(program.jaxpr.consts)  # small: baked into the transform's key
+            return programs.trace(lambda b1, b2: g(b1, b2, consts), spec, spec)
+        except chunked.NotChunkable:
+            return None
+
+    key = None if program.key is None else (program.key, tuple(leaf.shape), str(leaf.dtype))
+    return _TRANSFORMS.get(key, make)
+
+
+def on_one_cpu(sharding: Any) -> bool:
+    """Whether a leaf with this placement lives on one CPU device (None: the default)."""
+    if sharding is None:
+        return jax.config.jax_default_device is None and jax.devices()[0].platform == "cpu"
+    mesh = getattr(sharding, "mesh", None)
+    if isinstance(mesh, jax.sharding.AbstractMesh):  # inspect: no devices, one platform
+        device = getattr(mesh, "abstract_device", None)
+        platform = getattr(device, "platform", None) or jax.default_backend()
+        return mesh.size == 1 and platform == "cpu"
+    devices = sharding.device_set
+    return len(devices) == 1 and next(iter(devices)).platform == "cpu"
+
+
+def usable(root: Any) -> bool:
+    """Whether leaves keyed from ``root`` can be drawn flat now: a concrete threefry key
+    (typed, or raw ``uint32[2]``) outside any trace, and a bits kernel that gives JAX's
+    own bits here."""
+    if isinstance(root, jax.core.Tracer) or not _compat.trace_state_clean():
+        return False
+    if _compat.is_key_array(root):
+        if root.shape or jax.random.key_impl(root) != "threefry2x32":
+            return False
+    elif (getattr(root, "shape", None) != (2,) or getattr(root, "dtype", None) != np.uint32
+          or jax.config.jax_default_prng_impl != "threefry2x32"):
+        return False
+    return jax.config.jax_threefry_partitionable and _bits_fn(root) is not None
+
+
+# JAX's own ``jax.random.bits(jax.random.fold_in(root, 7), (3, 65536))`` at some flat
+# indices, for ``root`` = ``key(0)`` or ``PRNGKey(0)`` (tests/test_flat.py keeps them equal
+# to JAX's). Each bits kernel must reproduce them before it draws any leaf; if JAX ever
+# draws bits another way, leaves go back to one compiled function per program.
+_KNOWN_BITS = {0: 2040308410, 1: 309011329, 65535: 1239075684, 65536: 627736269,
+               196607: 3546213224}
+
+
+def _bits_fn(root: Any):
+    """The compiled ``bits(root, fold, start)`` for roots like this one, or None if it
+    fails the known-answer check."""
+
+    def make():
+        def bits(root, fold, start):
+            key = jax.random.fold_in(root, fold)  # as the leaf's own compiled function does
+            if not _compat.is_key_array(key):
+                key = jax.random.wrap_key_data(key, impl="threefry2x32")
+            return chunked.threefry(key, lax.iota(np.uint32, BLOCK) + start)
+
+        fn = jax.jit(bits)
+        known = jax.random.key(0) if _compat.is_key_array(root) else jax.random.PRNGKey(0)
+        for index, want in _KNOWN_BITS.items():
+            start = index - index % BLOCK
+            halves = fn(known, np.uint32(7), np.uint32(start))
+            got = np.asarray(halves[0])[index - start] ^ np.asarray(halves[1])[index - start]
+            if int(got) != want:
+                return None
+        return fn
+
+    aval = (tuple(root.shape), str(root.dtype))
+    config = (jax.config.jax_threefry_partitionable, jax.config.jax_enable_x64)
+    return _KERNELS.get(("bits", BLOCK, aval, config), make, nbytes=_KERNEL_BYTES)
+
+
+def _transform_fn(program: programs.Program):
+    run = programs.runner(program)
+
+    def make():
+        return jax.jit(lambda b1, b2: run([], b1, b2))
+
+    key = None if program.key is None else ("transform", program.key)
+    return _KERNELS.get(key, make, nbytes=_KERNEL_BYTES)
+
+
+def _aligned_empty(n: int, dtype: Any) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    raw = np.empty(n * dtype.itemsize + _ALIGN, np.uint8)
+    start = -raw.ctypes.data % _ALIGN
+    return raw[start:start + n * dtype.itemsize].view(dtype)
+
+
+def draw(leaf: Any, root: Any, fold: np.uint32, program: programs.Program) -> jax.Array:
+    """The leaf's value, block by block: ``program`` is its ``transform``."""
+    bits, values = _bits_fn(root), _transform_fn(program)
+    n = math.prod(leaf.shape)
+    out = _aligned_empty(n, leaf.dtype)
+    pending: collections.deque = collections.deque()
+
+    def copy_out():
+        start, block = pending.popleft()
+        stop = min(start + BLOCK, n)
+        out[start:stop] = np.asarray(block)[:stop - start]
+
+    for start in range(0, n, BLOCK):
+        pending.append((start, values(*bits(root, fold, np.uint32(start)))))
+        if len(pending) > _WINDOW:
+            copy_out()
+    while pending:
+        copy_out()
+    return jax.device_put(out.reshape(leaf.shape), leaf.sharding)
+
+
+def cold_compiles(leaves: list[Any]) -> int:
+    """How many kernels drawing these leaves flat compiles with empty caches."""
+    keys = [transform(leaf).key for leaf in leaves]
+    return int(bool(leaves)) + len({k for k in keys if k is not None}) + keys.count(None)
+

@@ -1,0 +1,155 @@
+"""Flat draws: random leaves of every shape from a bits kernel and per-initializer
+transforms shared across shapes, bit-identical to each leaf's whole draw."""
+
+import types
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flaxlazy
+from flaxlazy._src import programs
+from flaxlazy._src.compiles import count_compiles
+from flaxlazy._src.sources import flat
+
+INITS = {
+    "lecun_normal": nn.initializers.lecun_normal(),
+    "normal": nn.initializers.normal(0.02),
+    "truncated_normal": nn.initializers.truncated_normal(0.02),
+    "uniform": nn.initializers.uniform(0.5),
+    "he_uniform": nn.initializers.he_uniform(),
+    "embed_default": nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0),
+    "xavier_normal": nn.initializers.xavier_normal(),
+}
+
+
+def _leaf(init, shape, dtype, root, fold=5):
+    spec = jax.ShapeDtypeStruct(root.shape, root.dtype)
+    program = programs.trace(lambda k: init(k, shape, dtype), spec)
+    return types.SimpleNamespace(program=program, shape=shape, dtype=dtype, key=fold,
+                                 sharding=None)
+
+
+@pytest.mark.parametrize("make_key", [jax.random.key, jax.random.PRNGKey], ids=["typed", "raw"])
+def test_known_bits_are_jaxs(make_key):
+    bits = np.asarray(jax.random.bits(jax.random.fold_in(make_key(0), 7), (3, 65536)))
+    assert {i: int(bits.reshape(-1)[i]) for i in flat._KNOWN_BITS} == flat._KNOWN_BITS
+
+
+@pytest.mark.parametrize("name", list(INITS))
+@pytest.mark.parametrize("make_key", [jax.random.key, jax.random.PRNGKey], ids=["typed", "raw"])
+@pytest.mark.parametrize("shape", [(3, 5), (256, 256), (300, 257), (4, 70, 33), ()], ids=str)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_bit_identical_to_the_whole_draw(name, make_key, shape, dtype):
+    if shape == () and name in ("lecun_normal", "he_uniform", "xavier_normal",
+                                "embed_default"):
+        pytest.skip("fan-in initializers need two dimensions")
+    root = make_key(3)
+    init = INITS[name]
+    leaf = _leaf(init, shape, dtype, root)
+    transform = flat.transform(leaf)
+    assert transform is not None and flat.usable(root)
+    got = flat.draw(leaf, root, np.uint32(5), transform)
+    want = jax.jit(lambda r: init(jax.random.fold_in(r, 5), shape, dtype))(root)
+    chex.assert_trees_all_equal(got, want)
+    chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
+
+
+def test_one_transform_per_initializer_whatever_the_shapes():
+    init = nn.initializers.normal(0.02)
+    root = jax.random.key(0)
+    shapes = [(7, 9), (300, 257), (1024,), (2, 3, 4)]
+    keys = {flat.transform(_leaf(init, s, jnp.float32, root)).key for s in shapes}
+    assert len(keys) == 1
+    other = flat.transform(_leaf(nn.initializers.normal(0.03), (7, 9), jnp.float32, root))
+    assert other.key not in keys  # a literal differs: its own transform
+
+
+@pytest.fixture(scope="module")
+def warm():
+    """JAX's own one-time eager helpers (key creation...) compile before counting."""
+    flaxlazy.materialize(nn.Dense(3), jax.random.key(0), jnp.ones((1, 2)))
+
+
+class Widths(nn.Module):
+    """Dense layers of five shapes, every kernel and embedding normal(std)."""
+
+    std: float = 0.02
+
+    @nn.compact
+    def __call__(self, ids):
+        init = nn.initializers.normal(self.std)
+        x = nn.Embed(500, 48, embedding_init=init)(ids)
+        for width in (64, 96, 32, 200, 10):
+            x = nn.Dense(width, kernel_init=init)(x)
+        return x
+
+
+def test_materialize_compiles_two_kernels_for_many_shapes(warm):
+    del warm
+    ids = jnp.zeros((2, 3), jnp.int32)
+    flaxlazy.clear_caches()
+    with count_compiles() as compiles:
+        got = flaxlazy.materialize(Widths(), jax.random.key(1), ids)
+        jax.block_until_ready(got)
+    assert compiles.count == 2  # the bits kernel and the one normal(0.02) transform
+    chex.assert_trees_all_equal(got, jax.jit(Widths().init)(jax.random.key(1), ids))
+
+
+def test_repeated_calls_follow_literals_and_keys():
+    """The transform cache is keyed by the traced program: a changed scale or key in
+    the same process gives what a fresh jax.jit(init) gives."""
+    ids = jnp.zeros((2, 3), jnp.int32)
+    for std, seed in [(0.02, 0), (0.05, 0), (0.02, 4), (0.02, 0)]:
+        got = flaxlazy.materialize(Widths(std), jax.random.key(seed), ids)
+        chex.assert_trees_all_equal(got, jax.jit(Widths(std).init)(jax.random.key(seed), ids))
+
+
+def test_not_flat_falls_back_to_the_per_program_path():
+    root = jax.random.key(0)
+
+    def split_then_draw(key, shape, dtype=jnp.float32):
+        return jax.random.normal(jax.random.split(key)[1], shape, dtype)
+
+    for init in (split_then_draw, nn.initializers.orthogonal(), nn.initializers.zeros):
+        assert flat.transform(_leaf(init, (8, 8), jnp.float32, root)) is None
+    model = nn.Dense(8, kernel_init=split_then_draw)
+    x = jnp.ones((1, 5))
+    chex.assert_trees_all_equal(flaxlazy.materialize(model, root, x),
+                                jax.jit(model.init)(root, x))
+
+
+def test_inside_jit_is_traced_not_flat():
+    model = nn.Dense(8)
+    x = jnp.ones((1, 5))
+    assert not jax.jit(lambda k: flat.usable(k))(jax.random.key(0))
+    got = jax.jit(lambda k: flaxlazy.materialize(model, k, x))(jax.random.key(2))
+    chex.assert_trees_all_equal(got, jax.jit(model.init)(jax.random.key(2), x))
+
+
+def test_a_failed_known_answer_check_draws_per_program(monkeypatch):
+    monkeypatch.setitem(flat._KNOWN_BITS, 1, 12345)
+    flaxlazy.clear_caches()
+    try:
+        assert not flat.usable(jax.random.key(0))
+        model = nn.Dense(8)
+        x = jnp.ones((1, 5))
+        chex.assert_trees_all_equal(flaxlazy.materialize(model, jax.random.key(0), x),
+                                    jax.jit(model.init)(jax.random.key(0), x))
+    finally:
+        flaxlazy.clear_caches()
+
+
+def test_drawn_leaves_are_ordinary_arrays():
+    """A flat leaf is backed by its host buffer: it must still behave as an immutable
+    device array, donated or not."""
+    ids = jnp.zeros((2, 3), jnp.int32)
+    params = flaxlazy.materialize(Widths(), jax.random.key(1), ids)
+    before = jax.tree.map(np.array, params)
+    doubled = jax.jit(lambda p: jax.tree.map(lambda x: 2 * x, p), donate_argnums=0)(params)
+    chex.assert_trees_all_equal(doubled, jax.tree.map(lambda x: 2 * x, before))
+    again = flaxlazy.materialize(Widths(), jax.random.key(1), ids)
+    chex.assert_trees_all_equal(again, before)
