@@ -153,3 +153,27 @@ def test_drawn_leaves_are_ordinary_arrays():
     chex.assert_trees_all_equal(doubled, jax.tree.map(lambda x: 2 * x, before))
     again = flaxlazy.materialize(Widths(), jax.random.key(1), ids)
     chex.assert_trees_all_equal(again, before)
+
+
+def _reshaped(key, shape, dtype=jnp.float32):
+    """As Flax's DenseGeneral: drawn at a 2-D shape of the same size, then reshaped."""
+    flat_shape = (shape[0], int(np.prod(shape[1:])))
+    return nn.initializers.lecun_normal()(key, flat_shape, dtype).reshape(shape)
+
+
+def _transposed(key, shape, dtype=jnp.float32):
+    return nn.initializers.lecun_normal()(key, shape[::-1], dtype).T
+
+
+def test_reshaped_draws_are_flat_transposed_ones_are_not():
+    root = jax.random.key(0)
+    shape = (96, 4, 40)  # 15360 elements: a quarter of a block
+    leaf = _leaf(_reshaped, shape, jnp.float32, root)
+    got = flat.draw(leaf, root, np.uint32(5), flat.transform(leaf))
+    want = jax.jit(lambda r: _reshaped(jax.random.fold_in(r, 5), shape))(root)
+    chex.assert_trees_all_equal(got, want)
+    assert flat.transform(_leaf(_transposed, (96, 40), jnp.float32, root)) is None
+    model = nn.Dense(40, kernel_init=_transposed)
+    x = jnp.ones((1, 96))
+    chex.assert_trees_all_equal(flaxlazy.materialize(model, root, x),
+                                jax.jit(model.init)(root, x))

@@ -151,8 +151,9 @@ def _eval(jaxpr: Any, consts: list, args: list, ctx: _Context) -> list:
                 raise NotChunkable("not a threefry2x32 key")
             outs = [ins[0]]  # the raw key data, wrapped: still the initializer's key
         elif name == "random_bits":
-            if tuple(eqn.params["shape"]) != ctx.full_shape:
-                raise NotChunkable("random bits of another shape")
+            if math.prod(eqn.params["shape"]) != math.prod(ctx.full_shape):
+                raise NotChunkable("random bits of another size")  # (a reshape keeps
+                # flat indices: element i's bits are the same for any shape of this size)
             outs = [_Block(ctx.bits(ins[0], eqn.params["bit_width"]))]
         elif name in _CALLS:
             sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
@@ -162,7 +163,9 @@ def _eval(jaxpr: Any, consts: list, args: list, ctx: _Context) -> list:
         elif blocks and name in _ELEMENTWISE:
             out = eqn.primitive.bind(*map(_as_operand, ins), **eqn.params)
             outs = [_Block(out)]
-        elif blocks and name in _SAME_LAYOUT and _full_size(eqn.outvars[0].aval, ctx):
+        elif blocks and name in _SAME_LAYOUT and _full_size(eqn.outvars[0].aval, ctx) and (
+            eqn.params.get("dimensions") is None  # a reshape that transposes moves elements
+        ):
             if not isinstance(ins[0], _Block):
                 raise NotChunkable(f"{name} of a non-random operand")
             outs = [ins[0]]  # row-major flat blocks are unchanged by these

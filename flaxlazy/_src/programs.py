@@ -35,6 +35,9 @@ _DERIVATIVE_ONLY = frozenset(
      "symbolic_zeros", "jvp", "transpose"}
 )
 
+# Primitives that only reshape a constant fill (it stays a fill).
+_RESHAPES = frozenset({"reshape", "broadcast_in_dim", "expand_dims", "squeeze"})
+
 _SUB_KEYS = cache_lib.LRU(1024)  # id(jaxpr) -> (jaxpr, key): jax reuses inner jaxprs
 
 
@@ -127,32 +130,37 @@ def fill_value(program: Program) -> Any:
     """The scalar a program fills its one output with, whatever its inputs, or None.
 
     ``jnp.zeros(shape)``, ``jnp.ones(shape, bf16)``, ``jnp.full(shape, 7)``: a broadcast
-    of a literal, nothing else. Such a leaf needs no compiled code at all.
+    of a literal, possibly reshaped (``zeros(flat_shape).reshape(shape)``), nothing else.
+    Such a leaf needs no compiled code at all.
 
     Examples:
       >>> import jax.numpy as jnp
       >>> float(fill_value(trace(lambda: jnp.ones((2, 3), jnp.bfloat16))))
       1.0
+      >>> float(fill_value(trace(lambda: jnp.zeros(6).reshape(2, 3))))
+      0.0
       >>> fill_value(trace(lambda: jnp.arange(3.0))) is None
       True
     """
     jaxpr = program.jaxpr.jaxpr  # its inputs (a key it ignores) may not be read
-    if jaxpr.constvars or len(jaxpr.outvars) != 1 or any(v in jaxpr.invars for v in (
-        *jaxpr.outvars, *(x for eqn in jaxpr.eqns for x in eqn.invars)
-    ) if not _compat.is_literal(v)):
+    if jaxpr.constvars or len(jaxpr.outvars) != 1:
         return None
     (out,) = jaxpr.outvars
-    if not jaxpr.eqns:
-        return _compat.literal_value(out) if _compat.is_literal(out) else None
-    if len(jaxpr.eqns) != 1:
-        return None
-    (eqn,) = jaxpr.eqns
-    (operand,) = eqn.invars if len(eqn.invars) == 1 else (None,)
-    if eqn.primitive.name != "broadcast_in_dim" or not _compat.is_literal(operand) or (
-        eqn.outvars[0] is not out
-    ):
-        return None
-    return _compat.literal_value(operand)
+    if _compat.is_literal(out):
+        return _compat.literal_value(out)
+    value, filled = None, set()
+    for eqn in jaxpr.eqns:
+        if len(eqn.invars) != 1 or len(eqn.outvars) != 1:
+            return None
+        (operand,) = eqn.invars
+        name = eqn.primitive.name
+        if name == "broadcast_in_dim" and _compat.is_literal(operand) and value is None:
+            value = _compat.literal_value(operand)
+        elif not (name in _RESHAPES and operand in filled
+                  and eqn.params.get("dimensions") is None):
+            return None
+        filled.add(eqn.outvars[0])
+    return value if out in filled else None
 
 
 def jaxpr_key(jaxpr: Any) -> Hashable | None:
