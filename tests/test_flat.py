@@ -177,3 +177,20 @@ def test_reshaped_draws_are_flat_transposed_ones_are_not():
     x = jnp.ones((1, 96))
     chex.assert_trees_all_equal(flaxlazy.materialize(model, root, x),
                                 jax.jit(model.init)(root, x))
+
+
+def test_placed_like_the_per_program_path():
+    """No sharding asked: a leaf lands where its compiled function would put it, on the
+    device of a committed key (else the default device, uncommitted)."""
+    if jax.device_count() < 4:
+        pytest.skip("needs 4 devices")
+    ids = jnp.zeros((2, 3), jnp.int32)
+    device = jax.devices()[3]
+    key = jax.device_put(jax.random.key(1), device)
+    got = flaxlazy.materialize(Widths(), key, ids)
+    want = jax.jit(Widths().init)(key, ids)
+    chex.assert_trees_all_equal(got, want)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert g.devices() == w.devices() == {device} and g.committed == w.committed
+    loose = flaxlazy.materialize(Widths(), jax.random.key(1), ids)
+    assert all(not x.committed for x in jax.tree.leaves(loose))

@@ -110,11 +110,26 @@ def _cost(consts: Sequence[Any], baked: Sequence[bool]) -> int:
     )
 
 
-def _filled(leaf: Any, value: Any) -> jax.Array:
+def home(context: kinds.Context) -> Any:
+    """Where a leaf with no placement of its own goes, as ``jax.jit(init)`` would put it:
+    on the one device every root key is committed to, else None (the default device,
+    uncommitted)."""
+    roots = list(context.roots.values())
+    if roots and all(isinstance(r, jax.Array) and not isinstance(r, jax.core.Tracer)
+                     and r.committed for r in roots):
+        devices = {d for r in roots for d in r.devices()}
+        if len(devices) == 1:
+            return jax.sharding.SingleDeviceSharding(devices.pop())
+    return None
+
+
+def _filled(leaf: Any, value: Any, default: Any) -> jax.Array:
     """A leaf filled with one scalar, built shard by shard on the host: no compilation
     (``jnp.zeros`` would compile a broadcast per shape) and no full copy on any device."""
-    sharding = leaf.sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     dtype = np.dtype(leaf.dtype)
+    sharding = leaf.sharding or default
+    if sharding is None:
+        return jax.device_put(np.full(leaf.shape, value, dtype))
 
     def shard(index):
         shape = tuple(len(range(*s.indices(n))) for s, n in zip(index, leaf.shape, strict=True))
@@ -206,12 +221,14 @@ def execute(plan: Any, indices: list[int], context: kinds.Context) -> dict[int, 
         root = context.roots[leaf.stream] if key_hash is not None else None
         return root, key_hash, leaf.program.runtime_consts
 
+    default = home(context)
     for i in indices:
         leaf = plan.leaves[i]
         if (value := fill(leaf)) is not None:
-            out[i] = _filled(leaf, value)
+            out[i] = _filled(leaf, value, default)
         elif _flat(leaf) and flat.usable(root := context.roots[leaf.stream]):
-            out[i] = flat.draw(leaf, root, np.uint32(leaf.key), flat.transform(leaf))
+            out[i] = flat.draw(leaf, root, np.uint32(leaf.key), flat.transform(leaf),
+                               leaf.sharding or default)
         else:
             coded.append(i)
 

@@ -76,14 +76,17 @@ def transform(leaf: Any) -> programs.Program | None:
 def on_one_cpu(sharding: Any) -> bool:
     """Whether a leaf with this placement lives on one CPU device (None: the default)."""
     if sharding is None:
-        return jax.config.jax_default_device is None and jax.devices()[0].platform == "cpu"
+        return (jax.config.jax_default_device is None
+                and jax.local_devices()[0].platform == "cpu")
     mesh = getattr(sharding, "mesh", None)
     if isinstance(mesh, jax.sharding.AbstractMesh):  # inspect: no devices, one platform
         device = getattr(mesh, "abstract_device", None)
         platform = getattr(device, "platform", None) or jax.default_backend()
         return mesh.size == 1 and platform == "cpu"
     devices = sharding.device_set
-    return len(devices) == 1 and next(iter(devices)).platform == "cpu"
+    device = next(iter(devices))
+    return (len(devices) == 1 and device.platform == "cpu"
+            and device.process_index == jax.process_index())
 
 
 def usable(root: Any) -> bool:
@@ -152,8 +155,10 @@ def _aligned_empty(n: int, dtype: Any) -> np.ndarray:
     return raw[start:start + n * dtype.itemsize].view(dtype)
 
 
-def draw(leaf: Any, root: Any, fold: np.uint32, program: programs.Program) -> jax.Array:
-    """The leaf's value, block by block: ``program`` is its ``transform``."""
+def draw(leaf: Any, root: Any, fold: np.uint32, program: programs.Program,
+         sharding: Any = None) -> jax.Array:
+    """The leaf's value, block by block, placed by ``sharding`` (one device; None: the
+    default device, uncommitted): ``program`` is its ``transform``."""
     bits, values = _bits_fn(root), _transform_fn(program)
     n = math.prod(leaf.shape)
     out = _aligned_empty(n, leaf.dtype)
@@ -170,7 +175,7 @@ def draw(leaf: Any, root: Any, fold: np.uint32, program: programs.Program) -> ja
             copy_out()
     while pending:
         copy_out()
-    return jax.device_put(out.reshape(leaf.shape), leaf.sharding)
+    return jax.device_put(out.reshape(leaf.shape), sharding)
 
 
 def cold_compiles(leaves: list[Any]) -> int:
