@@ -75,7 +75,8 @@ def warm():
 
 
 class Widths(nn.Module):
-    """Dense layers of five shapes, every kernel and embedding normal(std)."""
+    """Dense layers of five shapes and a small head, every kernel and embedding
+    normal(std)."""
 
     std: float = 0.02
 
@@ -83,9 +84,9 @@ class Widths(nn.Module):
     def __call__(self, ids):
         init = nn.initializers.normal(self.std)
         x = nn.Embed(500, 48, embedding_init=init)(ids)
-        for width in (64, 96, 32, 200, 10):
+        for width in (128, 96, 64, 200, 30):
             x = nn.Dense(width, kernel_init=init)(x)
-        return x
+        return nn.Dense(3, kernel_init=init)(x)  # 90 elements: below flat.MIN_ELEMENTS
 
 
 def test_materialize_compiles_two_kernels_for_many_shapes(warm):
@@ -95,7 +96,8 @@ def test_materialize_compiles_two_kernels_for_many_shapes(warm):
     with count_compiles() as compiles:
         got = flaxlazy.materialize(Widths(), jax.random.key(1), ids)
         jax.block_until_ready(got)
-    assert compiles.count == 2  # the bits kernel and the one normal(0.02) transform
+    # The bits kernel, the one normal(0.02) transform, and the head's own function.
+    assert compiles.count == 3
     chex.assert_trees_all_equal(got, jax.jit(Widths().init)(jax.random.key(1), ids))
 
 
@@ -135,8 +137,8 @@ def test_a_failed_known_answer_check_draws_per_program(monkeypatch):
     flaxlazy.clear_caches()
     try:
         assert not flat.usable(jax.random.key(0))
-        model = nn.Dense(8)
-        x = jnp.ones((1, 5))
+        model = nn.Dense(128)
+        x = jnp.ones((1, 64))
         chex.assert_trees_all_equal(flaxlazy.materialize(model, jax.random.key(0), x),
                                     jax.jit(model.init)(jax.random.key(0), x))
     finally:

@@ -173,7 +173,8 @@ def _groups(plan: Any, indices: list[int], *, cold: bool = False
 
 def _flat(leaf: Any) -> bool:
     """Whether a leaf is drawn flat (``flat``) when its root key allows it."""
-    return flat.on_one_cpu(leaf.sharding) and flat.transform(leaf) is not None
+    return (math.prod(leaf.shape) >= flat.MIN_ELEMENTS and flat.on_one_cpu(leaf.sharding)
+            and flat.transform(leaf) is not None)
 
 
 def cold_compiles(plan: Any, indices: list[int]) -> int:

@@ -41,6 +41,9 @@ from flaxlazy._src import programs
 # Elements per block: large enough that dispatch is a small share of a block's work,
 # small enough that a small leaf's rounding up to one block costs well under 1 ms.
 BLOCK = 1 << 16
+# Smaller leaves run their own compiled function (``compiled``): a whole block for a few
+# elements would cost more than the dispatch it saves, and tiny programs compile fast.
+MIN_ELEMENTS = BLOCK // 16
 # Blocks in flight while earlier ones are copied out (overlaps XLA work and copies).
 _WINDOW = 2
 _ALIGN = 64  # host buffers this aligned become CPU device arrays without a copy
