@@ -43,7 +43,7 @@ from flaxlazy._src import programs
 BLOCK = 1 << 16
 # Smaller leaves run their own compiled function (``compiled``): a whole block for a few
 # elements would cost more than the dispatch it saves, and tiny programs compile fast.
-MIN_ELEMENTS = BLOCK // 16
+MIN_ELEMENTS = BLOCK // 64
 # Blocks in flight while earlier ones are copied out (overlaps XLA work and copies).
 _WINDOW = 2
 _ALIGN = 64  # host buffers this aligned become CPU device arrays without a copy
