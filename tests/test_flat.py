@@ -33,6 +33,22 @@ def _leaf(init, shape, dtype, root, fold=5):
                                  sharding=None)
 
 
+def _assert_drawn_whole(init, shape, dtype, root):
+    """``flat.draw`` of the leaf equals jit of its initializer on the same key."""
+    leaf = _leaf(init, shape, dtype, root)
+    transform = flat.transform(leaf)
+    assert transform is not None and flat.usable(root)
+    got = flat.draw(leaf, root, np.uint32(5), transform)
+    want = jax.jit(lambda r: init(jax.random.fold_in(r, 5), shape, dtype))(root)
+    chex.assert_trees_all_equal(got, want)
+    chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
+
+
+def _assert_like_init(model, key, x):
+    chex.assert_trees_all_equal(flaxlazy.materialize(model, key, x),
+                                jax.jit(model.init)(key, x))
+
+
 @pytest.mark.parametrize("make_key", [jax.random.key, jax.random.PRNGKey], ids=["typed", "raw"])
 def test_known_bits_are_jaxs(make_key):
     bits = np.asarray(jax.random.bits(jax.random.fold_in(make_key(0), 7), (3, 65536)))
@@ -47,15 +63,7 @@ def test_bit_identical_to_the_whole_draw(name, make_key, shape, dtype):
     if shape == () and name in ("lecun_normal", "he_uniform", "xavier_normal",
                                 "embed_default"):
         pytest.skip("fan-in initializers need two dimensions")
-    root = make_key(3)
-    init = INITS[name]
-    leaf = _leaf(init, shape, dtype, root)
-    transform = flat.transform(leaf)
-    assert transform is not None and flat.usable(root)
-    got = flat.draw(leaf, root, np.uint32(5), transform)
-    want = jax.jit(lambda r: init(jax.random.fold_in(r, 5), shape, dtype))(root)
-    chex.assert_trees_all_equal(got, want)
-    chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
+    _assert_drawn_whole(INITS[name], shape, dtype, make_key(3))
 
 
 def test_one_transform_per_initializer_whatever_the_shapes():
@@ -118,10 +126,7 @@ def test_not_flat_falls_back_to_the_per_program_path():
 
     for init in (split_then_draw, nn.initializers.orthogonal(), nn.initializers.zeros):
         assert flat.transform(_leaf(init, (8, 8), jnp.float32, root)) is None
-    model = nn.Dense(8, kernel_init=split_then_draw)
-    x = jnp.ones((1, 5))
-    chex.assert_trees_all_equal(flaxlazy.materialize(model, root, x),
-                                jax.jit(model.init)(root, x))
+    _assert_like_init(nn.Dense(8, kernel_init=split_then_draw), root, jnp.ones((1, 5)))
 
 
 def test_inside_jit_is_traced_not_flat():
@@ -137,10 +142,7 @@ def test_a_failed_known_answer_check_draws_per_program(monkeypatch):
     flaxlazy.clear_caches()
     try:
         assert not flat.usable(jax.random.key(0))
-        model = nn.Dense(128)
-        x = jnp.ones((1, 64))
-        chex.assert_trees_all_equal(flaxlazy.materialize(model, jax.random.key(0), x),
-                                    jax.jit(model.init)(jax.random.key(0), x))
+        _assert_like_init(nn.Dense(128), jax.random.key(0), jnp.ones((1, 64)))
     finally:
         flaxlazy.clear_caches()
 
@@ -169,16 +171,9 @@ def _transposed(key, shape, dtype=jnp.float32):
 
 def test_reshaped_draws_are_flat_transposed_ones_are_not():
     root = jax.random.key(0)
-    shape = (96, 4, 40)  # 15360 elements: a quarter of a block
-    leaf = _leaf(_reshaped, shape, jnp.float32, root)
-    got = flat.draw(leaf, root, np.uint32(5), flat.transform(leaf))
-    want = jax.jit(lambda r: _reshaped(jax.random.fold_in(r, 5), shape))(root)
-    chex.assert_trees_all_equal(got, want)
+    _assert_drawn_whole(_reshaped, (96, 4, 40), jnp.float32, root)  # a quarter block
     assert flat.transform(_leaf(_transposed, (96, 40), jnp.float32, root)) is None
-    model = nn.Dense(40, kernel_init=_transposed)
-    x = jnp.ones((1, 96))
-    chex.assert_trees_all_equal(flaxlazy.materialize(model, root, x),
-                                jax.jit(model.init)(root, x))
+    _assert_like_init(nn.Dense(40, kernel_init=_transposed), root, jnp.ones((1, 96)))
 
 
 def test_placed_like_the_per_program_path():

@@ -33,9 +33,6 @@ _EXECUTABLE_BYTES = 5 << 19  # 2.5 MiB
 
 # Compiled functions by program and placement; bounded by count and estimated bytes
 # (about 100 initializers: far more signatures than one model has).
-
-# Compiled functions by program and placement; bounded by count and estimated bytes
-# (about 100 initializers: far more signatures than one model has).
 _COMPILED = cache_lib.LRU(256, max_bytes=256 << 20)
 
 
@@ -171,22 +168,21 @@ def _groups(plan: Any, indices: list[int], *, cold: bool = False
     return fused, [i for i in indices if i not in chosen]
 
 
-def _flat(leaf: Any) -> bool:
-    """Whether a leaf is drawn flat (``flat``) when its root key allows it."""
-    return (math.prod(leaf.shape) >= flat.MIN_ELEMENTS and flat.on_one_cpu(leaf.sharding)
-            and flat.transform(leaf) is not None)
+def _flat(leaf: Any) -> programs.Program | None:
+    """The leaf's transform if it is drawn flat (``flat``) when its root key allows it."""
+    if math.prod(leaf.shape) < flat.MIN_ELEMENTS or not flat.on_one_cpu(leaf.sharding):
+        return None
+    return flat.transform(leaf)
 
 
 def cold_compiles(plan: Any, indices: list[int]) -> int:
     """How many functions ``execute`` compiles for these leaves with an empty cache (and
     concrete threefry keys)."""
     coded = [i for i in indices if fill(plan.leaves[i]) is None]
-    drawn_flat = [plan.leaves[i] for i in coded if _flat(plan.leaves[i])]
-    chosen = {id(leaf) for leaf in drawn_flat}
-    fused, alone = _groups(plan, [i for i in coded if id(plan.leaves[i]) not in chosen],
-                           cold=True)
+    drawn_flat = {i for i in coded if _flat(plan.leaves[i]) is not None}
+    fused, alone = _groups(plan, [i for i in coded if i not in drawn_flat], cold=True)
     keys = [compile_key(plan.leaves[i]) for i in alone]
-    return (flat.cold_compiles(drawn_flat) + int(bool(fused))
+    return (flat.cold_compiles([plan.leaves[i] for i in drawn_flat]) + int(bool(fused))
             + len({k for k in keys if k is not None}) + keys.count(None))
 
 
@@ -227,8 +223,10 @@ def execute(plan: Any, indices: list[int], context: kinds.Context) -> dict[int, 
         leaf = plan.leaves[i]
         if (value := fill(leaf)) is not None:
             out[i] = _filled(leaf, value, default)
-        elif _flat(leaf) and flat.usable(root := context.roots[leaf.stream]):
-            out[i] = flat.draw(leaf, root, np.uint32(leaf.key), flat.transform(leaf),
+        elif (transform := _flat(leaf)) is not None and flat.usable(
+            root := context.roots[leaf.stream]
+        ):
+            out[i] = flat.draw(leaf, root, np.uint32(leaf.key), transform,
                                leaf.sharding or default)
         else:
             coded.append(i)
