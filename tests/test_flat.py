@@ -38,7 +38,7 @@ def _assert_drawn_whole(init, shape, dtype, root):
     leaf = _leaf(init, shape, dtype, root)
     transform = flat.transform(leaf)
     assert transform is not None and flat.usable(root)
-    got = flat.draw(leaf, root, np.uint32(5), transform)
+    got = flat.draw(leaf, [root], np.uint32(5), transform)
     want = jax.jit(lambda r: init(jax.random.fold_in(r, 5), shape, dtype))(root)
     chex.assert_trees_all_equal(got, want)
     chex.assert_trees_all_equal_shapes_and_dtypes(got, want)

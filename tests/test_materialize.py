@@ -78,9 +78,13 @@ def test_equals_jit_init_and_eager_init(make_key):
         assert isinstance(leaf, jax.Array)
 
 
-def test_static_recipes_replayed_and_scan_traced():
-    counts = _plan(Scanned(), X).counts()
-    assert counts == {"flax": 2, "traced": 2}  # head kernel/bias; stacked kernel/bias
+def test_static_recipes_replayed_scan_stacks_included():
+    plan = _plan(Scanned(), X)
+    assert plan.counts() == {"flax": 4}  # head kernel/bias; stacked kernel/bias
+    assert {leaf.path: leaf.layers for leaf in plan.leaves} == {
+        "params/head/bias": (), "params/head/kernel": (),
+        "params/stack/Dense_0/bias": (3,), "params/stack/Dense_0/kernel": (3,),
+    }
     got = flaxlazy.materialize(Scanned(), jax.random.key(1), X)
     want = jax.jit(Scanned().init)(jax.random.key(1), jnp.ones(X.shape))
     chex.assert_trees_all_equal(got, want)

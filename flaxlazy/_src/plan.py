@@ -51,6 +51,11 @@ class Leaf(NamedTuple):
       rule: the label of the initializer rule that matched, if any.
       stream: the RNG stream whose root key ``key`` is folded into (Linen: ``params``;
         NNX: the stream the module drew from).
+      layers: for a leaf stacked by ``nn.scan``/``nn.vmap`` with a key per layer, the
+        sizes of its leading layer axes: each layer's key is the stream's root key split
+        per axis (``jax.random.split(k, n)[i]``), then ``key`` folded in, and ``program``
+        takes those keys (shape ``layers`` + the root key's). ``()`` otherwise.
+      layer: with ``layers``, one layer's ``fn(key)``.
     """
 
     path: str
@@ -63,6 +68,8 @@ class Leaf(NamedTuple):
     value: Any
     rule: str | None
     stream: str | None = None
+    layers: tuple[int, ...] = ()
+    layer: programs.Program | None = None
 
 
 class Plan(NamedTuple):
@@ -161,6 +168,7 @@ def build(
         sharding = shardings(path, abstract_leaf) if shardings else None
         rec, sub = _find_record(index, path)
         rule = chosen.get(path[len(prefix):]) if path.startswith(prefix) else None
+        layers, layer = (), None
         if rule is not None and rule.value is not None:
             layer_shape = None
             if rec is not None and not sub:
@@ -173,15 +181,17 @@ def build(
             )
             stream = traced.override_stream
         elif rec is not None and rec.replayable and (
-            program := own.program(rec, sub, root_key, shape, dtype)
+            replay := own.program(rec, sub, root_key, shape, dtype)
         ):
             source, given, key, stream = FLAX, None, rec.fold, rec.stream
+            program, layers, layer = replay
         else:
             source, program, given, key = TRACED, None, None, None
         leaves.append(
             Leaf(path, shape, dtype, source, key, sharding, program, given,
                  rule.label if rule is not None else None,
-                 stream if key is not None else None)
+                 stream if key is not None else None,
+                 layers, layer)
         )
     from_checkpoint.report_unconsumed(leaves, entries)
     return Plan(traced, tuple(leaves), treedef, tuple(leaf for _, leaf in flat))

@@ -7,14 +7,21 @@ the key is the root ``params`` key with a SHA-1 of static path data folded in (s
 ``Scope.variable`` and ``_fold_in_static`` and keeps, per variable, the initializer, its
 arguments and the static data of its key. A variable whose whole recipe is static
 (``Record.replayable``) can later be created alone, by a small compiled function, with a
-value identical to ``module.init``'s; anything else (``nn.scan``/``nn.vmap``, whose keys
-are split per layer, ``nn.jit``, initializers fed traced values, variables changed after
-creation) is left to the traced fallback.
+value identical to ``module.init``'s; anything else (``nn.jit``, initializers fed traced
+values, variables changed after creation) is left to the traced fallback.
 
 ``nn.remat`` (``jax.checkpoint``) changes no value, but its inside sees new tracers for
 the root key and returns new tracers for the variables. While recording, ``jax.checkpoint``
 is wrapped to note which tracer inside stands for which value outside (only on an exact
 match of the argument and result structures), so remat'd parameters replay alone too.
+
+``nn.scan`` and ``nn.vmap`` with ``split_rngs`` give each layer the key
+``split(k, length)[i]`` (``k``: the root key, or an outer layer's key) and stack each
+layer's variables along axis 0. While recording, ``jax.random.split``, ``jax.lax.scan`` and
+``jax.vmap`` are wrapped to note which tracer inside a mapped call is row ``i`` of which
+array outside, and which array outside stacks which value inside. A variable whose key is
+sliced from splits of the root key by exactly the mapped calls that stack it (or whose
+value does not depend on the layer at all) is static too: ``Record.layers``.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import jax.numpy as jnp
 from flax import config as flax_config
 
 from flaxlazy._src import _compat
+from flaxlazy._src import paths
 from flaxlazy._src import programs
 
 _LOCK = threading.RLock()
@@ -62,13 +70,18 @@ class Record:
       init_args: its positional arguments after the key (for params) or all of them.
       init_kwargs: its keyword arguments.
       takes_key: whether ``init_fn`` received a PRNG key first (``Scope.param``).
-      key_data: the static data folded into the root ``params`` key to make that key,
-        or None when the key did not come straight from the root key.
+      key_data: the static data folded into the (layer's) root ``params`` key to make
+        that key, or None when the key did not derive from the root key so.
       output: the (abstract) value ``init_fn`` returned: for stacked (``nn.scan``) layers,
         one layer's value.
-      final: whether ``output`` is exactly the variable's final value in the tree.
+      final: whether ``output`` is exactly the variable's final value in the tree, or,
+        stacked, exactly one layer of it.
       program: ``init_fn`` traced alone for this call (``programs.Program`` of
         ``fn(key)``, or of ``fn()`` without a key), or None if it could not be.
+      key_maps: the mapped calls (outermost first) whose split the key was sliced from.
+      out_maps: the mapped calls (outermost first) that stack ``output`` into the
+        variable, along axis 0.
+      layers: the sizes of those stacking axes (``()``: not stacked).
     """
 
     collection: str
@@ -81,6 +94,9 @@ class Record:
     output: Any
     final: bool = False
     program: Any = None
+    key_maps: tuple = ()
+    out_maps: tuple = ()
+    layers: tuple[int, ...] = ()
 
     stream = "params"  # Linen derives every parameter key from the root params key
 
@@ -95,12 +111,19 @@ class Record:
         return not any(isinstance(x, jax.core.Tracer) for x in leaves)
 
     @property
+    def split(self) -> bool:
+        """Whether each layer of a stacked variable has a key of its own (split per layer);
+        otherwise every layer holds the same value."""
+        return bool(self.takes_key and self.key_maps)
+
+    @property
     def replayable(self) -> bool:
         """True if the value can be recreated from static data and the root key alone."""
         return (
             self.final
             and self.static_args
-            and (not self.takes_key or self.key_data is not None)
+            and (not self.takes_key or (
+                self.key_data is not None and self.key_maps in ((), self.out_maps)))
         )
 
 
@@ -117,10 +140,27 @@ class Recorder:
         # Values that cross a value-preserving lifted transform (nn.remat): the tracer
         # inside -> the value outside, by id (both kept alive here).
         self._aliases: dict[int, tuple[Any, Any]] = {}
+        # Mapped calls (lax.scan, vmap), each a token: a tracer inside -> (it, the array
+        # outside it is row i of, token); a value inside -> (it, the array outside that
+        # stacks it, token); a split's output -> (it, the key split).
+        self._rows: dict[int, tuple[Any, Any, Any]] = {}
+        self._stacks: dict[int, tuple[Any, Any, Any]] = {}
+        self._splits: dict[int, tuple[Any, Any]] = {}
 
     def alias(self, inner: Any, outer: Any) -> None:
         """Records that ``inner`` (inside a transform) stands for ``outer`` (outside it)."""
         self._aliases[id(inner)] = (inner, outer)
+
+    def mapped(self, pairs: list[tuple[Any, Any]], token: Any, *, out: bool) -> None:
+        """Records ``(inside, outside)`` pairs of a mapped call along axis 0: rows of its
+        inputs, or (``out``) its stacked outputs."""
+        table = self._stacks if out else self._rows
+        for inside, outside in pairs:
+            if inside is not outside:
+                table[id(inside)] = (inside, outside, token)
+
+    def split_key(self, out: Any, key: Any) -> None:
+        self._splits[id(out)] = (out, key)
 
     def outer(self, x: Any) -> Any:
         """The outermost value ``x`` stands for (``x`` itself outside any transform)."""
@@ -128,15 +168,33 @@ class Recorder:
             x = entry[1]
         return x
 
-    def _same(self, node: Any, output: Any) -> bool:
-        """Whether tree ``node`` is exactly ``output``, seen from outside transforms."""
+    def _lookup(self, table: dict, x: Any) -> tuple | None:
+        entry = table.get(id(x))
+        return entry if entry is not None and entry[0] is x else None
+
+    def stacked(self, x: Any) -> tuple[Any, tuple]:
+        """``(value, maps)``: the outermost value that holds ``x``, and the mapped calls
+        (outermost first) that stacked it there."""
+        maps = []
+        while (entry := self._lookup(self._stacks, x := self.outer(x))) is not None:
+            maps.append(entry[2])
+            x = entry[1]
+        return x, tuple(reversed(maps))
+
+    def _same(self, node: Any, output: Any) -> tuple | None:
+        """The mapped calls stacking ``output`` into tree ``node`` (``()``: it is exactly
+        ``node``), or None when ``node`` is not ``output`` seen from outside."""
         if node is output:
-            return True
-        got, got_tree = jax.tree_util.tree_flatten(node)
-        want, want_tree = jax.tree_util.tree_flatten(output)
-        return got_tree == want_tree and all(
-            self.outer(w) is g for g, w in zip(got, want, strict=True)
-        )
+            return ()
+        got, want = jax.tree_util.tree_leaves(node), jax.tree_util.tree_leaves(output)
+        if _boxed_structure(node) != _boxed_structure(output) or len(got) != len(want):
+            return None  # (stacking adds an axis name to a box: its metadata may differ)
+        found = {(v is g, maps) for g, (v, maps) in
+                 zip(got, map(self.stacked, want), strict=True)}
+        if len(found) != 1:
+            return None
+        ((same, maps),) = found
+        return maps if same else None
 
     def run(self, fn: Any, *key: Any) -> tuple[Any, Any]:
         """Calls an initializer ``fn(*key)`` for Flax, tracing it alone on the way.
@@ -161,21 +219,71 @@ class Recorder:
         stand_in = [jnp.zeros(a.shape, a.dtype) for a in avals]
         return jax.tree_util.tree_unflatten(program.out_tree, stand_in), program
 
-    def key_data(self, key: Any) -> tuple | None:
-        entry = self._folds.get(id(key))
-        if entry is None or entry[0] is not key or self.outer(entry[1]) is not self.root_key:
-            return None
-        return entry[2] or None  # no data folded in: the root key itself; left to tracing
+    def key_source(self, key: Any) -> tuple[tuple | None, tuple]:
+        """``(data, maps)``: the static data folded into a layer key to make ``key``, and
+        the mapped calls (outermost first) that sliced that layer key, row by row, from
+        splits of the root key; data None when ``key`` is not derived so."""
+        entry = self._lookup(self._folds, key)
+        if entry is None:
+            return None, ()
+        x, maps = self.outer(entry[1]), []
+        while x is not self.root_key:
+            row = self._lookup(self._rows, x)
+            split = row and self._lookup(self._splits, self.outer(row[1]))
+            if not split:
+                return None, ()
+            maps.append(row[2])
+            x = self.outer(split[1])
+        # no data folded in: the root key itself; left to tracing
+        return entry[2] or None, tuple(reversed(maps))
 
     def mark_final(self, variables: Any) -> None:
-        """Marks the records whose output is exactly the final variable value."""
+        """Marks the records whose output is exactly the final variable value, or one
+        layer of it (``Record.layers``)."""
         for (col, path), rec in self.records.items():
             node = variables.get(col, {}) if hasattr(variables, "get") else {}
             for name in path:
                 node = node.get(name) if hasattr(node, "get") else None
                 if node is None:
                     break
-            rec.final = node is not None and self._same(node, rec.output)
+            maps = None if node is None else self._same(node, rec.output)
+            rec.final = maps is not None
+            if maps:
+                leaf = jax.tree_util.tree_leaves(node)[0]
+                rec.out_maps, rec.layers = maps, tuple(leaf.shape[:len(maps)])
+
+
+_NOTHING = object()
+
+
+def _boxed_structure(tree: Any) -> Any:
+    """The structure of a variable value with Flax boxes as leaves."""
+    return jax.tree_util.tree_structure(tree, is_leaf=paths.is_box)
+
+
+def _pairs(inside: Any, outside: Any, axes: Any = 0) -> list[tuple[Any, Any]]:
+    """The ``(inside, outside)`` leaf pairs of two trees of one structure that a mapped
+    call maps along axis 0 (``axes``: a prefix tree of axes, as ``jax.vmap`` takes them);
+    none where the structures or the axes do not line up."""
+    if inside is _NOTHING or outside is _NOTHING:
+        return []
+    got, got_tree = jax.tree_util.tree_flatten(inside)
+    want, want_tree = jax.tree_util.tree_flatten(outside)
+    if got_tree != want_tree:
+        return []
+    if isinstance(axes, list):
+        axes = tuple(axes)
+    flat_axes: list = []
+    try:
+        jax.tree_util.tree_map(
+            lambda ax, sub: flat_axes.extend([ax] * len(jax.tree_util.tree_leaves(sub))),
+            axes, outside, is_leaf=lambda x: x is None,
+        )
+    except (ValueError, TypeError):
+        return []
+    if len(flat_axes) != len(got):
+        return []
+    return [(i, o) for i, o, ax in zip(got, want, flat_axes, strict=True) if ax == 0]
 
 
 @contextlib.contextmanager
@@ -232,6 +340,52 @@ def recording(root_key: Any):
 
         return call
 
+    orig_split, orig_clone = jax.random.split, getattr(jax.random, "clone", None)
+    orig_scan, orig_vmap = jax.lax.scan, jax.vmap
+
+    def split(key, num=2):
+        out = orig_split(key, num)
+        if isinstance(num, int):  # rows of out: the keys a mapped call slices
+            rec.split_key(out, key)
+        return out
+
+    def clone(key):
+        out = orig_clone(key)
+        rec.alias(out, key)  # same value
+        return out
+
+    def scan(f, init, xs=None, *args, **kwargs):
+        """``lax.scan`` noting the rows of ``xs`` inside and the stacked ``ys`` outside."""
+        token, seen = object(), {}
+
+        def body(carry, x):
+            rec.mapped(_pairs(x, xs), token, out=False)
+            out = f(carry, x)
+            seen["ys"] = out[1] if isinstance(out, tuple) and len(out) == 2 else _NOTHING
+            return out
+
+        carry, ys = orig_scan(body, init, xs, *args, **kwargs)
+        rec.mapped(_pairs(seen.get("ys", _NOTHING), ys), token, out=True)
+        return carry, ys
+
+    def vmap(fun, in_axes=0, out_axes=0, *args, **kwargs):
+        """``jax.vmap`` noting, on axis 0, the rows inside and the stacked outputs outside."""
+
+        @functools.wraps(fun)
+        def call(*a, **kw):
+            token, seen = object(), {}
+
+            def inner(*ia, **ikw):
+                rec.mapped(_pairs((ia, ikw), (a, kw), (in_axes, 0)), token, out=False)
+                seen["out"] = fun(*ia, **ikw)
+                return seen["out"]
+
+            out = orig_vmap(inner, in_axes, out_axes, *args, **kwargs)(*a, **kw)
+            rec.mapped(_pairs(seen.get("out", _NOTHING), out, out_axes), token, out=True)
+            return out
+
+        return call
+
     def fold(rng, data):
         out = orig_fold(rng, data)
         rec._folds[id(out)] = (out, rng, tuple(data))
@@ -250,9 +404,10 @@ def recording(root_key: Any):
         value = orig_param(self, name, spy, *init_args, unbox=unbox, **init_kwargs)
         if seen:
             path = tuple(self.path) + (name,)
+            data, maps = rec.key_source(seen["key"])
             rec.records[("params", path)] = Record(
-                "params", path, init_fn, init_args, init_kwargs, True,
-                rec.key_data(seen["key"]), seen["out"], program=seen["program"],
+                "params", path, init_fn, init_args, init_kwargs, True, data, seen["out"],
+                program=seen["program"], key_maps=maps,
             )
         return value
 
@@ -284,6 +439,9 @@ def recording(root_key: Any):
         scope_cls.param = param
         scope_cls.variable = variable
         jax.checkpoint = jax.remat = remat
+        jax.random.split, jax.lax.scan, jax.vmap = split, scan, vmap
+        if orig_clone is not None:
+            jax.random.clone = clone
         try:
             yield rec
         finally:
@@ -292,3 +450,6 @@ def recording(root_key: Any):
             scope_cls.variable = orig_variable
             jax.checkpoint = orig_remat
             jax.remat = orig_remat
+            jax.random.split, jax.lax.scan, jax.vmap = orig_split, orig_scan, orig_vmap
+            if orig_clone is not None:
+                jax.random.clone = orig_clone

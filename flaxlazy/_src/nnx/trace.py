@@ -66,6 +66,10 @@ class Record:
     output: Any
     init_fn: Any = None
 
+    # The core's view: a stacked (nnx.vmap) leaf is one program of the whole leaf.
+    layers: tuple = ()
+    split = False
+
     @property
     def replayable(self) -> bool:
         return self.program is not None

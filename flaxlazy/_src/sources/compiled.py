@@ -5,8 +5,9 @@ Each leaf with a static recipe runs a small jit-compiled function, cached by its
 see ``programs``) and the leaf's sharding, so a 48-layer model compiles about as many
 functions as a 2-layer one, and an initializer that computes anything else is never
 served another's code. Each folds its leaf's static fold value into its stream's root
-key inside that compiled function, exactly as the framework derives the key. Large
-random leaves are drawn in chunks (``chunked``).
+key inside that compiled function, exactly as the framework derives the key (for a
+stacked leaf, after splitting it per layer: ``leaf_key``). Large random leaves are drawn
+in chunks (``chunked``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from flaxlazy._src import cache as cache_lib
 from flaxlazy._src import chunked
 from flaxlazy._src import programs
 from flaxlazy._src.sources import flat
+from flaxlazy._src.sources import keys as keys_lib
 from flaxlazy._src.sources import kinds
 
 # A jit-compiled CPU initializer with its wrapper holds about 2-3 MiB (measured: 100
@@ -50,7 +52,7 @@ def _leaf_fn(leaf: Any):
     depends on the program alone, never on how many leaves the model has. Large random
     leaves are drawn in chunks.
     """
-    program = leaf.program
+    program, layers = leaf.program, leaf.layers
 
     def make():
         run = programs.runner(program, _chunked_draw(leaf))
@@ -58,7 +60,7 @@ def _leaf_fn(leaf: Any):
         def keyed(root, key_hash, runtime):
             if key_hash is None:
                 return run(runtime)
-            return run(runtime, jax.random.fold_in(root, key_hash))
+            return run(runtime, keys_lib.leaf_key(root, key_hash, layers))
 
         return jax.jit(keyed, out_shardings=leaf.sharding)
 
@@ -76,7 +78,7 @@ def _large(leaf: Any) -> bool:
 def _chunked_draw(leaf: Any) -> Any:
     """The block-by-block draw of a large random leaf (each device its own shard), or
     None to draw it whole (small, not chunkable, or chunking unsound here)."""
-    if leaf.key is None or not _large(leaf):
+    if leaf.key is None or leaf.layers or not _large(leaf):
         return None
     if not _compat.chunking_ok():  # checked once, and only once a leaf is large
         return None
@@ -97,7 +99,7 @@ def compile_key(leaf: Any) -> Any:
     if leaf.program.key is None:
         return None
     config = (jax.config.jax_threefry_partitionable, jax.config.jax_enable_x64)
-    return ("leaf", leaf.program.key, leaf.sharding, config)
+    return ("leaf", leaf.program.key, leaf.layers, leaf.sharding, config)
 
 
 def _cost(consts: Sequence[Any], baked: Sequence[bool]) -> int:
@@ -169,10 +171,12 @@ def _groups(plan: Any, indices: list[int], *, cold: bool = False
 
 
 def _flat(leaf: Any) -> programs.Program | None:
-    """The leaf's transform if it is drawn flat (``flat``) when its root key allows it."""
-    if math.prod(leaf.shape) < flat.MIN_ELEMENTS or not flat.on_one_cpu(leaf.sharding):
+    """The leaf's transform if it is drawn flat (``flat``) when its root key allows it:
+    one layer's, for a leaf stacked per layer."""
+    layer = flat.one_layer(leaf)
+    if math.prod(layer.shape) < flat.MIN_ELEMENTS or not flat.on_one_cpu(leaf.sharding):
         return None
-    return flat.transform(leaf)
+    return flat.transform(layer)
 
 
 def cold_compiles(plan: Any, indices: list[int]) -> int:
@@ -189,14 +193,15 @@ def cold_compiles(plan: Any, indices: list[int]) -> int:
 def _fused_fn(leaves: list[Any], keys: list[Any]):
     """One compiled ``g(roots, hashes, runtimes) -> [leaf values]`` for several leaves."""
     runs = [programs.runner(leaf.program) for leaf in leaves]
+    layers = [leaf.layers for leaf in leaves]
 
     def make():
         def fused(roots, hashes, runtimes):
             return [
                 run(runtime) if key_hash is None
-                else run(runtime, jax.random.fold_in(root, key_hash))
-                for run, root, key_hash, runtime in zip(runs, roots, hashes, runtimes,
-                                                        strict=True)
+                else run(runtime, keys_lib.leaf_key(root, key_hash, stack))
+                for run, root, key_hash, runtime, stack in zip(
+                    runs, roots, hashes, runtimes, layers, strict=True)
             ]
 
         return jax.jit(fused, out_shardings=[leaf.sharding for leaf in leaves])
@@ -226,8 +231,8 @@ def execute(plan: Any, indices: list[int], context: kinds.Context) -> dict[int, 
         elif (transform := _flat(leaf)) is not None and flat.usable(
             root := context.roots[leaf.stream]
         ):
-            out[i] = flat.draw(leaf, root, np.uint32(leaf.key), transform,
-                               leaf.sharding or default)
+            out[i] = flat.draw(leaf, flat.layer_roots(root, leaf.layers), np.uint32(leaf.key),
+                               transform, leaf.sharding or default)
         else:
             coded.append(i)
 

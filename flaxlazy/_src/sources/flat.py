@@ -17,8 +17,10 @@ leaf is drawn here as flat blocks of ``BLOCK`` elements by two compiled kernels:
    kernel with one fan-in. Initializers that differ in any literal (a fan-in's scale)
    get their own, since XLA folds literals differently from run-time scalars.
 
-The blocks are copied into an aligned host buffer of the leaf's shape, which becomes the
-device array without another copy. So this serves leaves placed on one CPU device,
+A leaf stacked by ``nn.scan``/``nn.vmap`` with a key per layer is drawn layer by layer,
+each from its layer's key (``layer_roots``), by the same kernels: one layer's transform
+serves every layer. The blocks are copied into an aligned host buffer of the leaf's shape,
+which becomes the device array without another copy. So this serves leaves placed on one CPU device,
 drawn outside any trace; the others run one compiled function per program
 (``compiled``). Values are bit-identical to the leaf's whole draw.
 """
@@ -37,6 +39,7 @@ from flaxlazy._src import _compat
 from flaxlazy._src import cache as cache_lib
 from flaxlazy._src import chunked
 from flaxlazy._src import programs
+from flaxlazy._src.sources import keys as keys_lib
 
 # Elements per block: large enough that dispatch is a small share of a block's work,
 # small enough that a small leaf's rounding up to one block costs well under 1 ms.
@@ -74,6 +77,34 @@ def transform(leaf: Any) -> programs.Program | None:
 
     key = None if program.key is None else (program.key, tuple(leaf.shape), str(leaf.dtype))
     return _TRANSFORMS.get(key, make)
+
+
+def one_layer(leaf: Any) -> Any:
+    """One layer of a leaf stacked per layer (``plan.Leaf.layers``): its shape and its
+    program; the leaf itself when it is not stacked so."""
+    if not leaf.layers:
+        return leaf
+    return leaf._replace(shape=tuple(leaf.shape[len(leaf.layers):]), program=leaf.layer,
+                         layers=(), layer=None)
+
+
+def layer_roots(root: Any, layers: tuple[int, ...]) -> list:
+    """Every layer's key, row-major (``[root]`` itself without layers): one compiled call.
+
+    Keys of the same kind as ``root``, so the same bits kernel draws from them.
+    """
+    if not layers:
+        return [root]
+
+    def make():
+        def split(root):
+            keys = keys_lib.layer_keys(root, layers)
+            return list(keys.reshape((-1,) + tuple(root.shape)))
+
+        return jax.jit(split)
+
+    key = ("layers", layers, tuple(root.shape), str(root.dtype))
+    return _KERNELS.get(key, make, nbytes=_KERNEL_BYTES)(root)
 
 
 def on_one_cpu(sharding: Any) -> bool:
@@ -158,24 +189,29 @@ def _aligned_empty(n: int, dtype: Any) -> np.ndarray:
     return raw[start:start + n * dtype.itemsize].view(dtype)
 
 
-def draw(leaf: Any, root: Any, fold: np.uint32, program: programs.Program,
+def draw(leaf: Any, roots: list, fold: np.uint32, program: programs.Program,
          sharding: Any = None) -> jax.Array:
     """The leaf's value, block by block, placed by ``sharding`` (one device; None: the
-    default device, uncommitted): ``program`` is its ``transform``."""
-    bits, values = _bits_fn(root), _transform_fn(program)
+    default device, uncommitted). ``roots``: the key each layer's key is folded from
+    (``layer_roots``; one for a leaf that is not stacked); ``program``: one layer's
+    ``transform``."""
+    bits, values = _bits_fn(roots[0]), _transform_fn(program)
     n = math.prod(leaf.shape)
+    per_layer = n // len(roots)
     out = _aligned_empty(n, leaf.dtype)
     pending: collections.deque = collections.deque()
 
     def copy_out():
-        start, block = pending.popleft()
-        stop = min(start + BLOCK, n)
-        out[start:stop] = np.asarray(block)[:stop - start]
+        offset, start, block = pending.popleft()
+        stop = min(start + BLOCK, per_layer)
+        out[offset + start:offset + stop] = np.asarray(block)[:stop - start]
 
-    for start in range(0, n, BLOCK):
-        pending.append((start, values(*bits(root, fold, np.uint32(start)))))
-        if len(pending) > _WINDOW:
-            copy_out()
+    for layer, root in enumerate(roots):
+        for start in range(0, per_layer, BLOCK):
+            block = values(*bits(root, fold, np.uint32(start)))
+            pending.append((layer * per_layer, start, block))
+            if len(pending) > _WINDOW:
+                copy_out()
     while pending:
         copy_out()
     return jax.device_put(out.reshape(leaf.shape), sharding)
@@ -183,6 +219,8 @@ def draw(leaf: Any, root: Any, fold: np.uint32, program: programs.Program,
 
 def cold_compiles(leaves: list[Any]) -> int:
     """How many kernels drawing these leaves flat compiles with empty caches."""
-    keys = [transform(leaf).key for leaf in leaves]
-    return int(bool(leaves)) + len({k for k in keys if k is not None}) + keys.count(None)
+    keys = [transform(one_layer(leaf)).key for leaf in leaves]
+    stacks = {leaf.layers for leaf in leaves if leaf.layers}
+    return (int(bool(leaves)) + len(stacks) + len({k for k in keys if k is not None})
+            + keys.count(None))
 

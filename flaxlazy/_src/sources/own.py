@@ -4,17 +4,24 @@ A variable whose recipe is static (its key derives from a root key by static dat
 arguments are static, its value final) is recreated alone by the program recorded while
 tracing (or, for one leaf of a larger variable value, by the initializer traced again
 for that leaf). Values are identical to the framework's own init.
+
+A variable stacked by ``nn.scan``/``nn.vmap`` (``Record.layers``) is one layer's program
+mapped over the layers' keys when the key is split per layer, or one layer's value
+broadcast when every layer holds the same value.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from flaxlazy._src import paths
 from flaxlazy._src import programs
+from flaxlazy._src.sources import keys as keys_lib
 
 
 def _select(tree: Any, sub: str) -> Any:
@@ -63,13 +70,48 @@ def _makes(program: programs.Program, shape, dtype) -> bool:
     )
 
 
-def program(rec: Any, sub: str, root_key: Any, shape, dtype):
-    """The program of one leaf: the one recorded during the trace, or a fresh trace.
+class Own(NamedTuple):
+    """How a leaf is replayed from its module's own initializer.
 
-    A variable of one array (boxed or not) reuses the program traced while recording;
-    a leaf inside a larger variable value is traced alone.
+    Attributes:
+      program: the whole leaf: ``fn(key)``, ``fn()`` without a key, or, with ``layers``,
+        ``fn(keys)`` of the layers' keys (shape ``layers`` + the root key's).
+      layers: the sizes of the leading axes whose every row has a key of its own, split
+        from the key above it (``nn.scan``/``nn.vmap``); ``()`` otherwise.
+      layer: with ``layers``, one layer's ``fn(key)``.
     """
+
+    program: programs.Program
+    layers: tuple[int, ...] = ()
+    layer: programs.Program | None = None
+
+
+def _one_layer(rec: Any, sub: str, key_spec: Any, shape, dtype) -> programs.Program | None:
     program = rec.program
     if program is not None and not sub and program.out_tree.num_leaves == 1:
         return program.as_single_output() if _makes(program, shape, dtype) else None
-    return _replays_alone(_replay(rec, sub), root_key if rec.takes_key else None, shape, dtype)
+    return _replays_alone(_replay(rec, sub), key_spec, shape, dtype)
+
+
+def program(rec: Any, sub: str, root_key: Any, shape, dtype) -> Own | None:
+    """How one leaf is replayed: the program recorded during the trace, or a fresh trace.
+
+    A variable of one array (boxed or not) reuses the program traced while recording;
+    a leaf inside a larger variable value is traced alone. A stacked leaf maps (or
+    broadcasts) one layer's program over its layers.
+    """
+    layers, shape = tuple(rec.layers), tuple(shape)
+    key_spec = root_key if rec.takes_key else None
+    if shape[:len(layers)] != layers:
+        return None
+    one = _one_layer(rec, sub, key_spec, shape[len(layers):], dtype)
+    if one is None or not layers:
+        return None if one is None else Own(one)
+    run, runtime = programs.runner(one), one.runtime_consts
+    if rec.split:
+        spec = jax.ShapeDtypeStruct(layers + tuple(key_spec.shape), key_spec.dtype)
+        stacked = programs.trace(keys_lib.mapped(lambda k: run(runtime, k), len(layers)), spec)
+        return Own(stacked, layers, one)
+    same = programs.trace(lambda *k: jnp.broadcast_to(run(runtime, *k), shape),
+                          *([] if key_spec is None else [key_spec]))
+    return Own(same)
