@@ -164,7 +164,8 @@ def _draw_function(plan):
         if program is not None and program.key is not None:
             run = programs.runner(program)
             group = groups.setdefault(
-                program.key, [run, program.runtime_consts, leaf.key is not None, 0]
+                program.key,
+                [run, program.runtime_consts, leaf.key is not None, 0, tuple(leaf.layers)],
             )
             group[3] += 1
         else:
@@ -173,10 +174,11 @@ def _draw_function(plan):
     def draw(key):
         keys = jax.random.split(key, len(groups) + len(extra))
         out = []
-        for k, (run, consts, takes_key, n) in zip(keys, groups.values(), strict=False):
-            if takes_key:
+        for k, (run, consts, takes_key, n, layers) in zip(keys, groups.values(),
+                                                           strict=False):
+            if takes_key:  # stacked leaves (``leaf.layers``) take one key per layer
                 fn = functools.partial(run, consts)
-                out.append(jax.lax.map(fn, jax.random.split(k, n)))
+                out.append(jax.lax.map(fn, jax.random.split(k, (n, *layers))))
             else:
                 value = run(consts)
                 out.append(jnp.broadcast_to(value, (n, *value.shape)))

@@ -14,6 +14,7 @@ import flaxlazy
 from flaxlazy._src import programs
 from flaxlazy._src.compiles import count_compiles
 from flaxlazy._src.sources import flat
+from flaxlazy._src.sources import keys as keys_lib
 
 INITS = {
     "lecun_normal": nn.initializers.lecun_normal(),
@@ -38,7 +39,7 @@ def _assert_drawn_whole(init, shape, dtype, root):
     leaf = _leaf(init, shape, dtype, root)
     transform = flat.transform(leaf)
     assert transform is not None and flat.usable(root)
-    got = flat.draw(leaf, [root], np.uint32(5), transform)
+    got = flat.draw(leaf, flat.layer_roots(root, ()), np.uint32(5), transform)
     want = jax.jit(lambda r: init(jax.random.fold_in(r, 5), shape, dtype))(root)
     chex.assert_trees_all_equal(got, want)
     chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
@@ -53,6 +54,22 @@ def _assert_like_init(model, key, x):
 def test_known_bits_are_jaxs(make_key):
     bits = np.asarray(jax.random.bits(jax.random.fold_in(make_key(0), 7), (3, 65536)))
     assert {i: int(bits.reshape(-1)[i]) for i in flat._KNOWN_BITS} == flat._KNOWN_BITS
+
+
+def test_known_split_is_jaxs():
+    split = jax.random.key_data(jax.random.split(jax.random.key(0), len(flat._KNOWN_SPLIT)))
+    assert np.asarray(split).tolist() == [list(row) for row in flat._KNOWN_SPLIT]
+
+
+@pytest.mark.parametrize("layers", [(3,), (2, 3), (70000,)], ids=str)
+@pytest.mark.parametrize("make_key", [jax.random.key, jax.random.PRNGKey], ids=["typed", "raw"])
+def test_layer_roots_are_jaxs_split(layers, make_key):
+    root = make_key(4)
+    keys = keys_lib.layer_keys(root, layers)
+    want = jax.random.key_data(keys) if jax.dtypes.issubdtype(keys.dtype,
+                                                               jax.dtypes.prng_key) else keys
+    got = np.stack(flat.layer_roots(root, layers))
+    np.testing.assert_array_equal(got, np.asarray(want).reshape(-1, 2))
 
 
 @pytest.mark.parametrize("name", list(INITS))
@@ -137,8 +154,12 @@ def test_inside_jit_is_traced_not_flat():
     chex.assert_trees_all_equal(got, jax.jit(model.init)(jax.random.key(2), x))
 
 
-def test_a_failed_known_answer_check_draws_per_program(monkeypatch):
-    monkeypatch.setitem(flat._KNOWN_BITS, 1, 12345)
+@pytest.mark.parametrize("known", ["bits", "split"])
+def test_a_failed_known_answer_check_draws_per_program(monkeypatch, known):
+    if known == "bits":
+        monkeypatch.setitem(flat._KNOWN_BITS, 1, 12345)
+    else:
+        monkeypatch.setattr(flat, "_KNOWN_SPLIT", ((1, 2), (3, 4)))
     flaxlazy.clear_caches()
     try:
         assert not flat.usable(jax.random.key(0))

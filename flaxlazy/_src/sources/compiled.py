@@ -224,6 +224,7 @@ def execute(plan: Any, indices: list[int], context: kinds.Context) -> dict[int, 
         return root, key_hash, leaf.program.runtime_consts
 
     default = home(context)
+    roots: dict = {}  # (stream, layers) -> the key data each layer's key folds from
     for i in indices:
         leaf = plan.leaves[i]
         if (value := fill(leaf)) is not None:
@@ -231,8 +232,11 @@ def execute(plan: Any, indices: list[int], context: kinds.Context) -> dict[int, 
         elif (transform := _flat(leaf)) is not None and flat.usable(
             root := context.roots[leaf.stream]
         ):
-            out[i] = flat.draw(leaf, flat.layer_roots(root, leaf.layers), np.uint32(leaf.key),
-                               transform, leaf.sharding or default)
+            where = (leaf.stream, leaf.layers)
+            if where not in roots:
+                roots[where] = flat.layer_roots(root, leaf.layers)
+            out[i] = flat.draw(leaf, roots[where], np.uint32(leaf.key), transform,
+                               leaf.sharding or default)
         else:
             coded.append(i)
 
