@@ -13,6 +13,7 @@ from flax import errors as flax_errors
 from flax.core.scope import DenyList
 
 from flaxlazy._src import _compat
+from flaxlazy._src import gc_pause
 from flaxlazy._src import paths
 from flaxlazy._src import specs
 from flaxlazy._src.linen import recorder as recorder_lib
@@ -267,7 +268,8 @@ def trace(call: InitCall, *, record: bool = True) -> Traced:
         return variables
 
     try:
-        variables = jax.eval_shape(fn, call.rngs, list(call.inputs))
+        with gc_pause.paused():
+            variables = jax.eval_shape(fn, call.rngs, list(call.inputs))
     except flax_errors.InvalidRngError as e:
         if isinstance(call.rngs, Mapping) and "params" not in call.rngs:
             raise ValueError(

@@ -30,11 +30,13 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import inspect
 import threading
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import config as flax_config
 
 from flaxlazy._src import _compat
@@ -146,6 +148,7 @@ class Recorder:
         self._rows: dict[int, tuple[Any, Any, Any]] = {}
         self._stacks: dict[int, tuple[Any, Any, Any]] = {}
         self._splits: dict[int, tuple[Any, Any]] = {}
+        self._pure: dict[Any, programs.Program] = {}  # see ``run``
 
     def alias(self, inner: Any, outer: Any) -> None:
         """Records that ``inner`` (inside a transform) stands for ``outer`` (outside it)."""
@@ -196,7 +199,7 @@ class Recorder:
         ((same, maps),) = found
         return maps if same else None
 
-    def run(self, fn: Any, *key: Any) -> tuple[Any, Any]:
+    def run(self, fn: Any, *key: Any, pure: Any = None) -> tuple[Any, Any]:
         """Calls an initializer ``fn(*key)`` for Flax, tracing it alone on the way.
 
         The initializer is traced once, to a ``programs.Program`` the plan replays later,
@@ -204,13 +207,21 @@ class Recorder:
         values are never read), so the initializer's work is traced once, not twice.
         Programs that captured values of the enclosing trace (data-dependent init) or
         give weak-typed or key outputs are evaluated instead, giving Flax the real value.
+
+        ``pure``: a key (``pure_call``) under which this very call was traced before in
+        this trace: its program is reused (48 layers' kernels trace one initializer once).
         """
         specs = [jax.ShapeDtypeStruct(k.shape, k.dtype) for k in key]
-        try:
-            program = programs.trace(fn, *specs)
-        except Exception:  # noqa: BLE001 - e.g. it calls back into the module
-            self.unreliable = True
-            return fn(*key), None
+        memo = None if pure is None else (pure, tuple(specs))
+        program = self._pure.get(memo) if memo is not None else None
+        if program is None:
+            try:
+                program = programs.trace(fn, *specs)
+            except Exception:  # noqa: BLE001 - e.g. it calls back into the module
+                self.unreliable = True
+                return fn(*key), None
+            if memo is not None:
+                self._pure[memo] = program
         avals = program.jaxpr.out_avals
         if programs.leaked_tracers(program) or any(
             a.weak_type or _compat.is_key_array(a) for a in avals
@@ -254,6 +265,37 @@ class Recorder:
 
 
 _NOTHING = object()
+
+# Modules whose initializers are pure functions of their key, arguments and closure
+# (JAX's ``jax.nn.initializers``, which Flax re-exports): no state, no globals read.
+_PURE_MODULES = frozenset({"jax.nn.initializers", "jax._src.nn.initializers"})
+
+
+def pure_call(fn: Any, args: tuple, kwargs: dict) -> Any:
+    """A key for a call of a JAX initializer ``fn(key, *args, **kwargs)`` that is equal
+    only for the same function object and equal plain arguments (shapes, dtypes), so
+    that within one trace equal keys trace to the same program; None for anything else
+    (user initializers may read state that changes between calls).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> init = jax.nn.initializers.lecun_normal()
+      >>> pure_call(init, ((4, 3), jnp.float32), {}) == pure_call(init, ((4, 3), jnp.float32), {})
+      True
+      >>> pure_call(lambda k, s: jnp.zeros(s), ((4, 3),), {}) is None
+      True
+    """
+    if not inspect.isfunction(fn) or fn.__module__ not in _PURE_MODULES:
+        return None
+    leaves, tree = jax.tree_util.tree_flatten((args, kwargs))
+    if any(isinstance(x, (jax.Array, np.ndarray, jax.core.Tracer)) for x in leaves):
+        return None
+    key = (fn, tree, tuple((type(x), x) for x in leaves))  # types: 1 and True differ
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def _boxed_structure(tree: Any) -> Any:
@@ -397,7 +439,8 @@ def recording(root_key: Any):
         seen = {}
 
         def spy(key, *args, **kwargs):
-            out, program = rec.run(lambda k: init_fn(k, *args, **kwargs), key)
+            out, program = rec.run(lambda k: init_fn(k, *args, **kwargs), key,
+                                   pure=pure_call(init_fn, args, kwargs))
             seen.update(key=key, out=out, program=program)
             return out
 

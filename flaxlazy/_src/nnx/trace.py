@@ -28,6 +28,7 @@ import jax
 from flax import nnx
 
 from flaxlazy._src import _compat
+from flaxlazy._src import gc_pause
 from flaxlazy._src import paths
 from flaxlazy._src import programs
 from flaxlazy._src import slicing
@@ -287,8 +288,9 @@ def trace(call: call_lib.ConstructorCall, *, logical: bool = False, record: bool
         return outs
 
     abstract_keys = [specs.to_spec(k) for k in call.keys()]
-    closed = jax.make_jaxpr(run)(abstract_keys, list(call.inputs))
-    analysis = slicing.Analysis(closed, len(call.streams)) if record else None
+    with gc_pause.paused():
+        closed = jax.make_jaxpr(run)(abstract_keys, list(call.inputs))
+        analysis = slicing.Analysis(closed, len(call.streams)) if record else None
 
     counter = iter(range(len(closed.jaxpr.outvars)))
     variables: dict = {}
