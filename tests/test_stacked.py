@@ -207,3 +207,12 @@ def test_stacked_on_a_mesh_matches_init():
     assert kernel.sharding.spec == P(None, None, "model")
     want = jax.jit(Stack().init)(jax.random.key(3), jnp.zeros(X.shape, X.dtype))
     chex.assert_trees_all_equal(jax.device_get(got), jax.device_get(want))
+
+
+def test_inspect_counts_the_compiles():
+    flaxlazy.materialize(nn.Dense(3), jax.random.key(0), flaxlazy.spec("f32[1,2]"))  # warm
+    report = flaxlazy.inspect(Stack(layers=4), jax.eval_shape(jax.random.key, 0), X)
+    flaxlazy.clear_caches()
+    with count_compiles() as c:
+        flaxlazy.materialize(Stack(layers=4), jax.random.key(0), X)
+    assert report.compiles_total == c.count > 0

@@ -28,15 +28,6 @@ from flaxlazy._src.sources import flat
 from flaxlazy._src.sources import keys as keys_lib
 from flaxlazy._src.sources import kinds
 
-# A jit-compiled CPU initializer with its wrapper holds about 2-3 MiB (measured: 100
-# distinct lecun_normal draws kept alive add 3.0 MiB each); the byte bound counts this
-# per entry, plus the constants baked into it.
-_EXECUTABLE_BYTES = 5 << 19  # 2.5 MiB
-
-# Compiled functions by program and placement; bounded by count and estimated bytes
-# (about 100 initializers: far more signatures than one model has).
-_COMPILED = cache_lib.LRU(256, max_bytes=256 << 20)
-
 
 def _single_device(sharding: Any) -> bool:
     if sharding is None:
@@ -64,7 +55,7 @@ def _leaf_fn(leaf: Any):
 
         return jax.jit(keyed, out_shardings=leaf.sharding)
 
-    return _COMPILED.get(compile_key(leaf), make,
+    return cache_lib.EXECUTABLES.get(compile_key(leaf), make,
                          nbytes=_cost(program.jaxpr.consts, program.baked))
 
 
@@ -104,7 +95,7 @@ def compile_key(leaf: Any) -> Any:
 
 def _cost(consts: Sequence[Any], baked: Sequence[bool]) -> int:
     """Estimated bytes a compiled function holds: executable overhead + baked constants."""
-    return _EXECUTABLE_BYTES + sum(
+    return cache_lib.EXECUTABLE_BYTES + sum(
         np.asarray(c).nbytes for c, b in zip(consts, baked, strict=True) if b
     )
 
@@ -150,7 +141,7 @@ def _fusable(leaf: Any, key: Any, counts: collections.Counter, cold: bool) -> bo
     cached yet (a one-off program drawn whole on one device): such leaves are compiled
     together, as one executable, which costs less than compiling them apart."""
     return (
-        key is not None and counts[key] == 1 and (cold or key not in _COMPILED)
+        key is not None and counts[key] == 1 and (cold or key not in cache_lib.EXECUTABLES)
         and _single_device(leaf.sharding) and not _large(leaf)
     )
 
@@ -207,7 +198,7 @@ def _fused_fn(leaves: list[Any], keys: list[Any]):
         return jax.jit(fused, out_shardings=[leaf.sharding for leaf in leaves])
 
     nbytes = sum(_cost(leaf.program.jaxpr.consts, leaf.program.baked) for leaf in leaves)
-    return _COMPILED.get(("fused", tuple(keys)), make, nbytes=nbytes)
+    return cache_lib.EXECUTABLES.get(("fused", tuple(keys)), make, nbytes=nbytes)
 
 
 def execute(plan: Any, indices: list[int], context: kinds.Context) -> dict[int, Any]:

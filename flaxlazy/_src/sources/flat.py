@@ -56,9 +56,6 @@ _POPULATE_BYTES = 1 << 20  # larger host buffers are mapped with their pages pop
 
 # (program key, shape, dtype) -> the transform Program, or None (not drawn flat).
 _TRANSFORMS = cache_lib.LRU(4096)
-# Compiled kernels: the bits kernel, and a transform per program key.
-_KERNELS = cache_lib.LRU(256, max_bytes=128 << 20)
-_KERNEL_BYTES = 5 << 19  # an executable with its wrapper (see compiled._EXECUTABLE_BYTES)
 
 
 def transform(leaf: Any) -> programs.Program | None:
@@ -190,7 +187,8 @@ def _bits_fn():
         return fn
 
     config = (jax.config.jax_threefry_partitionable, jax.config.jax_enable_x64)
-    return _KERNELS.get(("bits", BLOCK, config), make, nbytes=_KERNEL_BYTES)
+    return cache_lib.EXECUTABLES.get(("bits", BLOCK, config), make,
+                                     nbytes=cache_lib.EXECUTABLE_BYTES)
 
 
 def _transform_fn(program: programs.Program):
@@ -200,7 +198,7 @@ def _transform_fn(program: programs.Program):
         return jax.jit(lambda b1, b2: run([], b1, b2))
 
     key = None if program.key is None else ("transform", program.key)
-    return _KERNELS.get(key, make, nbytes=_KERNEL_BYTES)
+    return cache_lib.EXECUTABLES.get(key, make, nbytes=cache_lib.EXECUTABLE_BYTES)
 
 
 def _aligned_empty(n: int, dtype: Any) -> np.ndarray:

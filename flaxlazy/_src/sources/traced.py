@@ -16,9 +16,9 @@ from typing import Any
 import jax
 
 from flaxlazy._src import _compat
+from flaxlazy._src import cache as cache_lib
 from flaxlazy._src import programs
 from flaxlazy._src import specs
-from flaxlazy._src.sources import compiled as compiled_lib
 from flaxlazy._src.sources import kinds
 
 DATA_DEPENDENT = (
@@ -80,7 +80,7 @@ def pruned_runner(closed: Any, names: Sequence[str], shardings: Sequence[Any], n
             out_shardings=list(shardings) if any(s is not None for s in shardings) else None,
         )
 
-    compiled = compiled_lib._COMPILED.get(key, make, nbytes=compiled_lib._EXECUTABLE_BYTES)
+    compiled = cache_lib.EXECUTABLES.get(key, make, nbytes=cache_lib.EXECUTABLE_BYTES)
 
     def runner(rng_leaves, dyn):
         flat_in = list(rng_leaves) + list(dyn)
