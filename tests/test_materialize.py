@@ -90,6 +90,37 @@ def test_static_recipes_replayed_scan_stacks_included():
     chex.assert_trees_all_equal(got, want)
 
 
+class SharedInits(nn.Module):
+    """Three Dense layers sharing one JAX kernel initializer, two of one shape; a user
+    initializer on the last."""
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.lecun_normal()
+        x = nn.Dense(8, kernel_init=init, name="a")(x)
+        x = nn.Dense(8, kernel_init=init, name="b")(x)
+        x = nn.Dense(6, kernel_init=init, name="c")(x)
+        user = lambda k, s, d=jnp.float32: 0.5 * jax.random.normal(k, s, d)  # noqa: E731
+        x = nn.Dense(6, kernel_init=user, name="d")(x)
+        return nn.Dense(6, kernel_init=user, name="e")(x)
+
+
+def test_jax_initializers_traced_once_per_call_signature():
+    call = linen_call.make_call(SharedInits(), jax.random.key(0), (jnp.ones((2, 8)),), {})
+    records = linen_call.trace(call).records
+    program = {path[0]: rec.program for (col, path), rec in records.items()
+               if path[-1] == "kernel"}
+    assert program["a"] is program["b"]  # same function, same shape: traced once
+    assert program["c"] is not program["a"]  # another shape
+    assert program["d"] is not program["e"]  # user initializers: traced every call
+    assert recorder.pure_call(nn.initializers.constant(np.ones(3)), ((3,),), {}) is None
+    assert recorder.pure_call(nn.initializers.zeros, ((3,), True), {}) != recorder.pure_call(
+        nn.initializers.zeros, ((3,), 1), {})
+    key, x = jax.random.key(4), jnp.ones((2, 8))
+    chex.assert_trees_all_equal(flaxlazy.materialize(SharedInits(), key, x),
+                                jax.jit(SharedInits().init)(key, x))
+
+
 def test_concrete_inputs_equal_spec_inputs():
     x = jax.random.normal(jax.random.key(5), X.shape)
     a = flaxlazy.materialize(Net(), jax.random.key(0), x)

@@ -285,7 +285,9 @@ def pure_call(fn: Any, args: tuple, kwargs: dict) -> Any:
       >>> pure_call(lambda k, s: jnp.zeros(s), ((4, 3),), {}) is None
       True
     """
-    if not inspect.isfunction(fn) or fn.__module__ not in _PURE_MODULES:
+    if not inspect.isfunction(fn) or fn.__module__ not in _PURE_MODULES or not all(
+        _immutable(cell.cell_contents) for cell in fn.__closure__ or ()
+    ):
         return None
     leaves, tree = jax.tree_util.tree_flatten((args, kwargs))
     if any(isinstance(x, (jax.Array, np.ndarray, jax.core.Tracer)) for x in leaves):
@@ -296,6 +298,14 @@ def pure_call(fn: Any, args: tuple, kwargs: dict) -> Any:
     except TypeError:
         return None
     return key
+
+
+def _immutable(x: Any) -> bool:
+    """Whether ``x`` is a plain value that cannot change (a closure's scale, mode, axes);
+    a captured array or list could be mutated between two calls."""
+    if isinstance(x, tuple):
+        return all(map(_immutable, x))
+    return isinstance(x, (bool, int, float, complex, str, bytes, type(None), np.dtype, type))
 
 
 def _boxed_structure(tree: Any) -> Any:
