@@ -20,10 +20,12 @@ leaf is drawn here as flat blocks of ``BLOCK`` elements by two compiled kernels:
 
 A leaf stacked by ``nn.scan``/``nn.vmap`` with a key per layer is drawn layer by layer,
 each from its layer's key (``layer_roots``), by the same kernels: one layer's transform
-serves every layer. The blocks are copied into an aligned host buffer of the leaf's shape,
-which becomes the device array without another copy. So this serves leaves placed on one CPU device,
-drawn outside any trace; the others run one compiled function per program
-(``compiled``). Values are bit-identical to the leaf's whole draw.
+serves every layer.
+
+The blocks are copied into an aligned host buffer of the leaf's shape, which becomes the
+device array without another copy. So this serves leaves placed on one CPU device, drawn
+outside any trace; the others run one compiled function per program (``compiled``).
+Values are bit-identical to the leaf's whole draw.
 """
 
 from __future__ import annotations
