@@ -6,8 +6,8 @@ see ``programs``) and the leaf's sharding, so a 48-layer model compiles about as
 functions as a 2-layer one, and an initializer that computes anything else is never
 served another's code. Each folds its leaf's static fold value into its stream's root
 key inside that compiled function, exactly as the framework derives the key (for a
-stacked leaf, after splitting it per layer: ``leaf_key``). Large random leaves are drawn
-in chunks (``chunked``).
+stacked leaf, after splitting it per layer: ``keys.leaf_key``). Large random leaves are
+drawn in chunks (``chunked``).
 """
 
 from __future__ import annotations
