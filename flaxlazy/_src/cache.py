@@ -8,6 +8,7 @@ keyed by what they compute).
 from __future__ import annotations
 
 import collections
+import threading
 from collections.abc import Callable
 from collections.abc import Hashable
 from typing import Any
@@ -35,22 +36,28 @@ class LRU:
         self.max_bytes = max_bytes
         self.nbytes = 0
         self._data: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
         _ALL.append(self)
 
     def get(self, key: Hashable | None, make: Callable[[], Any], *, nbytes: int = 0) -> Any:
         if key is None:
             return make()
-        if key in self._data:
-            self._data.move_to_end(key)
-            return self._data[key][0]
-        value = make()
-        self._data[key] = (value, nbytes)
-        self.nbytes += nbytes
-        while len(self._data) > self.size or (
-            self.max_bytes is not None and self.nbytes > self.max_bytes and len(self._data) > 1
-        ):
-            _, (_, dropped) = self._data.popitem(last=False)
-            self.nbytes -= dropped
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                return self._data[key][0]
+        value = make()  # outside the lock: threads may make different entries at once
+        with self._lock:
+            if key in self._data:  # made meanwhile by another thread
+                return self._data[key][0]
+            self._data[key] = (value, nbytes)
+            self.nbytes += nbytes
+            while len(self._data) > self.size or (
+                self.max_bytes is not None and self.nbytes > self.max_bytes
+                and len(self._data) > 1
+            ):
+                _, (_, dropped) = self._data.popitem(last=False)
+                self.nbytes -= dropped
         return value
 
     def __len__(self) -> int:
@@ -60,8 +67,9 @@ class LRU:
         return key is not None and key in self._data
 
     def clear(self) -> None:
-        self._data.clear()
-        self.nbytes = 0
+        with self._lock:
+            self._data.clear()
+            self.nbytes = 0
 
 
 # A jit-compiled CPU function with its wrapper holds about 2-3 MiB (measured: 100
