@@ -166,6 +166,10 @@ def prepare(transforms: list[programs.Program]) -> None:
     workers = min(len(todo), os.cpu_count() or 1)
     if workers < 2:
         return  # compiled on first use, as without this
+    # A worker thread sees JAX's global configuration, not this thread's context
+    # managers (``enable_x64``, ``default_device``). Then what it compiles is cached under
+    # the worker's configuration (the bits kernel's key holds it) or is recompiled by JAX
+    # for this thread's: only its work is lost, never a value.
 
     def compile_one(program):
         if program is None:
