@@ -212,14 +212,3 @@ def test_placed_like_the_per_program_path():
         assert g.devices() == w.devices() == {device} and g.committed == w.committed
     loose = flaxlazy.materialize(Widths(), jax.random.key(1), ids)
     assert all(not x.committed for x in jax.tree.leaves(loose))
-
-
-def test_kernels_compiled_side_by_side_under_a_thread_local_config():
-    """``flat.prepare`` compiles in worker threads, which see JAX's global configuration:
-    under a thread-local ``enable_x64`` the values are still ``jit(init)``'s."""
-    flaxlazy.clear_caches()
-    model = nn.Sequential([nn.Dense(128), nn.Dense(96, kernel_init=nn.initializers.normal(0.1))])
-    x = jnp.ones((2, 64), jnp.float32)
-    with jax.enable_x64(True):
-        _assert_like_init(model, jax.random.key(3), x)
-    _assert_like_init(model, jax.random.key(3), x)

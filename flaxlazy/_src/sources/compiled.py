@@ -215,25 +215,18 @@ def execute(plan: Any, indices: list[int], context: kinds.Context) -> dict[int, 
         return root, key_hash, leaf.program.runtime_consts
 
     default = home(context)
-    drawn_flat = {}  # index -> transform, for leaves drawn flat
-    for i in indices:
-        leaf = plan.leaves[i]
-        if fill(leaf) is None and (transform := _flat(leaf)) is not None and flat.root_ok(
-            context.roots[leaf.stream]
-        ):
-            drawn_flat[i] = transform
-    if drawn_flat:
-        flat.prepare(list(drawn_flat.values()))
     roots: dict = {}  # (stream, layers) -> the key data each layer's key folds from
     for i in indices:
         leaf = plan.leaves[i]
         if (value := fill(leaf)) is not None:
             out[i] = _filled(leaf, value, default)
-        elif i in drawn_flat and flat.usable(root := context.roots[leaf.stream]):
+        elif (transform := _flat(leaf)) is not None and flat.usable(
+            root := context.roots[leaf.stream]
+        ):
             where = (leaf.stream, leaf.layers)
             if where not in roots:
                 roots[where] = flat.layer_roots(root, leaf.layers)
-            out[i] = flat.draw(leaf, roots[where], np.uint32(leaf.key), drawn_flat[i],
+            out[i] = flat.draw(leaf, roots[where], np.uint32(leaf.key), transform,
                                leaf.sharding or default)
         else:
             coded.append(i)

@@ -31,10 +31,8 @@ Values are bit-identical to the leaf's whole draw.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import math
 import mmap
-import os
 from typing import Any
 
 import jax
@@ -152,34 +150,6 @@ def usable(root: Any) -> bool:
     """Whether leaves keyed from ``root`` can be drawn flat now: ``root_ok``, and a bits
     kernel that gives JAX's own bits here."""
     return root_ok(root) and _bits_fn() is not None
-
-
-def prepare(transforms: list[programs.Program]) -> None:
-    """Compiles the bits kernel and these transforms, those not compiled yet, side by
-    side on the host's cores (XLA compiles without holding the GIL: bits and three
-    transforms took 0.24 s against 0.32 s one after another on this project's 2 cores)."""
-    todo = {} if _bits_key() in cache_lib.EXECUTABLES else {"bits": None}
-    for program in transforms:
-        key = _transform_key(program)
-        if key is not None and key not in cache_lib.EXECUTABLES:
-            todo[key] = program
-    workers = min(len(todo), os.cpu_count() or 1)
-    if workers < 2:
-        return  # compiled on first use, as without this
-    # A worker thread sees JAX's global configuration, not this thread's context
-    # managers (``enable_x64``, ``default_device``). Then what it compiles is cached under
-    # the worker's configuration (the bits kernel's key holds it) or is recompiled by JAX
-    # for this thread's: only its work is lost, never a value.
-
-    def compile_one(program):
-        if program is None:
-            _bits_fn()  # with its known-answer checks
-        else:
-            zeros = np.zeros(BLOCK, np.uint32)
-            jax.block_until_ready(_transform_fn(program)(zeros, zeros))
-
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        list(pool.map(compile_one, todo.values()))
 
 
 # JAX's own ``jax.random.bits(jax.random.fold_in(root, 7), (3, 65536))`` at some flat
