@@ -68,7 +68,7 @@ def test_scratch_is_one_block():
 
 def test_materialize_chunks_large_leaves_exactly(monkeypatch):
     monkeypatch.setattr(chunked, "MIN_ELEMENTS", 10_000)
-    monkeypatch.setattr(flat, "root_ok", lambda root: False)  # as off CPU: one per program
+    monkeypatch.setattr(flat, "usable", lambda root: False)  # as off CPU: one per program
     assert _compat.chunking_ok()  # the one-time self-check, before counting calls
     calls = []
     real = chunked.chunked_jaxpr

@@ -26,6 +26,7 @@ import numpy as np
 from jax import lax
 
 from flaxlazy._src import _compat
+from flaxlazy._src import programs
 
 # Leaves with more elements than this are drawn in chunks of CHUNK_ELEMENTS.
 MIN_ELEMENTS = 1 << 20
@@ -41,7 +42,6 @@ _ELEMENTWISE = frozenset(
     stop_gradient sub tan tanh xor""".split()
 )
 _CALLS = frozenset({"pjit", "jit", "closed_call", "core_call", "remat", "checkpoint"})
-_SAME_LAYOUT = frozenset({"reshape", "squeeze", "expand_dims", "broadcast_in_dim"})
 _KEY_USES = frozenset({"random_bits", "random_wrap"}) | _CALLS
 
 
@@ -163,7 +163,7 @@ def _eval(jaxpr: Any, consts: list, args: list, ctx: _Context) -> list:
         elif blocks and name in _ELEMENTWISE:
             out = eqn.primitive.bind(*map(_as_operand, ins), **eqn.params)
             outs = [_Block(out)]
-        elif blocks and name in _SAME_LAYOUT and _full_size(eqn.outvars[0].aval, ctx) and (
+        elif blocks and name in programs.SAME_LAYOUT and _full_size(eqn.outvars[0].aval, ctx) and (
             eqn.params.get("dimensions") is None  # a reshape that transposes moves elements
         ):
             if not isinstance(ins[0], _Block):
@@ -171,7 +171,7 @@ def _eval(jaxpr: Any, consts: list, args: list, ctx: _Context) -> list:
             outs = [ins[0]]  # row-major flat blocks are unchanged by these
         elif blocks:
             raise NotChunkable(f"primitive {name!r} on a random array")
-        elif name in _SAME_LAYOUT and np.size(ins[0]) == 1 and _size(eqn.outvars[0]) == 1:
+        elif name in programs.SAME_LAYOUT and np.size(ins[0]) == 1 and _size(eqn.outvars[0]) == 1:
             outs = [ins[0]]  # a scalar as [1, 1] (broadcast to rank): kept a scalar, so
             # blocks of leaves of any rank evaluate the same operations
         elif any(_full_size(v.aval, ctx) for v in eqn.outvars) and math.prod(ctx.full_shape) > 1:

@@ -35,8 +35,10 @@ _DERIVATIVE_ONLY = frozenset(
      "symbolic_zeros", "jvp", "transpose"}
 )
 
-# Primitives that only reshape a constant fill (it stays a fill).
-_RESHAPES = frozenset({"reshape", "broadcast_in_dim", "expand_dims", "squeeze"})
+# Primitives that keep a row-major array's elements in order (a ``reshape`` without
+# ``dimensions``) or only repeat them: a reshaped fill stays a fill (``fill_value``), a
+# reshaped random block keeps its flat indices (``chunked``).
+SAME_LAYOUT = frozenset({"reshape", "broadcast_in_dim", "expand_dims", "squeeze"})
 
 _SUB_KEYS = cache_lib.LRU(1024)  # id(jaxpr) -> (jaxpr, key): jax reuses inner jaxprs
 
@@ -156,7 +158,7 @@ def fill_value(program: Program) -> Any:
         name = eqn.primitive.name
         if name == "broadcast_in_dim" and _compat.is_literal(operand) and value is None:
             value = _compat.literal_value(operand)
-        elif not (name in _RESHAPES and operand in filled
+        elif not (name in SAME_LAYOUT and operand in filled
                   and eqn.params.get("dimensions") is None):
             return None
         filled.add(eqn.outvars[0])

@@ -56,7 +56,7 @@ def _leaf_fn(leaf: Any):
         return jax.jit(keyed, out_shardings=leaf.sharding)
 
     return cache_lib.EXECUTABLES.get(compile_key(leaf), make,
-                         nbytes=_cost(program.jaxpr.consts, program.baked))
+                                     nbytes=_cost(program.jaxpr.consts, program.baked))
 
 
 def _large(leaf: Any) -> bool:

@@ -132,9 +132,10 @@ def on_one_cpu(sharding: Any) -> bool:
             and device.process_index == jax.process_index())
 
 
-def root_ok(root: Any) -> bool:
-    """Whether ``root`` is a key flat draws can start from: a concrete threefry key
-    (typed, or raw ``uint32[2]``) outside any trace, with the partitionable threefry."""
+def usable(root: Any) -> bool:
+    """Whether leaves keyed from ``root`` can be drawn flat now: a concrete threefry key
+    (typed, or raw ``uint32[2]``) outside any trace, with the partitionable threefry, and
+    a bits kernel that gives JAX's own bits here."""
     if isinstance(root, jax.core.Tracer) or not _compat.trace_state_clean():
         return False
     if _compat.is_key_array(root):
@@ -143,13 +144,7 @@ def root_ok(root: Any) -> bool:
     elif (getattr(root, "shape", None) != (2,) or getattr(root, "dtype", None) != np.uint32
           or jax.config.jax_default_prng_impl != "threefry2x32"):
         return False
-    return bool(jax.config.jax_threefry_partitionable)
-
-
-def usable(root: Any) -> bool:
-    """Whether leaves keyed from ``root`` can be drawn flat now: ``root_ok``, and a bits
-    kernel that gives JAX's own bits here."""
-    return root_ok(root) and _bits_fn() is not None
+    return jax.config.jax_threefry_partitionable and _bits_fn() is not None
 
 
 # JAX's own ``jax.random.bits(jax.random.fold_in(root, 7), (3, 65536))`` at some flat
