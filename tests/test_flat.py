@@ -1,6 +1,9 @@
 """Flat draws: random leaves of every shape from a bits kernel and per-initializer
 transforms shared across shapes, bit-identical to each leaf's whole draw."""
 
+import math
+import threading
+import time
 import types
 
 import chex
@@ -11,6 +14,7 @@ import numpy as np
 import pytest
 
 import flaxlazy
+from flaxlazy._src import compiles
 from flaxlazy._src import programs
 from flaxlazy._src.compiles import count_compiles
 from flaxlazy._src.sources import flat
@@ -212,3 +216,71 @@ def test_placed_like_the_per_program_path():
         assert g.devices() == w.devices() == {device} and g.committed == w.committed
     loose = flaxlazy.materialize(Widths(), jax.random.key(1), ids)
     assert all(not x.committed for x in jax.tree.leaves(loose))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("populate_later", [True, False], ids=["madvise", "map_populate"])
+def test_shared_out_draws_equal_whole_draws(monkeypatch, threads, populate_later):
+    """Leaves drawn together, their blocks shared out among threads (a leaf larger than
+    one unit split between them), equal each leaf's whole draw, whichever thread drew a
+    block and however the buffer's pages were populated."""
+    monkeypatch.setattr(flat, "workers", lambda: threads)
+    monkeypatch.setattr(flat, "_populate_write_ok", lambda: populate_later)
+    root = jax.random.key(3)
+    cases = [("lecun_normal", (3 * 1024, 1100), 11), ("normal", (300, 257), 12),
+             ("uniform", (2, 40, 70000), 13), ("lecun_normal", (4, 70, 33), 14)]
+    jobs, want = [], []
+    for name, shape, fold in cases:
+        leaf = _leaf(INITS[name], shape, jnp.float32, root, fold)
+        jobs.append(flat.Job(leaf, flat.layer_roots(root, ()), np.uint32(fold),
+                             flat.transform(leaf)))
+        want.append(jax.jit(lambda r, i=INITS[name], s=shape, f=fold: i(
+            jax.random.fold_in(r, f), s, jnp.float32))(root))
+    assert math.prod(cases[0][1]) > 2 * flat._UNIT  # split among threads
+    chex.assert_trees_all_equal(flat.draw_all(jobs), want)
+
+
+def test_kernels_compile_on_the_calling_thread():
+    """Compiling on the drawing threads would grow memory (malloc arenas per compiling
+    thread): every kernel is compiled before the blocks are shared out."""
+    threads = []
+
+    def listener(event, duration, **kwargs):
+        del duration, kwargs
+        if event == compiles._BACKEND_COMPILE_EVENT:
+            threads.append(threading.current_thread())
+
+    flaxlazy.clear_caches()
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        init = nn.initializers.normal(0.0371)  # a transform no other test compiles
+        got = flaxlazy.materialize(nn.Dense(2048, kernel_init=init), jax.random.key(5),
+                                   jnp.ones((1, 700)))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert threads and set(threads) == {threading.current_thread()}
+    # Compiled ahead of time: a drawing thread can only run them, never compile them.
+    leaf = _leaf(init, (700, 2048), jnp.float32, jax.random.key(5))
+    assert isinstance(flat._transform_fn(flat.transform(leaf)), jax.stages.Compiled)
+    assert isinstance(flat._bits_fn(), jax.stages.Compiled)
+    model = nn.Dense(2048, kernel_init=init)
+    chex.assert_trees_all_equal(got, jax.jit(model.init)(jax.random.key(5),
+                                                         jnp.ones((1, 700))))
+
+
+def test_a_drawing_thread_error_is_raised_after_all_threads_stop(monkeypatch):
+    monkeypatch.setattr(flat, "workers", lambda: 3)
+    done = []
+
+    def work(take):
+        while (unit := take()) is not None:
+            if unit == 5:
+                raise RuntimeError("unit 5 failed")
+            time.sleep(0.001)
+            done.append(unit)
+
+    with pytest.raises(RuntimeError, match="unit 5 failed"):
+        flat._share_out(list(range(40)), work)
+    assert len(done) == 39  # the others kept drawing; nothing runs after the raise
+    time.sleep(0.05)
+    assert len(done) == 39

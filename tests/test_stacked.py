@@ -165,9 +165,9 @@ def test_stacked_leaves_drawn_flat_share_kernels(monkeypatch):
     """Each layer of a large stacked leaf is drawn flat from its own key; a deeper stack of
     the same block compiles nothing."""
     drawn = []
-    monkeypatch.setattr(flat, "draw", functools.partial(
-        lambda orig, leaf, roots, *a: drawn.append((leaf.path, len(roots))) or orig(
-            leaf, roots, *a), flat.draw))
+    monkeypatch.setattr(flat, "draw_all", functools.partial(
+        lambda orig, jobs: drawn.extend((j.leaf.path, len(j.roots)) for j in jobs) or orig(
+            jobs), flat.draw_all))
     _assert_like_init(Stack(layers=2), jax.random.key(0))
     assert ("params/stack/Dense_0/kernel", 2) in drawn  # 48x48 per layer: flat
     with count_compiles() as c:

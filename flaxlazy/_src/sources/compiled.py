@@ -216,6 +216,7 @@ def execute(plan: Any, indices: list[int], context: kinds.Context) -> dict[int, 
 
     default = home(context)
     roots: dict = {}  # (stream, layers) -> the key data each layer's key folds from
+    drawn: dict[int, flat.Job] = {}
     for i in indices:
         leaf = plan.leaves[i]
         if (value := fill(leaf)) is not None:
@@ -226,10 +227,11 @@ def execute(plan: Any, indices: list[int], context: kinds.Context) -> dict[int, 
             where = (leaf.stream, leaf.layers)
             if where not in roots:
                 roots[where] = flat.layer_roots(root, leaf.layers)
-            out[i] = flat.draw(leaf, roots[where], np.uint32(leaf.key), transform,
-                               leaf.sharding or default)
+            drawn[i] = flat.Job(leaf, roots[where], np.uint32(leaf.key), transform,
+                                leaf.sharding or default)
         else:
             coded.append(i)
+    out.update(zip(drawn, flat.draw_all(list(drawn.values())), strict=True))
 
     fused, alone = _groups(plan, coded)
     if fused:
