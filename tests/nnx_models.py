@@ -1,4 +1,4 @@
-"""NNX models for the tests: a GPT-style stack, a vmapped stack, a Linen part via ToNNX."""
+"""NNX models for the tests: a GPT-style stack, vmapped stacks, a Linen part via ToNNX."""
 
 import flax.linen as nn
 import jax
@@ -55,6 +55,31 @@ class Stacked(nnx.Module):
 
         self.layers = make(rngs)
         self.head = nnx.Linear(d, 3, rngs=rngs)
+
+
+class MLPLayer(nnx.Module):
+    def __init__(self, d: int, *, rngs: nnx.Rngs):
+        self.up = nnx.Linear(d, 2 * d, rngs=rngs)
+        self.down = nnx.Linear(2 * d, d, kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+
+
+class TwoStacks(nnx.Module):
+    """Two ``nnx.vmap`` stacks after a plain layer, as the scan-over-layers guide builds
+    them: the second stack splits a key other than the stream's first, and each layer's
+    second kernel folds a count other than 0 into its layer key."""
+
+    def __init__(self, layers: int, d: int, *, rngs: nnx.Rngs):
+        def stack(n):
+            @nnx.split_rngs(splits=n)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def make(rngs):
+                return MLPLayer(d, rngs=rngs)
+
+            return make(rngs)
+
+        self.first = nnx.Linear(d, d, rngs=rngs)
+        self.a = stack(layers)
+        self.b = stack(layers + 1)
 
 
 class Bridged(nnx.Module):

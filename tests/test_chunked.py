@@ -1,5 +1,7 @@
 """Chunked random draws are bit-identical to whole draws, with one block of scratch."""
 
+import math
+
 import chex
 import flax.linen as nn
 import jax
@@ -142,3 +144,46 @@ def test_materialize_chunks_sharded_leaves_exactly(monkeypatch):
     chex.assert_trees_all_equal(got, want)
     assert got["params"]["embedding"].sharding.spec == P("data", "model")
     assert calls == [(3000, 64)]
+
+
+def _stacked(key, n=4, count=3, shape=(2, 5), counts=None):
+    """Per-layer draws as ``nnx.vmap`` over ``nnx.split_rngs`` makes them."""
+    counts = jnp.full((n,), count, jnp.uint32) if counts is None else counts
+    keys = jax.vmap(jax.random.fold_in)(jax.random.split(key, n), counts)
+    return jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
+
+
+def test_layer_split_finds_split_then_fold():
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+    assert chunked.layer_split(jax.make_jaxpr(_stacked)(key)) == (4, 3)
+    # counts computed from constants (a stream counter incremented per parameter)
+    counted = jax.make_jaxpr(lambda k: _stacked(
+        k, counts=jnp.zeros((4,), jnp.uint32) + 1 + 1))(key)
+    assert chunked.layer_split(counted) == (4, 2)
+
+
+@pytest.mark.parametrize("fn", [
+    lambda k: _stacked(k, counts=jnp.arange(4, dtype=jnp.uint32)),  # counts differ
+    lambda k: _stacked(k) + jax.random.normal(k, (4, 2, 5)),  # the key used twice
+    lambda k: jax.random.normal(jax.random.split(k, 4)[0], (3,)),  # not folded
+    lambda k: jax.random.normal(k, (3,)),  # not split
+], ids=["counts differ", "key used twice", "not folded", "not split"])
+def test_layer_split_rejects_anything_else(fn):
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+    assert chunked.layer_split(jax.make_jaxpr(fn)(key)) is None
+
+
+@pytest.mark.parametrize("shape", [(2, 5), (300, 257)], ids=str)
+def test_layered_transform_draws_each_layer_from_its_key(shape):
+    """The transform of a split-per-layer program applied to one layer's bits (under
+    ``fold_in(split(key, n)[i], count)``) gives layer ``i`` of the whole draw."""
+    key = jax.random.key(7)
+    closed = jax.make_jaxpr(lambda k: _stacked(k, shape=shape))(key)
+    want = _stacked(key, shape=shape)
+    g = jax.jit(chunked.from_bits(closed, want.shape, want.dtype, layers=4))
+    for i, layer_key in enumerate(jax.random.split(key, 4)):
+        n = math.prod(shape)
+        folded = jax.random.fold_in(layer_key, 3)
+        halves = chunked.threefry(folded, jnp.arange(n, dtype=jnp.uint32))
+        got = g(*halves, list(closed.consts)).reshape(shape)
+        chex.assert_trees_all_equal(got, want[i])

@@ -42,8 +42,8 @@ def _assert_drawn_whole(init, shape, dtype, root):
     """``flat.draw`` of the leaf equals jit of its initializer on the same key."""
     leaf = _leaf(init, shape, dtype, root)
     transform = flat.transform(leaf)
-    assert transform is not None and flat.usable(root)
-    got = flat.draw(leaf, flat.layer_roots(root, ()), np.uint32(5), transform)
+    assert transform is not None and transform.split is None and flat.usable(root)
+    got = flat.draw(leaf, flat.layer_roots(root, ()), np.uint32(5), transform.program)
     want = jax.jit(lambda r: init(jax.random.fold_in(r, 5), shape, dtype))(root)
     chex.assert_trees_all_equal(got, want)
     chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
@@ -91,10 +91,10 @@ def test_one_transform_per_initializer_whatever_the_shapes():
     init = nn.initializers.normal(0.02)
     root = jax.random.key(0)
     shapes = [(7, 9), (300, 257), (1024,), (2, 3, 4)]
-    keys = {flat.transform(_leaf(init, s, jnp.float32, root)).key for s in shapes}
+    keys = {flat.transform(_leaf(init, s, jnp.float32, root)).program.key for s in shapes}
     assert len(keys) == 1
     other = flat.transform(_leaf(nn.initializers.normal(0.03), (7, 9), jnp.float32, root))
-    assert other.key not in keys  # a literal differs: its own transform
+    assert other.program.key not in keys  # a literal differs: its own transform
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +233,7 @@ def test_shared_out_draws_equal_whole_draws(monkeypatch, threads, populate_later
     for name, shape, fold in cases:
         leaf = _leaf(INITS[name], shape, jnp.float32, root, fold)
         jobs.append(flat.Job(leaf, flat.layer_roots(root, ()), np.uint32(fold),
-                             flat.transform(leaf)))
+                             flat.transform(leaf).program))
         want.append(jax.jit(lambda r, i=INITS[name], s=shape, f=fold: i(
             jax.random.fold_in(r, f), s, jnp.float32))(root))
     assert math.prod(cases[0][1]) > 2 * flat._UNIT  # split among threads
@@ -261,7 +261,7 @@ def test_kernels_compile_on_the_calling_thread():
     assert threads and set(threads) == {threading.current_thread()}
     # Compiled ahead of time: a drawing thread can only run them, never compile them.
     leaf = _leaf(init, (700, 2048), jnp.float32, jax.random.key(5))
-    assert isinstance(flat._transform_fn(flat.transform(leaf)), jax.stages.Compiled)
+    assert isinstance(flat._transform_fn(flat.transform(leaf).program), jax.stages.Compiled)
     assert isinstance(flat._bits_fn(), jax.stages.Compiled)
     model = nn.Dense(2048, kernel_init=init)
     chex.assert_trees_all_equal(got, jax.jit(model.init)(jax.random.key(5),

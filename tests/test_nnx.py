@@ -17,12 +17,14 @@ from nnx_models import KeepsRngs
 from nnx_models import Sharded
 from nnx_models import Stacked
 from nnx_models import TwoRngs
+from nnx_models import TwoStacks
 from nnx_models import WithState
 from nnx_models import values
 
 import flaxlazy
 from flaxlazy._src.compiles import count_compiles
 from flaxlazy._src.nnx import api as nnx_api
+from flaxlazy._src.sources import flat
 from flaxlazy._src.sources import initializer
 
 
@@ -109,6 +111,29 @@ def test_vmap_stack_equals_and_replays_alone():
     chex.assert_trees_all_equal(values(model), values(_reference(Stacked, 4, 8)))
     assert model.layers.linear.kernel.shape == (4, 8, 8)
     assert set(_sources(Stacked, 4, 8, rngs=nnx.Rngs(0)).values()) == {"flax"}
+
+
+@pytest.mark.parametrize("layers", [3, 5])
+def test_vmap_stacks_are_drawn_flat_layer_by_layer(monkeypatch, layers):
+    """Large stacked kernels are drawn flat, each layer from its own split key (the
+    split of ``fold_in(root, count)``, then its own count folded in), equal to NNX's."""
+    drawn = []
+    monkeypatch.setattr(flat, "draw_all", lambda jobs, orig=flat.draw_all: drawn.extend(
+        (j.leaf.path, len(j.roots), int(j.fold)) for j in jobs) or orig(jobs))
+    model = flaxlazy.materialize(TwoStacks, layers, 64, rngs=nnx.Rngs(1))
+    chex.assert_trees_all_equal(values(model), values(_reference(TwoStacks, layers, 64, seed=1)))
+    by_path = {path: (n, fold) for path, n, fold in drawn}
+    assert by_path["params/a/up/kernel"] == (layers, 0)
+    assert by_path["params/a/down/kernel"] == (layers, 2)  # after up's kernel and bias
+    assert by_path["params/b/down/kernel"] == (layers + 1, 2)
+
+
+def test_a_deeper_vmap_stack_compiles_nothing():
+    flaxlazy.materialize(TwoStacks, 3, 64, rngs=nnx.Rngs(0))
+    with count_compiles() as c:
+        model = flaxlazy.materialize(TwoStacks, 7, 64, rngs=nnx.Rngs(2))
+    assert c.count == 0  # the layers' keys come from the bits kernel
+    chex.assert_trees_all_equal(values(model), values(_reference(TwoStacks, 7, 64, seed=2)))
 
 
 def test_linen_inside_nnx_shaped_by_a_spec():

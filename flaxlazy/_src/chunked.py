@@ -64,6 +64,8 @@ class KeyToken:
 
 
 KEY = KeyToken()
+SPLIT_KEYS = KeyToken()  # ``split(KEY, n)``, in a layered ``from_bits``
+LAYER_KEY = KeyToken()  # each layer's key: ``SPLIT_KEYS`` folded by the known count
 _THREEFRY = "threefry2x32"
 
 
@@ -95,6 +97,13 @@ class _Context:
         self.full_shape = full_shape
         self.counters = counters
 
+    layers = 0
+
+    @property
+    def bits_size(self) -> int:
+        """The size of the initializer's ``random_bits`` draws."""
+        return math.prod(self.full_shape)
+
     def bits(self, key: Any, bit_width: int) -> jax.Array:
         if isinstance(key, KeyToken):
             raise NotChunkable("no key")
@@ -102,14 +111,22 @@ class _Context:
 
 
 class _GivenBits(_Context):
-    """A block whose threefry halves are given, for the initializer's own key (``KEY``)."""
+    """A block whose threefry halves are given: of the initializer's own key (``KEY``),
+    or, for a leaf drawn per layer from split keys (``layer_split``), of the block's
+    layer key (``LAYER_KEY``)."""
 
-    def __init__(self, full_shape: tuple[int, ...], bits1: jax.Array, bits2: jax.Array):
+    def __init__(self, full_shape: tuple[int, ...], bits1: jax.Array, bits2: jax.Array,
+                 layers: int = 0):
         self.full_shape = full_shape
         self.halves = (bits1, bits2)
+        self.layers = layers
+
+    @property
+    def bits_size(self) -> int:
+        return math.prod(self.full_shape) // (self.layers or 1)
 
     def bits(self, key: Any, bit_width: int) -> jax.Array:
-        if key is not KEY:
+        if key is not (LAYER_KEY if self.layers else KEY):
             raise NotChunkable("random bits of a key derived from the initializer's key")
         return combine(*self.halves, bit_width)
 
@@ -130,7 +147,9 @@ def _as_operand(x: Any) -> Any:
     return jnp.reshape(x, ())
 
 
-def _eval(jaxpr: Any, consts: list, args: list, ctx: _Context) -> list:
+def _eval(jaxpr: Any, consts: list, args: list, ctx: _Context,
+          skip: frozenset = frozenset()) -> list:
+    """Evaluates the jaxpr on blocks; ``skip``: indices of equations to leave out."""
     env: dict = {}
 
     def read(v):
@@ -140,18 +159,26 @@ def _eval(jaxpr: Any, consts: list, args: list, ctx: _Context) -> list:
         env[v] = x
     for v, x in zip(jaxpr.invars, args, strict=True):
         env[v] = x
-    for eqn in jaxpr.eqns:
+    for n, eqn in enumerate(jaxpr.eqns):
+        if n in skip:
+            continue
+        if ctx.layers and eqn.primitive.name == "random_fold_in" and read(
+                eqn.invars[0]) is SPLIT_KEYS:
+            env[eqn.outvars[0]] = LAYER_KEY  # its counts: checked by ``layer_split``
+            continue
         ins = [read(v) for v in eqn.invars]
         name = eqn.primitive.name
         blocks = any(isinstance(x, _Block) for x in ins)
-        if any(isinstance(x, KeyToken) for x in ins) and name not in _KEY_USES:
+        if ctx.layers and name == "random_split" and ins[0] is KEY:
+            outs = [SPLIT_KEYS]  # (the one split and fold that ``layer_split`` checked)
+        elif any(isinstance(x, KeyToken) for x in ins) and name not in _KEY_USES:
             raise NotChunkable(f"primitive {name!r} on the key")
-        if name == "random_wrap" and isinstance(ins[0], KeyToken):
+        elif name == "random_wrap" and isinstance(ins[0], KeyToken):
             if getattr(eqn.params["impl"], "name", None) != _THREEFRY:
                 raise NotChunkable("not a threefry2x32 key")
             outs = [ins[0]]  # the raw key data, wrapped: still the initializer's key
         elif name == "random_bits":
-            if math.prod(eqn.params["shape"]) != math.prod(ctx.full_shape):
+            if math.prod(eqn.params["shape"]) != ctx.bits_size:
                 raise NotChunkable("random bits of another size")  # (a reshape keeps
                 # flat indices: element i's bits are the same for any shape of this size)
             outs = [_Block(ctx.bits(ins[0], eqn.params["bit_width"]))]
@@ -192,7 +219,7 @@ def _draw_block(jaxpr, key, consts, shape, dtype, counters, block_shape) -> jax.
     return out.value.astype(dtype).reshape(block_shape)
 
 
-def from_bits(closed: Any, shape, dtype) -> Callable:
+def from_bits(closed: Any, shape, dtype, layers: int = 0) -> Callable:
     """An initializer re-expressed on given bits: ``g(bits1, bits2, consts)``.
 
     ``bits1``, ``bits2`` are the threefry halves (``threefry``) of any flat indices of
@@ -200,29 +227,126 @@ def from_bits(closed: Any, shape, dtype) -> Callable:
     ``dtype``. It needs no key: it is the initializer's arithmetic after ``random_bits``
     alone, the same for every block and every leaf it computes the same thing for.
 
+    With ``layers`` (``layer_split``), the program splits its key that many ways, folds
+    a known count into each, and draws each layer from its own key: the halves are then
+    those of one layer's key, at flat indices within that layer.
+
     Args:
       closed: the initializer's closed jaxpr (``fn(key)``).
       shape: the leaf's shape.
       dtype: its dtype.
+      layers: the number of layers, or 0.
 
     Raises:
       NotChunkable: as ``chunked``; also when the key is used for anything but drawing
-        bits of the whole leaf (split, folded, or drawn at another shape).
+        bits of the whole leaf (or layer by layer, as above).
     """
     shape = tuple(shape)
     if math.prod(shape) >= 2**32 or not jax.config.jax_threefry_partitionable:
         raise NotChunkable("size or PRNG configuration")
     if len(closed.jaxpr.invars) != 1:
         raise NotChunkable("no key")
+    if layers and layer_split(closed) is None:
+        raise NotChunkable("not split per layer")
     jaxpr = closed.jaxpr
+    skip = _only_counts(jaxpr) if layers else frozenset()
 
     def g(bits1, bits2, consts):
-        (out,) = _eval(jaxpr, list(consts), [KEY], _GivenBits(shape, bits1, bits2))
+        ctx = _GivenBits(shape, bits1, bits2, layers)
+        (out,) = _eval(jaxpr, list(consts), [KEY], ctx, skip)
         if not isinstance(out, _Block):
             raise NotChunkable("the output is not drawn from random bits")
         return out.value.astype(dtype)
 
     return g
+
+
+def layer_split(closed: Any) -> tuple[int, int] | None:
+    """``(n, count)`` when a program's only use of its key is ``split(key, n)`` and its
+    only use of those keys is folding the same known ``count`` into each, as
+    ``nnx.split_rngs`` and ``nnx.vmap`` give a stacked parameter: layer ``i`` is then
+    drawn from ``fold_in(split(key, n)[i], count)``. None for anything else.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> def stacked(key):
+      ...     keys = jax.vmap(lambda k: jax.random.fold_in(k, 3))(jax.random.split(key, 4))
+      ...     return jax.vmap(lambda k: jax.random.normal(k, (2, 5)))(keys)
+      >>> layer_split(jax.make_jaxpr(stacked)(jax.random.key(0)))
+      (4, 3)
+    """
+    jaxpr = closed.jaxpr
+    if len(jaxpr.invars) != 1:
+        return None
+    (key,) = jaxpr.invars
+    splits = [e for e in jaxpr.eqns if key in e.invars] + [
+        v for v in jaxpr.outvars if v is key]
+    if (len(splits) != 1 or getattr(splits[0], "primitive", None) is None
+            or splits[0].primitive.name != "random_split"
+            or len(splits[0].params["shape"]) != 1):
+        return None
+    keys = splits[0].outvars[0]
+    folds = [e for e in jaxpr.eqns if keys in e.invars] + [
+        v for v in jaxpr.outvars if v is keys]
+    if (len(folds) != 1 or getattr(folds[0], "primitive", None) is None
+            or folds[0].primitive.name != "random_fold_in" or folds[0].invars[0] is not keys):
+        return None
+    counts = _constant(closed, folds[0].invars[1])
+    if counts is None or counts.size == 0 or not (counts == counts.flat[0]).all():
+        return None
+    return splits[0].params["shape"][0], int(counts.flat[0])
+
+
+def _only_counts(jaxpr: Any) -> frozenset:
+    """The equations that only compute the counts folded into the layer keys: a
+    layered ``from_bits`` leaves them out (they depend on the number of layers, and the
+    keys are given)."""
+    producer = {out: n for n, eqn in enumerate(jaxpr.eqns) for out in eqn.outvars}
+    splits = {e.outvars[0] for e in jaxpr.eqns if e.primitive.name == "random_split"
+              and e.invars[0] is jaxpr.invars[0]}
+    needed, stack = set(), [v for v in jaxpr.outvars if not _compat.is_literal(v)]
+    while stack:
+        n = producer.get(stack.pop())
+        if n is None or n in needed:
+            continue
+        needed.add(n)
+        eqn = jaxpr.eqns[n]
+        counts = eqn.primitive.name == "random_fold_in" and eqn.invars[0] in splits
+        ins = eqn.invars[:1] if counts else eqn.invars
+        stack.extend(v for v in ins if not _compat.is_literal(v))
+    return frozenset(range(len(jaxpr.eqns))) - needed
+
+
+def _constant(closed: Any, v: Any, limit: int = 1 << 16) -> np.ndarray | None:
+    """The value of ``v`` when it is computed from literals and constants alone (a
+    stream counter incremented as ``count + 1`` per parameter, batched by ``nnx.vmap``),
+    evaluated here; None otherwise."""
+    if _compat.is_literal(v):
+        return np.asarray(_compat.literal_value(v))
+    jaxpr = closed.jaxpr
+    consts = dict(zip(jaxpr.constvars, closed.consts, strict=True))
+    producer = {out: n for n, eqn in enumerate(jaxpr.eqns) for out in eqn.outvars}
+    needed, used, stack, seen = set(), [], [v], set()
+    while stack:
+        x = stack.pop()
+        if _compat.is_literal(x) or x in seen:
+            continue
+        seen.add(x)
+        if x in consts:
+            if isinstance(consts[x], jax.core.Tracer):
+                return None
+            used.append(x)
+            continue
+        n = producer.get(x)
+        if n is None or jaxpr.eqns[n].effects or math.prod(
+                getattr(x.aval, "shape", ())) > limit or _compat.is_key_array(x.aval):
+            return None  # an input (the key), an effect, a large or key value
+        needed.add(n)
+        stack.extend(jaxpr.eqns[n].invars)
+    sub = _compat.new_closed_jaxpr(used, [consts[c] for c in used], [], [v],
+                                   [jaxpr.eqns[n] for n in sorted(needed)])
+    (value,) = programs.eval_constants(sub)
+    return np.asarray(value)
 
 
 def chunked(fn: Callable[[Any], jax.Array], key_spec: Any, shape, dtype,

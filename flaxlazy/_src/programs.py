@@ -165,6 +165,81 @@ def fill_value(program: Program) -> Any:
     return value if out in filled else None
 
 
+def eval_constants(closed: Any) -> list:
+    """The outputs of a closed jaxpr without inputs (values computed from constants).
+
+    Integer arithmetic (stream counters: ``broadcast_in_dim``, ``add``, conversions) is
+    evaluated in numpy, with XLA's wrap-around: evaluating it eagerly in JAX would
+    compile each operation for each shape (a counter batched over 48 layers, then 49).
+    Anything else is evaluated by JAX.
+    """
+    env = dict(zip(closed.jaxpr.constvars, closed.consts, strict=True))
+
+    def read(v):
+        return _compat.literal_value(v) if _compat.is_literal(v) else env[v]
+
+    for eqn in closed.jaxpr.eqns:
+        out = _integer_op(eqn, [read(v) for v in eqn.invars])
+        if out is not None:
+            env[eqn.outvars[0]] = out
+            continue
+        free = list(dict.fromkeys(v for v in eqn.invars if not _compat.is_literal(v)))
+        outs = [v for v in eqn.outvars if not _compat.is_dropvar(v)]
+        one = _compat.new_closed_jaxpr([], [], free, outs, [eqn])
+        with jax.ensure_compile_time_eval():
+            env.update(zip(outs, _compat.eval_jaxpr(one.jaxpr, [], *map(read, free)),
+                           strict=True))
+    return [read(v) for v in closed.jaxpr.outvars]
+
+
+_INTEGER_OPS = {"add": np.add, "sub": np.subtract, "mul": np.multiply}
+_NUMPY_OPS = frozenset(_INTEGER_OPS) | {"convert_element_type", "broadcast_in_dim"}
+
+
+def _integer_op(eqn: Any, ins: list) -> np.ndarray | None:
+    """One integer operation evaluated in numpy, or None if it is not one of those."""
+    name = eqn.primitive.name
+    if name not in _NUMPY_OPS or len(eqn.outvars) != 1:
+        return None
+    dtype = getattr(eqn.outvars[0].aval, "dtype", None)
+    if not _integer(dtype) or not all(map(_is_integer, ins)):
+        return None
+    try:
+        with np.errstate(over="ignore"):  # wrapping around, as XLA does
+            return _integer_value(eqn, name, dtype, [np.asarray(x) for x in ins])
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _integer(dtype: Any) -> bool:
+    try:
+        return dtype is not None and np.issubdtype(dtype, np.integer)
+    except TypeError:  # e.g. a key type
+        return False
+
+
+def _is_integer(x: Any) -> bool:
+    """An integer Python number or concrete array (not a tracer, not a bool)."""
+    if isinstance(x, jax.core.Tracer) or isinstance(x, bool):
+        return False
+    return isinstance(x, int) or _integer(getattr(x, "dtype", None))
+
+
+def _integer_value(eqn: Any, name: str, dtype: Any, ins: list) -> np.ndarray | None:
+    if name in _INTEGER_OPS:
+        a, b = (x.astype(dtype) for x in ins)
+        return np.asarray(_INTEGER_OPS[name](a, b), dtype)
+    if name == "convert_element_type":
+        return ins[0].astype(dtype)
+    if name == "broadcast_in_dim" and eqn.params.get("sharding") is None:
+        x = ins[0]
+        shape = [1] * len(eqn.params["shape"])
+        for axis, size in zip(eqn.params["broadcast_dimensions"], x.shape, strict=True):
+            shape[axis] = size
+        return np.array(np.broadcast_to(x.reshape(shape), eqn.params["shape"]), dtype)
+    return None
+
+
 def jaxpr_key(jaxpr: Any) -> Hashable | None:
     """The structural key of an open jaxpr (constants as inputs), or None if unkeyable."""
     return _key_or_none(lambda: _jaxpr_key(jaxpr))

@@ -118,9 +118,7 @@ class Analysis:
             sub = _compat.new_closed_jaxpr(
                 constvars, [known[v] for v in constvars], [], outs, foldable
             )
-            with jax.ensure_compile_time_eval():
-                values = _compat.eval_jaxpr(sub.jaxpr, sub.consts)
-            known.update(zip(outs, values, strict=True))
+            known.update(zip(outs, programs.eval_constants(sub), strict=True))
         return known
 
     def _value(self, v: Any) -> Any:

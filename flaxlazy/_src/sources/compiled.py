@@ -161,13 +161,14 @@ def _groups(plan: Any, indices: list[int], *, cold: bool = False
     return fused, [i for i in indices if i not in chosen]
 
 
-def _flat(leaf: Any) -> programs.Program | None:
+def _flat(leaf: Any) -> flat.Transform | None:
     """The leaf's transform if it is drawn flat (``flat``) when its root key allows it:
     one layer's, for a leaf stacked per layer."""
     layer = flat.one_layer(leaf)
     if math.prod(layer.shape) < flat.MIN_ELEMENTS or not flat.on_one_cpu(leaf.sharding):
         return None
-    return flat.transform(layer)
+    t = flat.transform(layer)
+    return None if t is None or (t.split and leaf.layers) else t  # (one split level)
 
 
 def cold_compiles(plan: Any, indices: list[int]) -> int:
@@ -215,7 +216,7 @@ def execute(plan: Any, indices: list[int], context: kinds.Context) -> dict[int, 
         return root, key_hash, leaf.program.runtime_consts
 
     default = home(context)
-    roots: dict = {}  # (stream, layers) -> the key data each layer's key folds from
+    roots: dict = {}  # (stream, layers, pre-fold) -> the data each layer's key folds from
     drawn: dict[int, flat.Job] = {}
     for i in indices:
         leaf = plan.leaves[i]
@@ -224,10 +225,11 @@ def execute(plan: Any, indices: list[int], context: kinds.Context) -> dict[int, 
         elif (transform := _flat(leaf)) is not None and flat.usable(
             root := context.roots[leaf.stream]
         ):
-            where = (leaf.stream, leaf.layers)
+            layers, pre_fold, fold = flat.derivation(leaf, transform)
+            where = (leaf.stream, layers, pre_fold)
             if where not in roots:
-                roots[where] = flat.layer_roots(root, leaf.layers)
-            drawn[i] = flat.Job(leaf, roots[where], np.uint32(leaf.key), transform,
+                roots[where] = flat.layer_roots(root, layers, pre_fold)
+            drawn[i] = flat.Job(leaf, roots[where], np.uint32(fold), transform.program,
                                 leaf.sharding or default)
         else:
             coded.append(i)

@@ -73,25 +73,52 @@ _POPULATE_BYTES = 1 << 20  # larger host buffers are mapped with their pages pop
 _TRANSFORMS = cache_lib.LRU(1024)
 
 
-def transform(leaf: Any) -> programs.Program | None:
-    """The leaf's transform (bits block -> values block) as a keyed ``Program``, or None
-    when its initializer is not random bits followed by elementwise arithmetic on its
-    own key, or captures large constants (passed at run time, so not keyed by value)."""
+class Transform(NamedTuple):
+    """A leaf's transform, and how the keys of its blocks derive from its key.
+
+    Attributes:
+      program: bits block -> values block (``chunked.from_bits``), traced and keyed.
+      split: ``(n, count)`` when the leaf's program splits its key ``n`` ways and draws
+        layer ``i`` from ``fold_in(split(key, n)[i], count)`` (``chunked.layer_split``:
+        a parameter stacked by ``nnx.vmap`` over ``nnx.split_rngs``); else None, and the
+        leaf is drawn from its key itself.
+    """
+
+    program: programs.Program
+    split: tuple[int, int] | None = None
+
+
+def transform(leaf: Any) -> Transform | None:
+    """The leaf's transform, or None when its initializer is not random bits followed by
+    elementwise arithmetic on its own key (or on per-layer keys split from it), or
+    captures large constants (passed at run time, so not keyed by value)."""
     program = leaf.program
     if leaf.key is None or not all(program.baked) or programs.leaked_tracers(program):
         return None
 
     def make():
+        split = chunked.layer_split(program.jaxpr)
         try:
-            g = chunked.from_bits(program.jaxpr, leaf.shape, leaf.dtype)
+            g = chunked.from_bits(program.jaxpr, leaf.shape, leaf.dtype,
+                                  split[0] if split else 0)
             spec = jax.ShapeDtypeStruct((BLOCK,), np.uint32)
             consts = list(program.jaxpr.consts)  # small: baked into the transform's key
-            return programs.trace(lambda b1, b2: g(b1, b2, consts), spec, spec)
+            return Transform(programs.trace(lambda b1, b2: g(b1, b2, consts), spec, spec),
+                             split)
         except chunked.NotChunkable:
             return None
 
     key = None if program.key is None else (program.key, tuple(leaf.shape), str(leaf.dtype))
     return _TRANSFORMS.get(key, make)
+
+
+def derivation(leaf: Any, t: Transform) -> tuple[tuple[int, ...], int | None, int]:
+    """``(layers, pre_fold, fold)``: how a flat-drawn leaf's blocks are keyed from its
+    stream's root: each layer's root is ``layer_roots(root, layers, pre_fold)``, and its
+    blocks' bits are drawn under ``fold_in(that root, fold)``."""
+    if t.split is not None:
+        return (t.split[0],), leaf.key, t.split[1]
+    return tuple(leaf.layers), None, leaf.key
 
 
 def one_layer(leaf: Any) -> Any:
@@ -103,21 +130,24 @@ def one_layer(leaf: Any) -> Any:
                          layers=(), layer=None)
 
 
-def layer_roots(root: Any, layers: tuple[int, ...]) -> list[np.ndarray]:
+def layer_roots(root: Any, layers: tuple[int, ...], pre_fold: int | None = None
+                ) -> list[np.ndarray]:
     """The threefry key data (``uint32[2]``) of every layer's key, row-major: of ``root``
-    itself without layers.
+    itself without layers. ``pre_fold``: split ``fold_in(root, pre_fold)`` instead.
 
     With the partitionable threefry, ``jax.random.split(k, n)`` is the threefry halves of
-    counters ``0..n-1`` under ``k``: the bits kernel, unfolded, computes them, so a new
-    number of layers compiles nothing (the kernel's known-answer check covers this).
+    counters ``0..n-1`` under ``k``: the bits kernel, unfolded, computes them (folded by
+    ``pre_fold`` first, when given), so a new number of layers compiles nothing (the
+    kernel's known-answer checks cover both).
     """
     rows = [_key_data(root)]
     bits = _bits_fn()
-    for n in layers:
+    for level, n in enumerate(layers):
+        fold = pre_fold if level == 0 else None
         split = []
         for data in rows:
             for start in range(0, n, BLOCK):
-                halves = bits(data, np.uint32(0), np.uint32(start), False)
+                halves = bits(data, np.uint32(fold or 0), np.uint32(start), fold is not None)
                 stop = min(BLOCK, n - start)
                 split.extend(np.stack([np.asarray(h)[:stop] for h in halves], axis=1))
         rows = split
@@ -314,6 +344,8 @@ def draw_all(jobs: list[Job]) -> list[jax.Array]:
     arenas per compiling thread), and each block is a pure function of its key and flat
     index, so the values do not depend on which thread drew them.
     """
+    if not jobs:
+        return []
     bits = _bits_fn()
     outs, units = [], []
     for job in jobs:
@@ -399,6 +431,6 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
 
 def cold_compiles(leaves: list[Any]) -> int:
     """How many kernels drawing these leaves flat compiles with empty caches."""
-    keys = [transform(one_layer(leaf)).key for leaf in leaves]
+    keys = [transform(one_layer(leaf)).program.key for leaf in leaves]
     return int(bool(leaves)) + len({k for k in keys if k is not None}) + keys.count(None)
 
