@@ -43,7 +43,7 @@ LINEN_MODELS = (
     "gpt2_2l", "gpt_jit", "gpt_remat12", "gpt_remat48", "gpt_scan48", "many_leaves",
     "llama7b", "llama70b",
 )
-NNX_MODELS = ("nnx_gpt12", "nnx_gpt48", "nnx_gpt2_medium", "nnx_llama7b")
+NNX_MODELS = ("nnx_gpt12", "nnx_gpt48", "nnx_gpt_scan48", "nnx_gpt2_medium", "nnx_llama7b")
 MODELS = LINEN_MODELS + NNX_MODELS
 FRAMEWORKS = {"linen": LINEN_MODELS, "nnx": NNX_MODELS}
 DEPTHS = {"gpt12": 12, "gpt24": 24, "gpt48": 48}

@@ -11,6 +11,9 @@ Models (``zoo.MODELS`` holds them too, under the same names):
   4 heads, 128 positions, Flax default initializers) as an NNX module: blocks in an
   ``nnx.List``, ``nnx.MultiHeadAttention(decode=False)``, LayerNorms, a GELU MLP,
   ``nnx.Embed`` for tokens and positions and an untied ``nnx.Linear`` head.
+* ``nnx_gpt_scan48``: the same 48 layers as one stacked ``Block``, built under
+  ``nnx.vmap`` over ``nnx.split_rngs`` and run by ``nnx.scan`` (Flax's scan-over-layers
+  guide): each parameter has a leading layer axis, each layer its own split key.
 * ``nnx_gpt2_medium``: GPT-2 medium sized: 24 layers, d 1024, 16 heads, vocab 50257,
   1024 positions, N(0, 0.02) weights, head tied to the token embedding (355M
   parameters, as the Linen ``gpt2_medium``).
@@ -94,19 +97,31 @@ class GPT(nnx.Module):
     """GPT-2 style transformer, ``n_layers`` blocks in an ``nnx.List`` (no scan).
 
     With ``tied=True`` the head is the token embedding (``wte.attend``), as in GPT-2;
-    otherwise an ``nnx.Linear`` without bias.
+    otherwise an ``nnx.Linear`` without bias. With ``scan=True`` the blocks are one
+    stacked ``Block`` instead, built under ``nnx.vmap`` with the keys split per layer
+    (``nnx.split_rngs``) and run by ``nnx.scan``, as Flax's scan-over-layers guide does.
     """
 
     def __init__(
         self, n_layers: int, d_model: int, vocab: int, *, n_heads: int, max_len: int,
         tied: bool = False, kernel_init: Callable = default_kernel_init,
-        embed_init: Callable = default_embed_init, rngs: nnx.Rngs,
+        embed_init: Callable = default_embed_init, scan: bool = False, rngs: nnx.Rngs,
     ):
         self.wte = nnx.Embed(vocab, d_model, embedding_init=embed_init, rngs=rngs)
         self.wpe = nnx.Embed(max_len, d_model, embedding_init=embed_init, rngs=rngs)
-        self.h = nnx.List([
-            Block(d_model, n_heads, kernel_init=kernel_init, rngs=rngs) for _ in range(n_layers)
-        ])
+        self.scan = scan
+        if scan:
+            @nnx.split_rngs(splits=n_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def stack(rngs):
+                return Block(d_model, n_heads, kernel_init=kernel_init, rngs=rngs)
+
+            self.h = stack(rngs)
+        else:
+            self.h = nnx.List([
+                Block(d_model, n_heads, kernel_init=kernel_init, rngs=rngs)
+                for _ in range(n_layers)
+            ])
         self.ln_f = nnx.LayerNorm(d_model, rngs=rngs)
         self.head = None if tied else nnx.Linear(
             d_model, vocab, use_bias=False, kernel_init=kernel_init, rngs=rngs
@@ -114,17 +129,25 @@ class GPT(nnx.Module):
 
     def __call__(self, tokens):
         x = self.wte(tokens) + self.wpe(jnp.arange(tokens.shape[-1]))
-        for block in self.h:
-            x = block(x)
+        if self.scan:
+            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+            def forward(x, block):
+                return block(x)
+
+            x = forward(x, self.h)
+        else:
+            for block in self.h:
+                x = block(x)
         x = self.ln_f(x)
         return self.wte.attend(x) if self.head is None else self.head(x)
 
 
-def narrow_gpt(n_layers: int) -> NnxModel:
+def narrow_gpt(n_layers: int, scan: bool = False) -> NnxModel:
     """The Linen zoo's narrow GPT as an NNX module (untied head)."""
+    how = "stacked by nnx.vmap (split keys), run by nnx.scan" if scan else "in an nnx.List"
     return NnxModel(
-        GPT, (n_layers, 256, 1000), {"n_heads": 4, "max_len": 128},
-        f"NNX narrow GPT: {n_layers} layers in an nnx.List, d 256, 4 heads, vocab 1000",
+        GPT, (n_layers, 256, 1000), {"n_heads": 4, "max_len": 128, "scan": scan},
+        f"NNX narrow GPT: {n_layers} layers {how}, d 256, 4 heads, vocab 1000",
     )
 
 
@@ -219,6 +242,7 @@ def llama7b() -> NnxModel:
 MODELS: dict[str, Callable[[], NnxModel]] = {
     "nnx_gpt12": functools.partial(narrow_gpt, 12),
     "nnx_gpt48": functools.partial(narrow_gpt, 48),
+    "nnx_gpt_scan48": functools.partial(narrow_gpt, 48, True),
     "nnx_gpt2_medium": gpt2_medium,
     "nnx_llama7b": llama7b,
 }
