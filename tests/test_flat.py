@@ -18,6 +18,7 @@ from flaxlazy._src import compiles
 from flaxlazy._src import programs
 from flaxlazy._src.compiles import count_compiles
 from flaxlazy._src.sources import flat
+from flaxlazy._src.sources import host
 from flaxlazy._src.sources import keys as keys_lib
 
 INITS = {
@@ -224,8 +225,8 @@ def test_shared_out_draws_equal_whole_draws(monkeypatch, threads, populate_later
     """Leaves drawn together, their blocks shared out among threads (a leaf larger than
     one unit split between them), equal each leaf's whole draw, whichever thread drew a
     block and however the buffer's pages were populated."""
-    monkeypatch.setattr(flat, "workers", lambda: threads)
-    monkeypatch.setattr(flat, "_populate_write_ok", lambda: populate_later)
+    monkeypatch.setattr(host, "workers", lambda: threads)
+    monkeypatch.setattr(host, "populate_write_ok", lambda: populate_later)
     root = jax.random.key(3)
     cases = [("lecun_normal", (3 * 1024, 1100), 11), ("normal", (300, 257), 12),
              ("uniform", (2, 40, 70000), 13), ("lecun_normal", (4, 70, 33), 14)]
@@ -268,19 +269,20 @@ def test_kernels_compile_on_the_calling_thread():
                                                          jnp.ones((1, 700))))
 
 
-def test_a_drawing_thread_error_is_raised_after_all_threads_stop(monkeypatch):
-    monkeypatch.setattr(flat, "workers", lambda: 3)
+def test_a_drawing_thread_error_stops_the_others_and_is_raised(monkeypatch):
+    monkeypatch.setattr(host, "workers", lambda: 3)
     done = []
 
     def work(take):
         while (unit := take()) is not None:
             if unit == 5:
                 raise RuntimeError("unit 5 failed")
-            time.sleep(0.001)
+            time.sleep(0.002)
             done.append(unit)
 
     with pytest.raises(RuntimeError, match="unit 5 failed"):
-        flat._share_out(list(range(40)), work)
-    assert len(done) == 39  # the others kept drawing; nothing runs after the raise
+        host.share_out(list(range(200)), work)
+    stopped = len(done)
+    assert 5 <= stopped < 20  # the others stop after their current unit
     time.sleep(0.05)
-    assert len(done) == 39
+    assert len(done) == stopped  # and nothing runs after the raise

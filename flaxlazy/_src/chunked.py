@@ -246,7 +246,7 @@ def from_bits(closed: Any, shape, dtype, layers: int = 0) -> Callable:
         raise NotChunkable("size or PRNG configuration")
     if len(closed.jaxpr.invars) != 1:
         raise NotChunkable("no key")
-    if layers and layer_split(closed) is None:
+    if layers and (math.prod(shape) % layers or layer_split(closed) is None):
         raise NotChunkable("not split per layer")
     jaxpr = closed.jaxpr
     skip = _only_counts(jaxpr) if layers else frozenset()

@@ -25,19 +25,16 @@ serves every layer.
 The blocks are copied into an aligned host buffer of the leaf's shape, which becomes the
 device array without another copy. So this serves leaves placed on one CPU device, drawn
 outside any trace; the others run one compiled function per program (``compiled``).
-A call's blocks, of all its leaves, are shared out among the CPU cores (``draw_all``).
+A call's blocks, of all its leaves, are shared out among the CPU cores (``draw_all``;
+the buffers and threads are in ``host``).
 Values are bit-identical to the leaf's whole draw.
 """
 
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import functools
 import math
-import mmap
-import os
-import threading
 from typing import Any
 from typing import NamedTuple
 
@@ -50,6 +47,7 @@ from flaxlazy._src import _compat
 from flaxlazy._src import cache as cache_lib
 from flaxlazy._src import chunked
 from flaxlazy._src import programs
+from flaxlazy._src.sources import host
 
 # Elements per block: large enough that dispatch is a small share of a block's work,
 # small enough that a small leaf's rounding up to one block costs well under 1 ms.
@@ -63,10 +61,6 @@ _WINDOW = 2
 # Elements a drawing thread takes at a time: small enough to share a leaf among threads,
 # large enough that taking one costs nothing next to drawing it.
 _UNIT = 16 * BLOCK
-MAX_WORKERS = 4  # drawing threads at most (the caller's and up to 3 in a pool)
-_POOL_LOCK = threading.Lock()
-_ALIGN = 64  # host buffers this aligned become CPU device arrays without a copy
-_POPULATE_BYTES = 1 << 20  # larger host buffers are mapped with their pages populated
 
 # (program key, shape, dtype) -> the transform Program, or None (not drawn flat). An
 # entry with its key holds about 80 KiB of Python objects (measured with tracemalloc).
@@ -255,60 +249,6 @@ def _transform_fn(program: programs.Program):
                                      nbytes=cache_lib.EXECUTABLE_BYTES)
 
 
-def _aligned_empty(n: int, dtype: Any) -> tuple[np.ndarray, Any]:
-    """``(buffer, populate)``: an uninitialized, aligned host buffer of ``n`` elements,
-    and ``populate(lo, hi)``, which faults in the pages of elements ``[lo, hi)`` before
-    they are written, or None.
-
-    A large buffer is mapped anonymously. Faulting its pages in one by one as the blocks
-    are copied costs about 3x as long as populating them in one go (50 MB: 64 ms against
-    20 ms, measured on this project's machine). The drawing threads populate each unit's
-    pages just before drawing it (Linux ``MADV_POPULATE_WRITE``), so one thread's page
-    faults overlap another's draw; where that is not available the whole buffer is
-    mapped populated (``MAP_POPULATE``).
-    """
-    dtype = np.dtype(dtype)
-    nbytes = n * dtype.itemsize
-    populate_now = getattr(mmap, "MAP_POPULATE", None)
-    if nbytes >= _POPULATE_BYTES and populate_now is not None:
-        later = _populate_write_ok()
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (0 if later else populate_now)
-        try:
-            buf = mmap.mmap(-1, nbytes, flags=flags)
-        except OSError:
-            pass  # e.g. a locked-memory limit: fall back to the heap
-        else:  # page-aligned; unmapped when the array is freed
-            return np.frombuffer(buf, dtype, n), (
-                functools.partial(_populate, buf, dtype.itemsize) if later else None)
-    raw = np.empty(nbytes + _ALIGN, np.uint8)
-    start = -raw.ctypes.data % _ALIGN
-    return raw[start:start + nbytes].view(dtype), None
-
-
-# Linux's MADV_POPULATE_WRITE (5.14+), which Python's mmap module does not name yet.
-_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
-
-
-def _populate(buf: mmap.mmap, itemsize: int, lo: int, hi: int) -> None:
-    start = lo * itemsize - lo * itemsize % mmap.PAGESIZE
-    buf.madvise(_MADV_POPULATE_WRITE, start, hi * itemsize - start)
-
-
-@functools.cache
-def _populate_write_ok() -> bool:
-    """Whether this kernel populates pages on ``madvise(MADV_POPULATE_WRITE)``."""
-    if not hasattr(mmap.mmap, "madvise") or not hasattr(mmap, "MAP_ANONYMOUS"):
-        return False
-    buf = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        buf.madvise(_MADV_POPULATE_WRITE, 0, mmap.PAGESIZE)
-    except OSError:
-        return False
-    finally:
-        buf.close()
-    return True
-
-
 class Job(NamedTuple):
     """One leaf to draw flat.
 
@@ -337,9 +277,9 @@ def draw(leaf: Any, roots: list, fold: np.uint32, program: programs.Program,
 def draw_all(jobs: list[Job]) -> list[jax.Array]:
     """Each job's leaf, drawn block by block into its host buffer and placed.
 
-    The blocks are shared out among the CPU cores (``workers``): XLA runs a kernel on the
-    calling thread, without the GIL, so threads dispatching blocks side by side draw
-    about 1.7x faster on two cores. Every kernel is compiled here, on the calling
+    The blocks are shared out among the CPU cores (``host.share_out``): XLA runs a kernel
+    on the calling thread, without the GIL, so threads dispatching blocks side by side
+    draw about 1.5x faster on two cores. Every kernel is compiled here, on the calling
     thread, before any worker starts (compiling on other threads grows memory: malloc
     arenas per compiling thread), and each block is a pure function of its key and flat
     index, so the values do not depend on which thread drew them.
@@ -352,13 +292,13 @@ def draw_all(jobs: list[Job]) -> list[jax.Array]:
         values = _transform_fn(job.program)
         n = math.prod(job.leaf.shape)
         per_layer = n // len(job.roots)
-        out, populate = _aligned_empty(n, job.leaf.dtype)
+        out, populate = host.aligned_empty(n, job.leaf.dtype)
         outs.append(out)
         for layer, root in enumerate(job.roots):
             for lo in range(0, per_layer, _UNIT):
                 units.append((out, populate, layer * per_layer, root, job.fold, values,
                               lo, min(lo + _UNIT, per_layer)))
-    _share_out(units, functools.partial(_draw_units, bits))
+    host.share_out(units, functools.partial(_draw_units, bits))
     return [jax.device_put(out.reshape(job.leaf.shape), job.sharding)
             for out, job in zip(outs, jobs, strict=True)]
 
@@ -383,50 +323,6 @@ def _draw_units(bits: Any, take: Any) -> None:
                 copy_out()
     while pending:
         copy_out()
-
-
-def _share_out(units: list, work: Any) -> None:
-    """Runs ``work(take)`` on this thread and on up to ``workers() - 1`` pool threads,
-    ``take()`` handing each the next unit (None once all are taken); worker errors are
-    raised here."""
-    lock, it = threading.Lock(), iter(units)
-
-    def take():
-        with lock:
-            return next(it, None)
-
-    helpers = min(workers(), len(units)) - 1
-    futures = [_pool().submit(work, take) for _ in range(helpers)]
-    try:
-        work(take)
-    finally:
-        # Workers stop as soon as the units run out; wait for them even on an error here
-        # (they write into buffers this call owns).
-        done = [f.exception() for f in futures]
-    for error in done:
-        if error is not None:
-            raise error
-
-
-def workers() -> int:
-    """Threads drawing blocks side by side: the CPU cores this process may run on, at
-    most ``MAX_WORKERS``."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, MAX_WORKERS))
-
-
-_POOL: list = []
-
-
-def _pool() -> concurrent.futures.ThreadPoolExecutor:
-    with _POOL_LOCK:
-        if not _POOL:
-            _POOL.append(concurrent.futures.ThreadPoolExecutor(
-                MAX_WORKERS - 1, thread_name_prefix="flaxlazy-draw"))
-        return _POOL[0]
 
 
 def cold_compiles(leaves: list[Any]) -> int:
