@@ -286,3 +286,15 @@ def test_a_drawing_thread_error_stops_the_others_and_is_raised(monkeypatch):
     assert 5 <= stopped < 20  # the others stop after their current unit
     time.sleep(0.05)
     assert len(done) == stopped  # and nothing runs after the raise
+
+
+def test_a_forked_child_makes_its_own_drawing_pool(monkeypatch):
+    """After ``os.fork`` the parent's pool threads do not exist in the child: the fork
+    hook forgets the pool, and the next draw makes a new one."""
+    monkeypatch.setattr(host, "workers", lambda: 2)
+    done = []
+    host.share_out([1, 2, 3], lambda take: [done.append(u) for u in iter(take, None)])
+    before = host._pool()
+    host._forget_pool()
+    host.share_out([4, 5, 6], lambda take: [done.append(u) for u in iter(take, None)])
+    assert host._pool() is not before and sorted(done) == [1, 2, 3, 4, 5, 6]

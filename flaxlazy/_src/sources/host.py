@@ -147,3 +147,15 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
             _POOL.append(concurrent.futures.ThreadPoolExecutor(
                 MAX_WORKERS - 1, thread_name_prefix="flaxlazy-draw"))
         return _POOL[0]
+
+
+def _forget_pool() -> None:
+    """In a forked child: the parent's pool threads do not exist there, so a new pool is
+    made on first use (waiting on the old one would never return)."""
+    global _POOL_LOCK
+    _POOL_LOCK = threading.Lock()
+    _POOL.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
