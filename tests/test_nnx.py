@@ -136,6 +136,15 @@ def test_a_deeper_vmap_stack_compiles_nothing():
     chex.assert_trees_all_equal(values(model), values(_reference(TwoStacks, 7, 64, seed=2)))
 
 
+def test_inspect_counts_the_compiles_of_vmap_stacks():
+    flaxlazy.materialize(Stacked, 2, 4, rngs=nnx.Rngs(0))  # one-time self-checks first
+    report = flaxlazy.inspect(TwoStacks, 3, 64, rngs=nnx.Rngs(0))
+    flaxlazy.clear_caches()
+    with count_compiles() as c:
+        flaxlazy.materialize(TwoStacks, 3, 64, rngs=nnx.Rngs(0))
+    assert report.compiles_total == c.count
+
+
 def test_linen_inside_nnx_shaped_by_a_spec():
     sample = jnp.ones((2, 7))
     model = flaxlazy.materialize(Bridged, flaxlazy.spec("f32[2,7]"), rngs=nnx.Rngs(0))
