@@ -94,7 +94,8 @@ class Block(nnx.Module):
 
 
 class GPT(nnx.Module):
-    """GPT-2 style transformer, ``n_layers`` blocks in an ``nnx.List`` (no scan).
+    """GPT-2 style transformer: ``n_layers`` blocks in an ``nnx.List``, or one stacked
+    block (``scan=True``).
 
     With ``tied=True`` the head is the token embedding (``wte.attend``), as in GPT-2;
     otherwise an ``nnx.Linear`` without bias. With ``scan=True`` the blocks are one
