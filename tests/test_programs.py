@@ -37,3 +37,16 @@ def test_other_constants_are_evaluated_by_jax():
     got = programs.eval_constants(closed)
     chex.assert_trees_all_equal(np.asarray(got[0]), np.float32(np.sqrt(np.float32(2.0)) * 3))
     np.testing.assert_array_equal(got[1], np.arange(4) + 1)
+
+
+def test_integer_operations_on_jax_evaluated_values():
+    """Integer arithmetic on a value JAX evaluates (a float converted to an integer)
+    waits for it, and equals JAX's evaluation of the whole jaxpr."""
+    closed = jax.make_jaxpr(lambda: [
+        (jnp.sqrt(jnp.float32(7.3)) * 4).astype(jnp.int32) + jnp.zeros((3,), jnp.int32) + 2,
+        jnp.float32(1.5) * 2,
+    ])()
+    with jax.ensure_compile_time_eval():
+        want = jax.core.eval_jaxpr(closed.jaxpr, closed.consts)
+    got = programs.eval_constants(closed)
+    chex.assert_trees_all_equal([np.asarray(x) for x in got], [np.asarray(x) for x in want])

@@ -174,21 +174,39 @@ def eval_constants(closed: Any) -> list:
     Anything else is evaluated by JAX.
     """
     env = dict(zip(closed.jaxpr.constvars, closed.consts, strict=True))
+    pending: list = []  # equations for JAX, evaluated together (one jaxpr, not one each)
+    made: set = set()  # their outputs
 
     def read(v):
         return _compat.literal_value(v) if _compat.is_literal(v) else env[v]
 
+    def flush():
+        if not pending:
+            return
+        free = list(dict.fromkeys(v for e in pending for v in e.invars
+                                  if not _compat.is_literal(v) and v not in made))
+        outs = [v for e in pending for v in e.outvars if not _compat.is_dropvar(v)]
+        run = _compat.new_closed_jaxpr([], [], free, outs, pending)
+        with jax.ensure_compile_time_eval():
+            env.update(zip(outs, _compat.eval_jaxpr(run.jaxpr, [], *map(read, free)),
+                           strict=True))
+        pending.clear()
+        made.clear()
+
     for eqn in closed.jaxpr.eqns:
+        if any(not _compat.is_literal(v) and v in made for v in eqn.invars):
+            if eqn.primitive.name not in _NUMPY_OPS:
+                pending.append(eqn)
+                made.update(eqn.outvars)
+                continue
+            flush()  # an integer operation on their outputs: evaluate them first
         out = _integer_op(eqn, [read(v) for v in eqn.invars])
         if out is not None:
             env[eqn.outvars[0]] = out
-            continue
-        free = list(dict.fromkeys(v for v in eqn.invars if not _compat.is_literal(v)))
-        outs = [v for v in eqn.outvars if not _compat.is_dropvar(v)]
-        one = _compat.new_closed_jaxpr([], [], free, outs, [eqn])
-        with jax.ensure_compile_time_eval():
-            env.update(zip(outs, _compat.eval_jaxpr(one.jaxpr, [], *map(read, free)),
-                           strict=True))
+        else:
+            pending.append(eqn)
+            made.update(eqn.outvars)
+    flush()
     return [read(v) for v in closed.jaxpr.outvars]
 
 
