@@ -40,11 +40,12 @@ def _leaf(init, shape, dtype, root, fold=5):
 
 
 def _assert_drawn_whole(init, shape, dtype, root):
-    """``flat.draw`` of the leaf equals jit of its initializer on the same key."""
+    """The leaf drawn flat equals jit of its initializer on the same key."""
     leaf = _leaf(init, shape, dtype, root)
     transform = flat.transform(leaf)
     assert transform is not None and transform.split is None and flat.usable(root)
-    got = flat.draw(leaf, flat.layer_roots(root, ()), np.uint32(5), transform.program)
+    (got,) = flat.draw_all([flat.Job(leaf, flat.layer_roots(root, ()), np.uint32(5),
+                                     transform.program)])
     want = jax.jit(lambda r: init(jax.random.fold_in(r, 5), shape, dtype))(root)
     chex.assert_trees_all_equal(got, want)
     chex.assert_trees_all_equal_shapes_and_dtypes(got, want)

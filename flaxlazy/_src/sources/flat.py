@@ -62,7 +62,7 @@ _WINDOW = 2
 # large enough that taking one costs nothing next to drawing it.
 _UNIT = 16 * BLOCK
 
-# (program key, shape, dtype) -> the transform Program, or None (not drawn flat). An
+# (program key, shape, dtype) -> the ``Transform``, or None (not drawn flat). An
 # entry with its key holds about 80 KiB of Python objects (measured with tracemalloc).
 _TRANSFORMS = cache_lib.LRU(1024)
 
@@ -266,12 +266,6 @@ class Job(NamedTuple):
     fold: np.uint32
     program: programs.Program
     sharding: Any = None
-
-
-def draw(leaf: Any, roots: list, fold: np.uint32, program: programs.Program,
-         sharding: Any = None) -> jax.Array:
-    """The leaf's value, block by block (see ``draw_all``)."""
-    return draw_all([Job(leaf, roots, fold, program, sharding)])[0]
 
 
 def draw_all(jobs: list[Job]) -> list[jax.Array]:
