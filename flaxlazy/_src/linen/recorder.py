@@ -167,7 +167,7 @@ class Recorder:
 
     def outer(self, x: Any) -> Any:
         """The outermost value ``x`` stands for (``x`` itself outside any transform)."""
-        while (entry := self._aliases.get(id(x))) is not None and entry[0] is x:
+        while (entry := self._lookup(self._aliases, x)) is not None:
             x = entry[1]
         return x
 
