@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import threading
 import warnings
 from typing import Any
 
@@ -120,14 +121,6 @@ def uint_dtype(bit_width: int) -> Any:
 
 
 # ------------------------------------------------------------------------------ flax
-def fold_in_static() -> Any:
-    return flax_scope._fold_in_static
-
-
-def set_fold_in_static(fn: Any) -> None:
-    flax_scope._fold_in_static = fn
-
-
 Scope = flax_scope.Scope
 
 
@@ -142,30 +135,16 @@ def nnx_variable_name(kind: type) -> str | None:
         return None
 
 
-def nnx_rng_stream() -> type:
-    """NNX's ``RngStream`` class, whose ``__call__`` hands out ``fold_in(key, count)``."""
-    from flax.nnx import rnglib
+def nnx_unconstrained() -> contextlib.AbstractContextManager:
+    """NNX variables created inside (on this thread) are not sharding-constrained (their
+    metadata, e.g. ``eager_sharding``, stays as NNX sets it): flaxlazy places every leaf
+    itself."""
 
-    return rnglib.RngStream
-
-
-@contextlib.contextmanager
-def nnx_unconstrained():
-    """NNX variables created inside are not sharding-constrained (their metadata, e.g.
-    ``eager_sharding``, stays as NNX sets it): flaxlazy places every leaf itself."""
-    from flax.core import spmd
-
-    original = spmd.shard_value
-
-    def shard_value(value, *args, **kwargs):
-        del args, kwargs
+    def shard_value(original, value, *args, **kwargs):
+        del original, args, kwargs
         return value
 
-    spmd.shard_value = shard_value
-    try:
-        yield
-    finally:
-        spmd.shard_value = original
+    return thread_patches({"flax.core.spmd.shard_value": shard_value})
 
 
 def nnx_sharding_names(variable: Any) -> tuple | None:
@@ -182,6 +161,124 @@ def nnx_sharding_names(variable: Any) -> tuple | None:
 def nnx_sharding_rules(variable: Any) -> Any:
     meta = variable.get_metadata() if hasattr(variable, "get_metadata") else {}
     return meta.get("sharding_rules")
+
+
+# -------------------------------------------------------------------- thread patches
+# Flax offers no hook where a Linen variable is created or an NNX stream hands out a
+# key, so flaxlazy wraps a few functions while it traces. A wrapper is installed while
+# any thread traces and removed when the last one is done, and it dispatches per thread:
+# only the thread that asked for a hook sees it; every other thread, and every plain
+# Flax or JAX call, runs the original.
+def _patch_points() -> dict[str, tuple[Any, str]]:
+    from flax.core import spmd
+    from flax.nnx import rnglib
+
+    return {
+        "flax.core.scope._fold_in_static": (flax_scope, "_fold_in_static"),
+        "flax.core.scope.Scope.param": (flax_scope.Scope, "param"),
+        "flax.core.scope.Scope.variable": (flax_scope.Scope, "variable"),
+        "flax.core.spmd.shard_value": (spmd, "shard_value"),
+        "flax.nnx.rnglib.RngStream.__call__": (rnglib.RngStream, "__call__"),
+        "jax.checkpoint": (jax, "checkpoint"),
+        "jax.remat": (jax, "remat"),
+        "jax.random.split": (jax.random, "split"),
+        "jax.random.clone": (jax.random, "clone"),
+        "jax.lax.scan": (jax.lax, "scan"),
+        "jax.vmap": (jax, "vmap"),
+    }
+
+
+_MISSING = object()
+_PATCH_LOCK = threading.Lock()
+_PATCH_USERS = [0]  # threads inside ``thread_patches`` right now
+_INSTALLED: dict[str, tuple[Any, str, Any, Any]] = {}  # point -> owner, name, was, wrapper
+_HOOKS = threading.local()  # .stack: this thread's hook tables, innermost last
+
+
+def _hooked(point: str, original: Any) -> Any:
+    """``original`` behind this thread's hooks for ``point`` (innermost first)."""
+    fn = original
+    for table in getattr(_HOOKS, "stack", ()):
+        hook = table.get(point)
+        if hook is not None:
+            fn = functools.partial(hook, fn)
+    return fn
+
+
+def _wrapper(point: str, original: Any) -> Any:
+    @functools.wraps(original)
+    def dispatch(*args, **kwargs):
+        if not getattr(_HOOKS, "stack", None):
+            return original(*args, **kwargs)
+        return _hooked(point, original)(*args, **kwargs)
+
+    return dispatch
+
+
+def _install() -> None:
+    for point, (owner, name) in _patch_points().items():
+        current = getattr(owner, name, _MISSING)
+        if current is _MISSING:
+            continue  # (jax.random.clone, on a jax without it)
+        # A class's own attribute is put back; an inherited one is deleted again.
+        was = vars(owner).get(name, _MISSING) if isinstance(owner, type) else current
+        wrapper = _wrapper(point, current)
+        setattr(owner, name, wrapper)
+        _INSTALLED[point] = (owner, name, was, wrapper)
+
+
+def _uninstall() -> None:
+    for owner, name, was, wrapper in _INSTALLED.values():
+        if getattr(owner, name, _MISSING) is not wrapper:
+            continue  # patched again by someone else since: theirs stays
+        if was is _MISSING:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, was)
+    _INSTALLED.clear()
+
+
+@contextlib.contextmanager
+def thread_patches(hooks: dict[str, Any]):
+    """Hooks on Flax/JAX functions, seen by the calling thread only, inside the block.
+
+    Args:
+      hooks: patch point (a key of ``_patch_points()``: the function's dotted name) ->
+        ``hook(original, *args, **kwargs)``, called instead of the function on this
+        thread; ``original`` is the function itself (or the enclosing block's hook).
+        Methods get ``self`` after ``original``.
+
+    Examples:
+      >>> import threading, jax
+      >>> seen = []
+      >>> def split(original, key, num=2):
+      ...     seen.append(num)
+      ...     return original(key, num)
+      >>> plain = jax.random.split
+      >>> with thread_patches({"jax.random.split": split}):
+      ...     _ = jax.random.split(jax.random.key(0), 3)
+      ...     t = threading.Thread(target=jax.random.split, args=(jax.random.key(0), 4))
+      ...     t.start(); t.join()
+      >>> seen, jax.random.split is plain
+      ([3], True)
+    """
+    unknown = set(hooks) - _patch_points().keys()
+    if unknown:
+        raise ValueError(f"unknown patch points {sorted(unknown)}")
+    with _PATCH_LOCK:
+        if _PATCH_USERS[0] == 0:
+            _install()
+        _PATCH_USERS[0] += 1
+    stack = _HOOKS.__dict__.setdefault("stack", [])
+    stack.append(dict(hooks))
+    try:
+        yield
+    finally:
+        stack.pop()
+        with _PATCH_LOCK:
+            _PATCH_USERS[0] -= 1
+            if _PATCH_USERS[0] == 0:
+                _uninstall()
 
 
 # ----------------------------------------------------------------------------- orbax

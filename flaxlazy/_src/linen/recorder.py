@@ -31,7 +31,6 @@ import dataclasses
 import functools
 import hashlib
 import inspect
-import threading
 from typing import Any
 
 import jax
@@ -42,8 +41,6 @@ from flax import config as flax_config
 from flaxlazy._src import _compat
 from flaxlazy._src import paths
 from flaxlazy._src import programs
-
-_LOCK = threading.RLock()
 
 
 def static_hash(data: tuple[str | int, ...]) -> int:
@@ -349,14 +346,8 @@ def recording(root_key: Any):
       A ``Recorder``; its ``records`` fill in as the model is traced.
     """
     rec = Recorder(root_key)
-    scope_cls = _compat.Scope
-    orig_fold = _compat.fold_in_static()
-    orig_param = scope_cls.param
-    orig_variable = scope_cls.variable
 
-    orig_remat = jax.checkpoint
-
-    def remat(fun=None, **kwargs):
+    def remat(orig_remat, fun=None, **kwargs):
         """``jax.checkpoint`` that records which tracers inside stand for which outside.
 
         Checkpointing changes no value, so a parameter created inside ``nn.remat`` from
@@ -364,7 +355,7 @@ def recording(root_key: Any):
         inputs (and of outputs) is aliased; anything else is simply not aliased.
         """
         if fun is None:
-            return functools.partial(remat, **kwargs)
+            return functools.partial(remat, orig_remat, **kwargs)
 
         @functools.wraps(fun)
         def call(*args, **kw):
@@ -392,21 +383,18 @@ def recording(root_key: Any):
 
         return call
 
-    orig_split, orig_clone = jax.random.split, getattr(jax.random, "clone", None)
-    orig_scan, orig_vmap = jax.lax.scan, jax.vmap
-
-    def split(key, num=2):
+    def split(orig_split, key, num=2):
         out = orig_split(key, num)
         if isinstance(num, int):  # rows of out: the keys a mapped call slices
             rec.split_key(out, key)
         return out
 
-    def clone(key):
+    def clone(orig_clone, key):
         out = orig_clone(key)
         rec.alias(out, key)  # same value
         return out
 
-    def scan(f, init, xs=None, *args, **kwargs):
+    def scan(orig_scan, f, init, xs=None, *args, **kwargs):
         """``lax.scan`` noting the rows of ``xs`` inside and the stacked ``ys`` outside."""
         token, seen = object(), {}
 
@@ -420,7 +408,7 @@ def recording(root_key: Any):
         rec.mapped(_pairs(seen.get("ys", _NOTHING), ys), token, out=True)
         return carry, ys
 
-    def vmap(fun, in_axes=0, out_axes=0, *args, **kwargs):
+    def vmap(orig_vmap, fun, in_axes=0, out_axes=0, *args, **kwargs):
         """``jax.vmap`` noting, on axis 0, the rows inside and the stacked outputs outside."""
 
         @functools.wraps(fun)
@@ -438,12 +426,12 @@ def recording(root_key: Any):
 
         return call
 
-    def fold(rng, data):
+    def fold(orig_fold, rng, data):
         out = orig_fold(rng, data)
         rec._folds[id(out)] = (out, rng, tuple(data))
         return out
 
-    def param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
+    def param(orig_param, self, name, init_fn, *init_args, unbox=True, **init_kwargs):
         if self.has_variable("params", name) or not self.is_mutable_collection("params"):
             return orig_param(self, name, init_fn, *init_args, unbox=unbox, **init_kwargs)
         seen = {}
@@ -464,7 +452,8 @@ def recording(root_key: Any):
             )
         return value
 
-    def variable(self, col, name, init_fn=None, *init_args, unbox=True, **init_kwargs):
+    def variable(orig_variable, self, col, name, init_fn=None, *init_args, unbox=True,
+                 **init_kwargs):
         if (
             init_fn is None
             or self.has_variable(col, name)
@@ -487,22 +476,16 @@ def recording(root_key: Any):
             )
         return value
 
-    with _LOCK:
-        _compat.set_fold_in_static(fold)
-        scope_cls.param = param
-        scope_cls.variable = variable
-        jax.checkpoint = jax.remat = remat
-        jax.random.split, jax.lax.scan, jax.vmap = split, scan, vmap
-        if orig_clone is not None:
-            jax.random.clone = clone
-        try:
-            yield rec
-        finally:
-            _compat.set_fold_in_static(orig_fold)
-            scope_cls.param = orig_param
-            scope_cls.variable = orig_variable
-            jax.checkpoint = orig_remat
-            jax.remat = orig_remat
-            jax.random.split, jax.lax.scan, jax.vmap = orig_split, orig_scan, orig_vmap
-            if orig_clone is not None:
-                jax.random.clone = orig_clone
+    hooks = {
+        "flax.core.scope._fold_in_static": fold,
+        "flax.core.scope.Scope.param": param,
+        "flax.core.scope.Scope.variable": variable,
+        "jax.checkpoint": remat,
+        "jax.remat": remat,
+        "jax.random.split": split,
+        "jax.random.clone": clone,
+        "jax.lax.scan": scan,
+        "jax.vmap": vmap,
+    }
+    with _compat.thread_patches(hooks):
+        yield rec

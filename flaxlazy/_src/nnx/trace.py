@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -211,37 +209,27 @@ def _value(entry: _Entry, values: Mapping[str, Any]) -> Any:
     return value if entry.variable is None else entry.variable.replace(value)
 
 
-_LOCK = threading.RLock()  # held while NNX classes are patched for a trace
-
-
-@contextlib.contextmanager
-def _concrete_counters():
-    """Stream counters stay concrete numbers while the constructor is traced.
+def _concrete_counters() -> contextlib.AbstractContextManager:
+    """Stream counters stay concrete numbers while the constructor is traced (on this
+    thread).
 
     ``RngStream.__call__`` folds the counter into the root key and increments it. The
     key is traced, so the fold is recorded; the counter is a known number, so it is
     incremented at trace time rather than recorded as ``count + 1`` (as ``nnx.jit``
     does, which also makes each later NNX access to it walk the whole trace so far).
     """
-    stream = _compat.nnx_rng_stream()
-    original = stream.__call__
 
-    @functools.wraps(original)
-    def call(self):
+    def call(original, self):
         if isinstance(self.count.get_value(), jax.core.Tracer):
             return original(self)
         with jax.ensure_compile_time_eval():
             return original(self)
 
-    stream.__call__ = call
-    try:
-        yield
-    finally:
-        stream.__call__ = original
+    return _compat.thread_patches({"flax.nnx.rnglib.RngStream.__call__": call})
 
 
 def trace(call: call_lib.ConstructorCall, *, logical: bool = False, record: bool = True,
-          fn: str = "materialize") -> Traced:
+          fn: str = "materialize", update: Hashable | None = None) -> Traced:
     """Traces the constructor with ``jax.make_jaxpr`` (nothing computed) and slices it.
 
     Never cached, like the Linen trace: what a constructor creates can depend on anything
@@ -253,21 +241,28 @@ def trace(call: call_lib.ConstructorCall, *, logical: bool = False, record: bool
       record: whether to slice the jaxpr into per-leaf records (not for shapes alone:
         ``abstract_init`` needs only ``variables`` and the module's structure).
       fn: the public function, for errors.
+      update: the tag of an open ``nnx.update_context`` (``UPDATE``): the caller's
+        ``nnx.Rngs`` are split and the module split in it, as ``nnx.jit`` does, so that
+        ``Traced.module`` built in the same context puts the caller's objects back
+        where the constructor stored them. None: the module gets copies.
     """
     # Keys in ``call.streams`` order (NNX's flat-state order, as ``stream_names``).
-    parts = [nnx.split(r, nnx.RngKey, ...) for r in call.rngs]
+    with nnx.split_context(update) as outer:  # (1) in update_context's terms
+        parts = [outer.split(r, nnx.RngKey, ...) for r in call.rngs]
     key_flats = [nnx.to_flat_state(k) for _, k, _ in parts]
     found: dict[str, Any] = {}
 
     def run(keys, dyn):
         it = iter(keys)
         objs = []
-        for (graphdef, _, rest), flat in zip(parts, key_flats, strict=True):
-            # Fresh Variables, created inside this trace (NNX checks trace levels).
-            fresh_keys = nnx.from_flat_state([(p, v.replace(next(it))) for p, v in flat])
-            objs.append(nnx.merge(graphdef, fresh_keys, jax.tree_util.tree_map(lambda x: x, rest)))
+        with nnx.merge_context(update, True if update is not None else None) as inner:  # (2)
+            for (graphdef, _, rest), flat in zip(parts, key_flats, strict=True):
+                # Fresh Variables, created inside this trace (NNX checks trace levels).
+                fresh_keys = nnx.from_flat_state([(p, v.replace(next(it))) for p, v in flat])
+                objs.append(inner.merge(graphdef, fresh_keys,
+                                        jax.tree_util.tree_map(lambda x: x, rest)))
         args, kwargs = call.rebuild(objs, list(dyn))
-        with _LOCK, _compat.nnx_unconstrained(), _concrete_counters():
+        with _compat.nnx_unconstrained(), _concrete_counters():
             module = call.ctor(*args, **kwargs)
         if not isinstance(module, nnx.Module):
             raise TypeError(NOT_A_MODULE.format(
@@ -275,7 +270,8 @@ def trace(call: call_lib.ConstructorCall, *, logical: bool = False, record: bool
                 got=(f"an array of shape {tuple(module.shape)}" if hasattr(module, "shape")
                      else f"{type(module).__name__} {str(module)[:60]!r}"),
             ))
-        graphdef, state = nnx.split(module)
+        with nnx.split_context(update) as inner:  # (3)
+            graphdef, state = inner.split(module)
         found["graphdef"] = graphdef
         found["state"] = nnx.to_flat_state(state)
         found["rngs"] = [nnx.to_flat_state(nnx.state(o)) for o in objs]
