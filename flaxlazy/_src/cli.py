@@ -1,18 +1,18 @@
 """The ``flaxlazy`` command: ``flaxlazy inspect TARGET [options]`` (also ``python -m flaxlazy``).
 
 Everything the command does is ``flaxlazy.inspect``; this module only turns the command
-line into its arguments (a factory to call, specs or an NNX constructor's arguments, a
-mesh, names of objects to import)
-and its result into text, JSON and an exit status: 0 (the report), 1 (``--strict`` and
-something ``materialize`` would stop on, or "does not fit"), 2 (a usage error: a bad
-TARGET, a factory that raises, a malformed mesh or spec; one line, with the traceback
-only under ``--debug``).
+line (parsed by ``cli_args``) into its arguments (a factory to call, specs or an NNX
+constructor's arguments, a mesh, names of objects to import) and its result into text,
+JSON and an exit status: 0 (the report), 1 (``--strict`` and something ``materialize``
+would stop on, or "does not fit"), 2 (a usage error: a bad TARGET, a factory that raises
+or exits, a malformed mesh or spec; one line, with the traceback only under ``--debug``).
+With ``--json``, what the target's code prints goes to stderr: stdout is the JSON alone.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -30,144 +30,19 @@ from collections.abc import Sequence
 from typing import Any
 from typing import NamedTuple
 
-PROG = "flaxlazy"
-DESCRIPTION = (
-    "Inspect a Flax Linen or NNX model without allocating anything: every parameter's shape, "
-    "initializer and PartitionSpec, the bytes each device will hold (with the optimizer "
-    "state), whether that fits, and how many functions materialize will compile."
+from flaxlazy._src import cli_args
+
+PROG = cli_args.PROG
+UsageError = cli_args.UsageError
+
+IMPORT_EXITED = (
+    "{flag}: importing {text} exited ({exit}) instead of defining its objects; a file "
+    "flaxlazy imports must not exit: put its script code under `if __name__ == '__main__':`."
 )
-TARGET_HELP = (
-    "what to inspect: MODULE:NAME (a dotted module importable from the current directory) "
-    "or FILE.py:NAME. NAME is a Linen module instance; an NNX Module class, or a function "
-    "taking `rngs` (an NNX constructor: give its arguments with --arg/--kwarg); or a "
-    "FACTORY, called with no arguments, returning a Linen module (give its inputs with "
-    "--input), (module, inputs) or (module, inputs, kwargs), or an NNX constructor, "
-    "(constructor, args) or (constructor, args, kwargs)."
+FACTORY_EXITED = (
+    "TARGET {ref!r}: the factory exited ({exit}) instead of returning a model; return the "
+    "module, (module, inputs) or (constructor, args) rather than exiting."
 )
-EPILOG = (
-    "REF arguments (--rules, --logical-axis-rules, --optimizer) name an object the same "
-    "way as TARGET, MODULE:NAME or FILE.py:NAME, or by NAME alone in TARGET's module. "
-    "Exit status: 0 the report; 1 with --strict, when materialize would stop (a leaf no "
-    "rule covers, a rule that matches nothing, an indivisible dimension) or the load does "
-    "not fit --device-memory; 2 a usage error. NNX: the report is what "
-    "flaxlazy.materialize(constructor, *args, **kwargs) (with --optimizer, "
-    "init_train_state) would create; an NNX constructor that takes `rngs` and is not "
-    "given one gets rngs=nnx.Rngs(0) (--rngs NAMES: a stream per name). Examples: "
-    "flaxlazy inspect examples/factories.py:llama7b --mesh data=8,model=8 "
-    "--rules LLAMA_RULES --optimizer adamw --device-memory 80GiB; "
-    "flaxlazy inspect examples/factories.py:GPT --arg 12 --arg 768 --arg 50304 "
-    "--mesh data=2,model=4 --rules GPT_RULES --optimizer adamw (NNX)"
-)
-MESH_FORM = "expected NAME=SIZE pairs separated by commas, such as data=2,model=4"
-ARG_HELP = (
-    "a constructor argument, in order; repeatable; replaces the positional "
-    "arguments the factory returns. VALUE is a Python literal (12, 0.1, True, None, "
-    "'text', (1, 2)), an array spec such as f32[8,16] (an abstract array), or else a string"
-)
-KWARG_HELP = (
-    "a constructor keyword argument, NAME=VALUE (VALUE as for --arg); "
-    "repeatable; added to (or replacing) the keyword arguments the factory returns"
-)
-_SPEC_LIKE = re.compile(r"[A-Za-z][A-Za-z0-9]*\[.*\]")
-
-
-class UsageError(Exception):
-    """A problem with the command line or the target: one line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not usage + error
-        raise UsageError(f"{message} (see {self.prog} --help)")
-
-
-def parse_mesh(text: str) -> dict[str, int]:
-    """``"data=2,model=4" -> {"data": 2, "model": 4}``.
-
-    Examples:
-      >>> parse_mesh("data=2, model=4")
-      {'data': 2, 'model': 4}
-      >>> parse_mesh("data=2,model")
-      Traceback (most recent call last):
-      ...
-      flaxlazy._src.cli.UsageError: --mesh 'data=2,model': 'model' is not NAME=SIZE; ...
-    """
-    out: dict[str, int] = {}
-    for part in text.split(","):
-        match = re.fullmatch(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*([0-9]+)\s*", part)
-        if not match:
-            raise UsageError(f"--mesh {text!r}: {part.strip()!r} is not NAME=SIZE; {MESH_FORM}.")
-        name, size = match.group(1), int(match.group(2))
-        if name in out:
-            raise UsageError(f"--mesh {text!r}: axis {name!r} is given twice; {MESH_FORM}.")
-        if size < 1:
-            raise UsageError(f"--mesh {text!r}: axis {name!r} has size {size}; sizes are >= 1.")
-        out[name] = size
-    return out
-
-
-def parse_inputs(texts: Sequence[str]) -> tuple[tuple, dict]:
-    """``["i32[8,128]", "mask=bool[8,128]"]`` -> positional and keyword specs."""
-    from flaxlazy._src import specs
-
-    args, kwargs = [], {}
-    for text in texts:
-        name, eq, spec_text = text.partition("=")
-        if not eq:
-            name, spec_text = None, text
-        elif not name.isidentifier():
-            raise UsageError(f"--input {text!r}: {name!r} is not a keyword name; write "
-                             "NAME=SPEC, e.g. mask=bool[8,128].")
-        try:
-            value = specs.spec(spec_text.strip())
-        except (TypeError, ValueError) as e:
-            raise UsageError(f"--input {text!r}: {e}") from None
-        if name is None:
-            if kwargs:
-                raise UsageError(f"--input {text!r}: positional inputs go before keyword ones.")
-            args.append(value)
-        else:
-            kwargs[name] = value
-    return tuple(args), kwargs
-
-
-def parse_value(text: str, flag: str) -> Any:
-    """A constructor argument from the command line: a literal, a spec, or the string.
-
-    Examples:
-      >>> parse_value("12", "--arg"), parse_value("(1, 2)", "--arg"), parse_value("gelu", "--arg")
-      (12, (1, 2), 'gelu')
-      >>> parse_value("f32[8,16]", "--arg")
-      ShapeDtypeStruct(shape=(8, 16), dtype=float32)
-    """
-    from flaxlazy._src import specs
-
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        pass
-    if _SPEC_LIKE.fullmatch(text.strip()):
-        try:
-            return specs.spec(text.strip())
-        except (TypeError, ValueError) as e:
-            raise UsageError(f"{flag} {text!r}: {e}") from None
-    return text
-
-
-def parse_arguments(arg_texts: Sequence[str], kwarg_texts: Sequence[str]) -> tuple[tuple, dict]:
-    """``--arg`` and ``--kwarg`` values: an NNX constructor's positional and keyword
-    arguments."""
-    args = tuple(parse_value(text, "--arg") for text in arg_texts)
-    kwargs = {}
-    for text in kwarg_texts:
-        name, eq, value = text.partition("=")
-        name = name.strip()
-        if not eq:
-            raise UsageError(f"--kwarg {text!r}: expected NAME=VALUE, e.g. heads=12.")
-        if not name.isidentifier():
-            raise UsageError(f"--kwarg {text!r}: {name!r} is not a keyword name; write "
-                             "NAME=VALUE, e.g. heads=12.")
-        kwargs[name] = parse_value(value, "--kwarg")
-    return args, kwargs
 
 
 _LOADED: dict[str, Any] = {}
@@ -200,12 +75,16 @@ def load_module(text: str, flag: str) -> Any:
             raise UsageError(f"{flag} {text!r}: no such file.")
         try:
             return _import_file(path)
+        except SystemExit as e:
+            raise UsageError(IMPORT_EXITED.format(flag=flag, text=text, exit=_exit(e))) from e
         except Exception as e:  # noqa: BLE001 - reported in one line
             raise UsageError(f"{flag}: importing {text} failed: {_one_line(e)}") from e
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())  # as `python -m` would
     try:
         return importlib.import_module(text)
+    except SystemExit as e:
+        raise UsageError(IMPORT_EXITED.format(flag=flag, text=text, exit=_exit(e))) from e
     except ModuleNotFoundError as e:
         if e.name and text.startswith(e.name):
             raise UsageError(
@@ -217,8 +96,20 @@ def load_module(text: str, flag: str) -> Any:
         raise UsageError(f"{flag}: importing {text} failed: {_one_line(e)}") from e
 
 
+def _exit(e: SystemExit) -> str:
+    """How user code exited, as it would have written it: ``SystemExit(7)``."""
+    return f"SystemExit({', '.join(map(repr, e.args))})"
+
+
 def resolve(ref: str, flag: str, default_module: Any = None) -> Any:
     """The object ``MODULE:NAME`` / ``FILE.py:NAME`` (or ``NAME`` in ``default_module``) names."""
+    drive = 2 if re.match(r"[A-Za-z]:[\\/]", ref) else 0  # C:\\models\\m.py:NAME
+    if ref.count(":", drive) > 1:
+        first = ref.index(":", drive)
+        guess = ref[:ref.index(":", first + 1)]
+        raise UsageError(f"{flag} {ref!r}: expected MODULE:NAME or FILE.py:NAME, one ':' "
+                         f"after the file or module, got {ref.count(':', drive)}. Name one "
+                         f"object, e.g. {guess!r} (an attribute of it as NAME.ATTR).")
     where, colon, name = ref.rpartition(":")
     if not colon:
         if default_module is None:
@@ -273,6 +164,8 @@ def build_model(obj: Any, ref: str, inputs: tuple, kwargs: dict, given: bool,
     else:
         try:
             made = obj()
+        except SystemExit as e:
+            raise UsageError(FACTORY_EXITED.format(ref=ref, exit=_exit(e))) from e
         except Exception as e:  # noqa: BLE001 - reported in one line
             raise UsageError(f"TARGET {ref!r}: the factory raised {_one_line(e)}") from e
     extra_args, extra_kwargs = (), {}
@@ -385,69 +278,6 @@ def with_rngs(ctor: Any, args: tuple, kwargs: dict, streams: list[str] | None) -
     return {**kwargs, "rngs": rngs}
 
 
-def parser() -> argparse.ArgumentParser:
-    from flaxlazy import __version__
-
-    top = _Parser(prog=PROG, description=DESCRIPTION)
-    top.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                  parser_class=_Parser)
-    p = commands.add_parser("inspect", help="will it fit, how is it sharded (nothing allocated)",
-                            description=DESCRIPTION, epilog=EPILOG)
-    p.add_argument("target", metavar="TARGET", help=TARGET_HELP)
-    p.add_argument("--input", action="append", default=[], metavar="SPEC",
-                   help="Linen: an input spec such as i32[8,2048], or NAME=SPEC for a keyword "
-                        "input; repeatable, in order; replaces the inputs the factory returns")
-    p.add_argument("--arg", action="append", default=[], metavar="VALUE", help="NNX: " + ARG_HELP)
-    p.add_argument("--kwarg", action="append", default=[], metavar="NAME=VALUE",
-                   help="NNX: " + KWARG_HELP)
-    p.add_argument("--mesh", metavar="AXES",
-                   help="an abstract mesh, e.g. data=8,model=8 (no devices needed)")
-    p.add_argument("--rules", metavar="REF", help="partition rules, [(pattern, PartitionSpec)]")
-    p.add_argument("--logical-axis-rules", metavar="REF",
-                   help="logical axis rules, [(logical_name, mesh_axes)]")
-    p.add_argument("--require-rules", action=argparse.BooleanOptionalAction, default=None,
-                   help="whether every leaf needs a rule or annotation (default: when --rules "
-                        "is given)")
-    p.add_argument("--allow-unused-rules", action="store_true",
-                   help="accept rules that match no leaf")
-    p.add_argument("--optimizer", metavar="NAME|REF",
-                   help="add the optimizer state: adamw, adam, sgd, adafactor, lion, or REF to "
-                        "an optax transformation (or a function of no arguments returning one)")
-    p.add_argument("--dtype", help="cast floating parameters to this dtype (what-if), e.g. bf16")
-    p.add_argument("--device-memory", metavar="SIZE",
-                   help="one device's memory, e.g. 80GiB: says whether the load fits")
-    p.add_argument("--rngs", metavar="NAMES",
-                   help="rng streams, comma-separated: Linen, the keys init needs (default: "
-                        "params); NNX, the streams of the nnx.Rngs given to a constructor "
-                        "that takes `rngs` and is not given one (default: nnx.Rngs(0))")
-    p.add_argument("--method", help="Linen: the module method init calls (default: __call__)")
-    p.add_argument("--top", metavar="N|all",
-                   help="list the N largest leaves, or all (default: all up to 40, else 10)")
-    p.add_argument("--depth", type=_positive, metavar="K", help="subtotals per module to depth K")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--strict", action="store_true",
-                   help="exit 1 when materialize would stop, or the load does not fit")
-    p.add_argument("--debug", action="store_true", help="print tracebacks of errors")
-    return top
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
-    return int(text)
-
-
-def _top(text: str | None) -> int | None:
-    if text is None:
-        return None
-    if text == "all":
-        return sys.maxsize
-    if not text.isdigit():
-        raise UsageError(f"--top {text!r}: expected a number of leaves or 'all'.")
-    return int(text)
-
-
 def _optimizer(text: str | None, target_module: Any) -> Any:
     from flaxlazy._src import inspect_report
 
@@ -463,6 +293,9 @@ def _optimizer(text: str | None, target_module: Any) -> Any:
     if not isinstance(tx, optax.GradientTransformation) and callable(tx):
         try:
             tx = tx()
+        except SystemExit as e:
+            raise UsageError(f"--optimizer {text!r} exited ({_exit(e)}) instead of returning "
+                             "an optax transformation; return one rather than exiting.") from e
         except Exception as e:  # noqa: BLE001
             raise UsageError(f"--optimizer {text!r} raised {_one_line(e)}") from e
     if not isinstance(tx, optax.GradientTransformation):
@@ -473,23 +306,47 @@ def _optimizer(text: str | None, target_module: Any) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Runs ``inspect`` for parsed ``args``; returns the exit status."""
+    from flaxlazy._src import inspect_render
+
+    with _stdout_to_stderr() if args.json else contextlib.nullcontext():
+        report = _report(args)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+        print(report.render(color=color))
+    failures = report.failures()
+    if args.strict and failures:
+        groups = inspect_render.group_problems(failures, [leaf.path for leaf in report.leaves])
+        for group in groups[: inspect_render.MAX_PROBLEMS]:
+            print(f"{PROG} inspect: --strict: {inspect_render.problem_text(group)}",
+                  file=sys.stderr)
+        if len(groups) > inspect_render.MAX_PROBLEMS:
+            more = len(groups) - inspect_render.MAX_PROBLEMS
+            print(f"{PROG} inspect: --strict: ... and {more} more", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _report(args: argparse.Namespace) -> Any:
+    """The ``inspect_report.Report`` for parsed ``args``: options checked first, then the
+    target's code (importing, the factory, the constructor) run."""
     import jax
 
-    from flaxlazy._src import inspect_render
     from flaxlazy._src import inspect_report
 
-    mesh = parse_mesh(args.mesh) if args.mesh is not None else None
-    for flag, value, check in (("--device-memory", args.device_memory, inspect_report.parse_bytes),
-                               ("--dtype", args.dtype, inspect_report.cast_dtype)):
-        try:
-            _ = value is not None and check(value)
-        except (TypeError, ValueError) as e:
-            raise UsageError(f"{flag}: {e}") from None
-    inputs, kwargs = parse_inputs(args.input)
-    arguments = parse_arguments(args.arg, args.kwarg)
-    top = _top(args.top)
-    where = args.target.rpartition(":")[0]
+    mesh = cli_args.parse_mesh(args.mesh) if args.mesh is not None else None
+    memory = (cli_args.parse_size(args.device_memory, "--device-memory")
+              if args.device_memory is not None else None)
+    try:
+        _ = args.dtype is not None and inspect_report.cast_dtype(args.dtype)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--dtype: {e}") from None
+    inputs, kwargs = cli_args.parse_inputs(args.input)
+    arguments = cli_args.parse_arguments(args.arg, args.kwarg)
+    top = cli_args.parse_top(args.top)
     obj = resolve(args.target, "TARGET")
+    where = args.target.rpartition(":")[0]
     target_module = load_module(where, "TARGET") if where else None
     model = build_model(obj, args.target, inputs, kwargs, bool(args.input), arguments,
                         bool(args.arg or args.kwarg))
@@ -517,27 +374,36 @@ def run(args: argparse.Namespace) -> int:
             model.module, *call_args, mesh=mesh, partition_rules=refs["--rules"],
             logical_axis_rules=refs["--logical-axis-rules"],
             allow_unused_rules=args.allow_unused_rules, require_rules=args.require_rules,
-            optimizer=optimizer, dtype=args.dtype, device_memory=args.device_memory,
+            optimizer=optimizer, dtype=args.dtype, device_memory=memory,
             method=args.method, top=top, depth=args.depth, **call_kwargs,
         )
+    except SystemExit as e:  # the model's own code: its constructor, its __call__
+        raise UsageError(f"inspecting {args.target} failed: the model's code exited "
+                         f"({_exit(e)}); build the model rather than exiting.") from e
     except Exception as e:  # noqa: BLE001 - one line unless --debug
         raise UsageError(f"inspecting {args.target} failed: {_one_line(e)}{hint}") from e
-    report = dataclasses.replace(report, target=args.target)
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
-    else:
-        color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
-        print(report.render(color=color))
-    failures = report.failures()
-    if args.strict and failures:
-        shown = failures[: inspect_render.MAX_PROBLEMS]
-        for problem in shown:
-            print(f"{PROG} inspect: --strict: {problem.message}", file=sys.stderr)
-        if len(failures) > len(shown):
-            print(f"{PROG} inspect: --strict: ... and {len(failures) - len(shown)} more",
-                  file=sys.stderr)
-        return 1
-    return 0
+    return dataclasses.replace(report, target=args.target)
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Within: what is printed to stdout goes to stderr, Python's ``print`` and writes to
+    file descriptor 1 alike (a subprocess, a C extension); restored on the way out."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no file descriptor 1
+        saved = None
+    try:
+        if saved is not None:
+            os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stderr.flush()
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -550,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         jax.config.update("jax_platforms", "cpu")
     debug = "--debug" in argv
     try:
-        return run(parser().parse_args(argv))
+        return run(cli_args.parse_argv(argv))
     except BrokenPipeError:  # `flaxlazy inspect ... | head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141

@@ -5,14 +5,22 @@ The leaf tables are ``summary``'s own (``summary.table``): one implementation fo
 
 from __future__ import annotations
 
+import ast
+import re
+from collections.abc import Iterable
 from collections.abc import Sequence
 from typing import Any
+from typing import NamedTuple
 
 from flaxlazy._src import summary
 
 _COLORS = {"ok": "32", "bad": "31", "warn": "33", "head": "1"}
 _DEFAULT_TOP, _LIST_ALL_UP_TO = 10, 40
-MAX_PROBLEMS = 5  # listed in the text; JSON has all
+MAX_PROBLEMS = 5  # distinct problems listed in the text; JSON has all
+_MAX_LEAVES_NAMED = 3  # of the other leaves a grouped problem also stops
+# A leaf named in a problem's message: its path's repr, then maybe its type, as
+# sharding_checks.BAD_SPEC writes them: 'params/Dense_0/kernel' (float32[4,3]).
+_LEAF_IN_MESSAGE = re.compile(r"""('[^'\\]*'|"[^"\\]*")( \(\w+\[[0-9,]*\]\))?""")
 MARKS = {
     summary.DEFAULT_MARK: "replicated by default: no partition rule or Flax annotation covers it",
     "!": "materialize would stop on it (see the problems); counted as replicated",
@@ -102,11 +110,70 @@ def report_text(report: Any, *, color: bool = False) -> str:
                                      "bad", color) if problems else "none"))
     facts.append(("inspected in", f"{report.seconds:.2f} s, nothing allocated on any device"))
     lines += [""] + _aligned(facts)
-    for problem in problems[:MAX_PROBLEMS]:
-        lines.append(_paint("problem: ", "bad", color) + problem.message)
-    if len(problems) > MAX_PROBLEMS:
-        lines.append(f"... and {len(problems) - MAX_PROBLEMS} more problems (--json lists all)")
+    groups = group_problems(problems, [leaf.path for leaf in report.leaves])
+    for group in groups[:MAX_PROBLEMS]:
+        lines.append(_paint("problem: ", "bad", color) + problem_text(group))
+    if len(groups) > MAX_PROBLEMS:
+        lines.append(f"... and {len(groups) - MAX_PROBLEMS} more problems (--json lists all)")
     return "\n".join(lines)
+
+
+class ProblemGroup(NamedTuple):
+    """Problems that differ only in the leaf they name (a rule's spec that fails on every
+    leaf it matches): the first, and the paths of the others (None where a problem names
+    no leaf, repeated word for word)."""
+
+    problem: Any
+    others: tuple[str | None, ...]
+
+
+def group_problems(problems: Iterable[Any], paths: Iterable[str]) -> list[ProblemGroup]:
+    """``problems`` (``inspect_report.Problem``), one group per distinct problem, in order.
+
+    Two problems are the same where their kind and message are, once the first leaf path
+    of ``paths`` each names (with the type after it) is left out.
+
+    Examples:
+      >>> from flaxlazy._src.inspect_report import Problem
+      >>> found = [Problem("bad_spec", f"rule gives {p!r} (f32[4]) the spec P('x'), but ...")
+      ...          for p in ("a/w", "b/w", "c/w")] + [Problem("unused_rule", "no match")]
+      >>> [(g.problem.message[:16], g.others) for g in group_problems(found, ["a/w", "b/w"])]
+      [("rule gives 'a/w'", ('b/w',)), ("rule gives 'c/w'", ()), ('no match', ())]
+    """
+    known = set(paths)
+    groups: dict[tuple[str, str], list[tuple[Any, str | None]]] = {}
+    for problem in problems:
+        key, path = (problem.kind, problem.message), None
+        for match in _LEAF_IN_MESSAGE.finditer(problem.message):
+            named = ast.literal_eval(match.group(1))
+            if named in known:
+                start, end = match.span()
+                key = (problem.kind, problem.message[:start] + "\0" + problem.message[end:])
+                path = named
+                break
+        groups.setdefault(key, []).append((problem, path))
+    return [ProblemGroup(found[0][0], tuple(path for _, path in found[1:]))
+            for found in groups.values()]
+
+
+def problem_text(group: ProblemGroup) -> str:
+    """The first problem's message, and the other leaves the same problem stops.
+
+    Examples:
+      >>> from flaxlazy._src.inspect_report import Problem
+      >>> problem_text(ProblemGroup(Problem("bad_spec", "'a' ... fails."), ("b", "c")))
+      "'a' ... fails. The same for 2 more leaves: 'b', 'c'."
+    """
+    message, others = group.problem.message, group.others
+    if not others:
+        return message
+    if others[0] is None:  # the same words, naming no leaf
+        return f"{message} ({len(others) + 1} times)"
+    listed = ", ".join(map(repr, others[:_MAX_LEAVES_NAMED]))
+    if len(others) > _MAX_LEAVES_NAMED:
+        listed += f" and {len(others) - _MAX_LEAVES_NAMED} more"
+    leaves = "leaf" if len(others) == 1 else "leaves"
+    return f"{message} The same for {len(others)} more {leaves}: {listed}."
 
 
 def _aligned(facts: Sequence[tuple[str, str]], indent: str = "") -> list[str]:
