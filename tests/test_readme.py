@@ -9,14 +9,22 @@ reader's script would. A block that is not meant to run says so with an HTML com
     ```python
 
 Blocks under some headings are followed by checks (``CHECKS``), run in the same process.
+
+A ``print(...)`` line with a comment after it says what it prints: where the call prints
+one line, the comment must be exactly that line (``print(n)  # 203530``); a call that
+prints several lines (a table) is described by its comment instead. The ``$ flaxlazy
+inspect`` transcript is run too and compared line by line, all but its timing line.
 """
 
+import contextlib
 import dataclasses
+import io
 import os
 import pathlib
 import re
 import subprocess
 import sys
+import tokenize
 
 import pytest
 
@@ -90,6 +98,35 @@ assert head.sharding.is_fully_replicated and len(head.sharding.device_set) == 8
 }
 
 
+# Defined before a block runs: a commented print line calls this instead of print.
+_PRINT_CHECK = """
+def __readme_print(__line, __comment, *args, **kwargs):
+    import contextlib as _c, io as _io
+    out = _io.StringIO()
+    with _c.redirect_stdout(out):
+        print(*args, **kwargs)
+    text = out.getvalue()
+    print(text, end="")
+    lines = text.splitlines()
+    if len(lines) == 1 and lines[0].strip() != __comment:
+        raise AssertionError(
+            f"README.md line {__line} prints {lines[0].strip()!r}; its comment says {__comment!r}")
+"""
+
+
+def checked_prints(block: Block) -> str:
+    """The block's code with each commented ``print(`` line checking its comment."""
+    lines = block.code.splitlines(keepends=True)
+    tokens = tokenize.generate_tokens(io.StringIO(block.code).readline)
+    comments = {t.start[0]: t.string[1:].strip() for t in tokens if t.type == tokenize.COMMENT}
+    for row, comment in comments.items():
+        code = lines[row - 1]
+        if code.lstrip().startswith("print("):
+            lines[row - 1] = code.replace(
+                "print(", f"__readme_print({block.line + row - 1}, {comment!r}, ", 1)
+    return _PRINT_CHECK + "".join(lines)
+
+
 def _id(block: Block) -> str:
     return f"{re.sub(r'[^a-z0-9]+', '-', block.heading.lower()).strip('-')}-line{block.line}"
 
@@ -99,7 +136,7 @@ def test_readme_block_runs_as_written(block, tmp_path):
     checks, expected = CHECKS.get(block.heading, ("", []))
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.run(
-        [sys.executable, "-c", block.code + checks],
+        [sys.executable, "-c", checked_prints(block) + checks],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -148,3 +185,44 @@ def test_readme_says_how_to_get_devices_and_what_the_benchmarks_need():
     benchmarks = text[text.index("## Benchmarks") :]
     benchmarks = benchmarks[: benchmarks.index("\n## ", 1)]
     assert 'pip install -e ".[benchmarks]"' in benchmarks
+
+
+def test_checked_prints_compares_one_line_outputs_with_their_comments():
+    ok = Block("x", 10, "print(1 + 2)  # 3\nprint('a\\nb')  # two lines\n", None)
+    wrong = Block("x", 20, "n = 5\nprint(n)  # 6\n", None)
+    assert subprocess.run([sys.executable, "-c", checked_prints(ok)]).returncode == 0
+    proc = subprocess.run([sys.executable, "-c", checked_prints(wrong)], capture_output=True,
+                          text=True)
+    assert "README.md line 21 prints '5'; its comment says '6'" in proc.stderr
+
+
+def _transcript() -> tuple[list[str], list[str]]:
+    """The README's ``$ flaxlazy inspect`` command (as arguments) and what it prints."""
+    text = README.read_text()
+    start = text.index("$ flaxlazy inspect ")
+    block = text[start:text.index("```", start)].splitlines()
+    command, rest = [], iter(block)
+    for line in rest:
+        command.append(line.strip().lstrip("$").strip().rstrip("\\").strip())
+        if not line.rstrip().endswith("\\"):
+            break
+    return " ".join(command).split()[1:], list(rest)
+
+
+def test_readme_inspect_transcript_is_what_the_command_prints(monkeypatch):
+    from flaxlazy._src import cli
+
+    args, want = _transcript()
+    assert args[:2] == ["inspect", "examples/factories.py:llama7b"], args
+    monkeypatch.chdir(README.parent)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(args) == 0
+    got = out.getvalue().splitlines()
+    timing = re.compile(r"inspected in +[0-9.]+ s")
+    assert len(got) == len(want), (got, want)
+    for g, w in zip(got, want, strict=True):
+        if timing.match(w):
+            assert timing.match(g), g
+        else:
+            assert g.rstrip() == w.rstrip()
