@@ -295,6 +295,10 @@ def test_report_text_color_and_defaults(factories):
                          partition_rules=[("**", P())])
     with pytest.raises(ValueError, match=r"expected an optax.GradientTransformation or one of"):
         flaxlazy.inspect(factories.mlp(), KEY, flaxlazy.spec("f32[2,784]"), optimizer="adm")
+    with pytest.raises(ValueError, match=r"`mesh` \{'data': 65536, 'model': 32768\} has "
+                                         r"2,147,483,648 devices; JAX counts at most"):
+        flaxlazy.inspect(factories.mlp(), KEY, flaxlazy.spec("f32[2,784]"),
+                         mesh={"data": 2**16, "model": 2**15})
     by_keyword = flaxlazy.inspect(factories.mlp(), flaxlazy.spec("f32[2,784]"), rngs=KEY)
     assert by_keyword.leaves == report.leaves and by_keyword.framework == "linen"
     with pytest.raises(TypeError, match=r"inspect: missing `rngs`: for a Linen module pass a "

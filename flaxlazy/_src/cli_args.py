@@ -14,6 +14,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from flaxlazy._src import inspect_report
+
 PROG = "flaxlazy"
 DESCRIPTION = (
     "Inspect a Flax Linen or NNX model without allocating anything: every parameter's shape, "
@@ -44,8 +46,7 @@ EPILOG = (
     "--mesh data=2,model=4 --rules GPT_RULES --optimizer adamw (NNX)"
 )
 MESH_FORM = "expected NAME=SIZE pairs separated by commas, such as data=2,model=4"
-# JAX counts a mesh's devices in a C++ int: beyond it, "RuntimeError: std::bad_cast".
-MAX_DEVICES = 2**31 - 1
+MAX_DEVICES = inspect_report.MAX_DEVICES
 ARG_HELP = (
     "a constructor argument, in order; repeatable; replaces the positional "
     "arguments the factory returns. VALUE is a Python literal (12, 0.1, True, None, "

@@ -147,6 +147,10 @@ def parse_bytes(value: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+# JAX counts a mesh's devices in a C++ int: beyond it, "RuntimeError: std::bad_cast".
+MAX_DEVICES = 2**31 - 1
+
+
 def as_mesh(mesh: Any) -> Mesh | AbstractMesh | None:
     """A ``Mesh`` or ``AbstractMesh`` as it is, or ``{"data": 2, "model": 4}`` as an AbstractMesh.
 
@@ -160,6 +164,11 @@ def as_mesh(mesh: Any) -> Mesh | AbstractMesh | None:
         isinstance(k, str) and isinstance(v, (int, np.integer)) and not isinstance(v, bool)
         and v > 0 for k, v in mesh.items()
     ):
+        if math.prod(int(v) for v in mesh.values()) > MAX_DEVICES:
+            raise ValueError(
+                f"`mesh` {dict(mesh)!r} has {math.prod(int(v) for v in mesh.values()):,} "
+                f"devices; JAX counts at most {MAX_DEVICES:,}. Give smaller axis sizes."
+            )
         return AbstractMesh(tuple(int(v) for v in mesh.values()), tuple(mesh))
     if isinstance(mesh, Mapping):
         raise TypeError(
