@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 import flaxlazy
 from flaxlazy._src import checkpoint
+from flaxlazy._src import checkpoint_paths
 from flaxlazy._src import integrity
 
 # A failed Orbax read leaves coroutines that were never awaited (an Orbax quirk): they are
@@ -95,14 +96,27 @@ def _fail_after_write(monkeypatch, tree):
 
 
 def _fail_rename(monkeypatch, tree):
-    rename = os.rename
+    # The rename that puts the new checkpoint at the path fails: the swap, or (without
+    # it) the rename in after the old checkpoint was moved aside.
+    rename, rename2 = os.rename, checkpoint_paths._rename2
 
-    def failing(src, dst):
-        if os.fspath(src).endswith(".flaxlazy-tmp"):
+    def placing(src, dst):
+        return (os.path.basename(src) == checkpoint_paths.NEW and checkpoint_paths.STAGING
+                in os.path.basename(os.path.dirname(src)) and not os.path.lexists(dst))
+
+    def fake_rename(src, dst):
+        if placing(src, dst):
             raise PermissionError("rename refused")
         return rename(src, dst)
 
-    monkeypatch.setattr(os, "rename", failing)
+    def fake_rename2(src, dst, flags):
+        swap = flags == checkpoint_paths._RENAME_EXCHANGE and checkpoint_paths._renameat2
+        if placing(src, dst) or (swap and checkpoint_paths.STAGING in src):
+            raise PermissionError("rename refused")
+        return rename2(src, dst, flags)
+
+    monkeypatch.setattr(os, "rename", fake_rename)
+    monkeypatch.setattr(checkpoint_paths, "_rename2", fake_rename2)
     return tree, PermissionError
 
 
@@ -110,15 +124,27 @@ def _unsupported_leaf(monkeypatch, tree):
     return {**tree, "params": {**tree["params"], "note": object()}}, TypeError
 
 
+@pytest.fixture(params=["swap", "two-renames"])
+def renames(request, monkeypatch):
+    """Linux swaps the old checkpoint out in one rename; elsewhere, two renames."""
+    if request.param == "swap" and checkpoint_paths._renameat2 is None:
+        pytest.skip("no renameat2 here")
+    if request.param == "two-renames":
+        monkeypatch.setattr(checkpoint_paths, "_renameat2", None)
+    return request.param
+
+
 @pytest.mark.parametrize(
     "fail", [_unsupported_leaf, _fail_orbax_write, _fail_after_write, _fail_rename],
     ids=["unsupported-leaf", "orbax-write", "after-write", "rename"],
 )
-def test_failed_overwrite_keeps_old_checkpoint(ckpt, monkeypatch, fail):
+def test_failed_overwrite_keeps_old_checkpoint(ckpt, monkeypatch, fail, renames):
     tree, error = fail(monkeypatch, NEW)
     with pytest.raises(error):
         flaxlazy.save(ckpt, tree, force=True)
     monkeypatch.undo()
+    if renames == "two-renames":
+        monkeypatch.setattr(checkpoint_paths, "_renameat2", None)
     assert os.listdir(ckpt.parent) == ["ckpt"]  # no temporary directories left
     _assert_holds(ckpt, OLD)
     flaxlazy.save(ckpt, NEW, force=True)  # and the next save works
@@ -133,15 +159,18 @@ def test_unsupported_leaf_is_named(tmp_path):
 
 
 def test_interrupted_save_is_recovered(ckpt):
-    # Killed between its two renames: the old checkpoint aside, a complete new one staged.
-    aside, staging = f"{ckpt}.flaxlazy-old", f"{ckpt}.flaxlazy-tmp"
+    # Killed between its two renames (where the filesystem cannot swap): the old
+    # checkpoint moved into the save's own folder, the complete new one beside it.
+    folder = f"{ckpt}{checkpoint_paths.STAGING}-123-0000abcd"
+    os.mkdir(folder)
+    aside = os.path.join(folder, f"{checkpoint_paths.OLD}-0")
     os.rename(ckpt, aside)
-    flaxlazy.save(staging, NEW)
+    flaxlazy.save(os.path.join(folder, checkpoint_paths.NEW), NEW)
     with pytest.raises(FileNotFoundError, match=re.escape(f"previous checkpoint at {aside}")):
         flaxlazy.restore(ckpt, _target(OLD))
     with pytest.raises(FileExistsError, match="force=True"):  # the old one is back first
         flaxlazy.save(ckpt, NEW)
-    assert os.listdir(ckpt.parent) == ["ckpt"]
+    assert sorted(os.listdir(ckpt.parent)) == ["ckpt", os.path.basename(folder)]
     _assert_holds(ckpt, OLD)
 
 

@@ -298,6 +298,102 @@ def orbax_tensorstore_utils() -> Any:
     return tensorstore_utils
 
 
+# When a save or read fails, Orbax's worker threads log the error again, traceback and
+# all, at ERROR level ("_SignalingThread.run() raised an exception"), and TensorStore
+# callbacks that finish after Orbax closed its event loop report "RuntimeError: Event
+# loop is closed" through ``sys.unraisablehook``; flaxlazy raises one error of its own
+# instead. Orbax offers no switch for either, so two filters are installed once, on
+# first use, and act narrowly: the log filter drops Orbax's WARNING-and-above records
+# only from the threads of a running ``orbax_quiet`` block (the thread that entered it,
+# and threads started while it runs); the unraisable filter drops only that
+# closed-loop error, raised in a callback from native code, once an ``orbax_quiet``
+# block is running or has failed. Everything else passes through unchanged.
+_QUIET_LOCK = threading.Lock()
+_QUIET_BLOCKS: dict[int, tuple[int, frozenset]] = {}  # id -> (owner thread, threads before)
+_QUIET_FAILED = [False]
+
+
+@functools.cache
+def _orbax_folder() -> str:
+    import os
+
+    import orbax.checkpoint
+
+    return os.path.dirname(orbax.checkpoint.__file__) + os.sep
+
+
+def _quiet_record(record: Any) -> bool:
+    """A ``logging`` filter: False for an Orbax warning or error from a quiet thread."""
+    import logging
+
+    blocks = list(_QUIET_BLOCKS.values())
+    if (not blocks or record.levelno < logging.WARNING
+            or not record.pathname.startswith(_orbax_folder())):
+        return True
+    return not any(record.thread == owner or record.thread not in before
+                   for owner, before in blocks)
+
+
+def _late_loop_callback(unraisable: Any) -> bool:
+    """Whether an unraisable error is a native callback finding its event loop closed."""
+    tb = unraisable.exc_traceback
+    return (
+        isinstance(unraisable.exc_value, RuntimeError)
+        and str(unraisable.exc_value) == "Event loop is closed"
+        and tb is not None
+        and tb.tb_frame.f_code.co_name == "call_soon_threadsafe"
+        and tb.tb_frame.f_back is None  # called from native code, not from Python
+    )
+
+
+def _install_quiet_filters() -> None:
+    import logging
+    import sys
+
+    absl = logging.getLogger("absl")
+    if _quiet_record not in absl.filters:
+        absl.addFilter(_quiet_record)
+    previous = sys.unraisablehook
+    if getattr(previous, "_flaxlazy_quiet", False):
+        return
+
+    def unraisable_hook(unraisable: Any) -> None:
+        if (_QUIET_BLOCKS or _QUIET_FAILED[0]) and _late_loop_callback(unraisable):
+            return
+        previous(unraisable)
+
+    unraisable_hook._flaxlazy_quiet = True
+    sys.unraisablehook = unraisable_hook
+
+
+@contextlib.contextmanager
+def orbax_quiet():
+    """A block whose Orbax failures reach the caller only as the exception raised.
+
+    Examples:
+      >>> with orbax_quiet():
+      ...   pass
+    """
+    key = object()
+    with _QUIET_LOCK:
+        _install_quiet_filters()
+        before = frozenset(t.ident for t in threading.enumerate())
+        _QUIET_BLOCKS[id(key)] = (threading.get_ident(), before)
+    try:
+        yield
+    except BaseException:
+        _QUIET_FAILED[0] = True
+        raise
+    finally:
+        with _QUIET_LOCK:
+            del _QUIET_BLOCKS[id(key)]
+
+
+def orbax_threads() -> set[threading.Thread]:
+    """The threads Orbax runs right now (its writers, signalling and metadata threads)."""
+    return {t for t in threading.enumerate() if type(t).__module__.startswith("orbax.")}
+
+
 # ------------------------------------------------------------------------ self-check
 def _check_key_derivation() -> None:
     # Compared as traced programs (no compilation): Flax must fold exactly the uint32

@@ -7,17 +7,24 @@ sequence items by index, ``NamedTuple`` and dataclass fields by name), so the na
 
 A checkpoint cannot be lost or silently corrupted:
 
-* ``save`` writes the new checkpoint beside ``path`` (``<path>.flaxlazy-tmp``) and moves it
-  into place only once it is complete, so a save that fails, at any point, leaves the
-  checkpoint already at ``path`` as it was, and no temporary directory behind.
+* ``save`` writes the new checkpoint in a folder of its own beside ``path`` and moves it
+  into place by one rename only once it is complete (``checkpoint_paths``), so a save
+  that fails, at any point, leaves the checkpoint already at ``path`` as it was; of two
+  saves racing to one path exactly one wins (with ``force``, the last one, whole). It
+  refuses paths whose folder must never be replaced (empty, the working directory or
+  a parent of it, a filesystem root, the home directory), and replaces only a folder
+  that is a checkpoint, even with ``force``.
 * ``save`` records a CRC-32 of every array it writes, one per written block (per shard
   of a sharded array, so each process checksums only what it writes), in
-  ``flaxlazy_digests/`` inside the checkpoint. ``read`` checks the data it reads against
-  them and raises ``ValueError`` naming the checkpoint and the entry on a mismatch.
-  Checkpoints without that folder (written by plain Orbax) are read without checks.
+  ``flaxlazy_digests/`` inside the checkpoint, and notes in the checkpoint's metadata
+  that it did. ``read`` checks the data it reads against them and raises ``ValueError``
+  naming the checkpoint and the entry on a mismatch, or when a flaxlazy checkpoint's
+  checksums are missing. Checkpoints written by plain Orbax are read without checks.
 * A checkpoint whose metadata or data files are damaged or missing raises one
   ``ValueError``, "checkpoint at PATH is damaged or incomplete: ...", from ``entries``
   and ``read`` alike (``FileNotFoundError`` stays for a path holding no checkpoint).
+  Orbax's own reports of the failure (logged tracebacks from its threads) are held
+  back: the exception raised is the whole report.
 
 Examples:
   >>> import os, tempfile
@@ -34,11 +41,10 @@ Examples:
 from __future__ import annotations
 
 import concurrent.futures
-import glob
 import itertools
 import json
 import os
-import shutil
+import re
 import threading
 import time
 from collections.abc import Mapping
@@ -50,13 +56,11 @@ import numpy as np
 from flax.core import meta
 
 from flaxlazy._src import _compat
+from flaxlazy._src import checkpoint_paths
 from flaxlazy._src import integrity
 from flaxlazy._src import paths
 from flaxlazy._src.nnx import state as nnx_state
 
-_STAGING = ".flaxlazy-tmp"  # <path>.flaxlazy-tmp: the new checkpoint while it is written
-_ASIDE = ".flaxlazy-old"  # <path>.flaxlazy-old: the old one between the two renames
-_ORBAX_TMP = ".orbax-checkpoint-tmp"  # Orbax writes <dir>.orbax-checkpoint-tmp* first
 _ORBAX_FILES = ("manifest.ocdbt", "_CHECKPOINT_METADATA", "commit_success.txt", "d")
 
 _MISSING_ENTRY = (
@@ -73,6 +77,14 @@ _UNSUPPORTED = (
     "save: leaf {path!r} is of type {kind}, which Orbax cannot store. A checkpoint holds "
     "jax.Arrays, numpy arrays, Python numbers and strings; convert the leaf or remove it "
     "from the tree (static fields of a dataclass or TrainState are not saved)."
+)
+_ABSTRACT_MESH = (
+    "The target for {path!r} has a sharding over an abstract mesh ({sharding}): reading "
+    "puts data on devices, so it needs a NamedSharding over a jax.sharding.Mesh (as "
+    "`abstract_init(..., mesh=mesh)` gives), or no sharding for the default device."
+)
+_WRITE_FAILED = (
+    "save: writing the checkpoint for {path} failed: {reason}. Nothing at {path} changed."
 )
 _SAVE_BARRIERS = itertools.count()  # every process saves in the same order
 
@@ -109,53 +121,6 @@ def _fmt(shape: tuple[int, ...], dtype: Any) -> str:
 
 
 # ------------------------------------------------------------------------------- save
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        os.remove(path)
-
-
-def _discard(staging: str) -> None:
-    """Removes a staging directory and Orbax's own temporary directories beside it."""
-    for leftover in [staging, *glob.glob(glob.escape(staging + _ORBAX_TMP) + "*")]:
-        _remove(leftover)
-
-
-def _tidy(path: str) -> None:
-    """Clears what an interrupted save left beside ``path`` (process 0, before saving)."""
-    aside = path + _ASIDE
-    if os.path.lexists(aside):
-        if os.path.lexists(path):
-            _remove(aside)
-        else:  # killed between its two renames: the old checkpoint is the last good one
-            os.rename(aside, path)
-    _discard(path + _STAGING)
-
-
-def _replace(staging: str, path: str) -> None:
-    """Moves the complete ``staging`` to ``path``; on failure ``path`` stays as it was."""
-    if not os.path.lexists(path):
-        os.rename(staging, path)
-        return
-    aside = path + _ASIDE
-    os.rename(path, aside)
-    try:
-        os.rename(staging, path)
-    except BaseException:
-        os.rename(aside, path)
-        raise
-    try:
-        _remove(aside)
-        fd = os.open(os.path.dirname(path), os.O_RDONLY)  # make the renames durable
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:  # pragma: no cover - the new checkpoint is in place; next save tidies
-        pass
-
-
 def _wait_for_orbax_writes(before: set[threading.Thread], timeout: float = 60.0) -> None:
     """Joins the writer threads Orbax started since ``before`` (after a failed save).
 
@@ -163,9 +128,31 @@ def _wait_for_orbax_writes(before: set[threading.Thread], timeout: float = 60.0)
     its threads; they would recreate the directories we are about to remove.
     """
     deadline = time.monotonic() + timeout
-    for thread in threading.enumerate():
-        if thread not in before and type(thread).__module__.startswith("orbax."):
-            thread.join(max(0.0, deadline - time.monotonic()))
+    for thread in _compat.orbax_threads() - before:
+        thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _write_failure(path: str, error: BaseException) -> BaseException:
+    """Orbax's error for a failed write, as one ``OSError`` where it is one (disk full)."""
+    if isinstance(error, OSError):
+        return error
+    chain, e = [], error
+    while e is not None and len(chain) < 8:
+        chain.append(str(e))
+        e = e.__cause__ or e.__context__
+    code = re.search(r"os_error_code='(\d+)'", "\n".join(chain))
+    if code is None:
+        return error
+    reason = integrity.reason(error)
+    return OSError(int(code.group(1)), _WRITE_FAILED.format(path=path, reason=reason))
+
+
+def _from_process_0(numbers: np.ndarray) -> np.ndarray:
+    if jax.process_count() == 1:
+        return numbers
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.broadcast_one_to_all(numbers))
 
 
 def _barrier(ocp: Any, name: str) -> None:
@@ -185,22 +172,32 @@ def save(path: str | os.PathLike, tree: Any, *, force: bool = False) -> None:
     on all processes. It uses ``orbax.checkpoint.PyTreeCheckpointer`` (OCDBT format), so
     Orbax and other tools can read the result too.
 
-    The checkpoint is written to ``<path>.flaxlazy-tmp`` and renamed to ``path`` once
-    complete (with ``force``, the old one is renamed aside first and deleted last), so a
-    failed save leaves an existing ``path`` intact and no temporary directory behind. With
-    several processes, all write to the same temporary directory and process 0 renames.
-    A CRC-32 per written shard goes to ``flaxlazy_digests/`` in the checkpoint, for
-    ``read`` to detect corrupted data.
+    The checkpoint is written in a folder of this save's own beside ``path``
+    (``<path>.flaxlazy-tmp-<pid>-<random>``) and moved to ``path`` by one rename once
+    complete (with ``force``, swapped with the old one, which is then deleted; see
+    ``checkpoint_paths``). A failed save leaves ``path`` as it was and its folder
+    removed; of two saves racing to one new path, one wins and the other raises
+    ``FileExistsError`` (with ``force``, the last one wins, whole). With several
+    processes, all write into process 0's folder and process 0 renames. A CRC-32 per
+    written shard goes to ``flaxlazy_digests/`` in the checkpoint, for ``read`` to detect
+    corrupted data.
 
     Args:
       path: the checkpoint directory to create (made absolute; parents are created).
+        Not empty, the working directory or one containing it, a filesystem root, or
+        the home directory or one containing it.
       tree: the pytree to save.
-      force: overwrite an existing ``path`` instead of raising.
+      force: replace the checkpoint at ``path`` instead of raising. Only a checkpoint
+        (a folder with Orbax's metadata files) is ever replaced.
 
     Raises:
-      FileExistsError: ``path`` exists and ``force`` is false.
+      FileExistsError: ``path`` is a checkpoint and ``force`` is false (or another save
+        created it while this one wrote); or ``path`` is something else (a file, a folder
+        of other files), whatever ``force``.
+      OSError: the checkpoint could not be written (e.g. the disk is full); ``path`` is
+        unchanged.
       TypeError: a leaf Orbax cannot store (naming its path); nothing is written.
-      ValueError: ``tree`` has no leaves to save.
+      ValueError: ``path`` is refused (see ``path``), or ``tree`` has no leaves to save.
 
     Examples:
       >>> import os, tempfile
@@ -217,9 +214,12 @@ def save(path: str | os.PathLike, tree: Any, *, force: bool = False) -> None:
       TypeError: save: leaf 'w' is of type object, which Orbax cannot store...
       >>> sorted(os.listdir(os.path.dirname(ckpt)))  # the old checkpoint, nothing else
       ['ckpt']
+      >>> save(os.path.dirname(ckpt), {"w": jnp.zeros(3)}, force=True)
+      Traceback (most recent call last):
+      FileExistsError: save: ... exists and is a folder, not a checkpoint...
     """
     ocp = _orbax()
-    path = _abspath(path)
+    path = checkpoint_paths.target(path)
     if nnx_state.is_nnx(tree):
         tree = nnx_state.state_of(tree)  # saved as Flax NNX saves: nnx.state(model)
     tree = meta.unbox(tree)
@@ -232,36 +232,43 @@ def save(path: str | os.PathLike, tree: Any, *, force: bool = False) -> None:
         if not supported(type(leaf)):
             raise TypeError(_UNSUPPORTED.format(path=p, kind=type(leaf).__name__))
     primary = jax.process_index() == 0
-    if primary:
-        _tidy(path)
-    _barrier(ocp, "tidy")
-    if os.path.lexists(path) and not force:
-        raise FileExistsError(
-            f"Checkpoint directory {path} already exists; pass force=True to overwrite it."
-        )
-    staging = path + _STAGING
-    threads = set(threading.enumerate())
-    try:
-        # Checksums are computed while Orbax writes (zlib releases the GIL).
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            records = pool.submit(integrity.record, flat)
-            # Replica-parallel saving compiles a slice per array and replica (seconds for
-            # the first save of a sharded model); each process writes its own shards anyway.
-            handler = ocp.PyTreeCheckpointHandler(
-                **({} if registry is None else {"type_handler_registry": registry})
-            )
-            with ocp.Checkpointer(handler) as checkpointer:
-                checkpointer.save(staging, args=ocp.args.PyTreeSave(tree))
-            integrity.write(staging, records.result())
-        _barrier(ocp, "written")
-        if primary:
-            _replace(staging, path)
-        _barrier(ocp, "replaced")
-    except BaseException:
-        _wait_for_orbax_writes(threads)
-        if primary:
-            _discard(staging)
-        raise
+    if primary:  # a save killed mid-replace left the old checkpoint aside: put it back
+        checkpoint_paths.recover(path)
+    _barrier(ocp, "recovered")
+    checkpoint_paths.check_existing(path, force=force)
+    tag = checkpoint_paths.token_text(_from_process_0(checkpoint_paths.token_numbers()))
+    private = checkpoint_paths.private_folder(path, tag, create=primary)
+    new = os.path.join(private, checkpoint_paths.NEW)
+    with _compat.orbax_quiet():
+        threads = _compat.orbax_threads()
+        try:
+            # Checksums are computed while Orbax writes (zlib releases the GIL).
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                records = pool.submit(integrity.record, flat)
+                # Replica-parallel saving compiles a slice per array and replica (seconds
+                # for the first save of a sharded model); each process writes its own
+                # shards anyway.
+                handler = ocp.PyTreeCheckpointHandler(
+                    **({} if registry is None else {"type_handler_registry": registry})
+                )
+                item = ocp.args.PyTreeSave(
+                    tree, custom_metadata={integrity.MARKER: integrity.marker()})
+                with ocp.Checkpointer(handler) as checkpointer:
+                    checkpointer.save(new, args=item)
+                integrity.write(new, records.result())
+            _barrier(ocp, "written")
+            if primary:
+                checkpoint_paths.place(new, path, force=force)
+                checkpoint_paths.remove_quietly(private)  # holds the replaced one, if any
+            _barrier(ocp, "replaced")
+        except BaseException as e:
+            _wait_for_orbax_writes(threads)
+            if primary:
+                checkpoint_paths.discard(private, path)
+            failure = _write_failure(path, e)
+            if failure is e:
+                raise
+            raise failure from e
 
 
 # ------------------------------------------------------------------------------- read
@@ -283,11 +290,11 @@ def _open(path: str) -> tuple[Any, dict]:
 
     ocp = _orbax()
     if not os.path.isdir(path):
-        aside = path + _ASIDE
+        aside = checkpoint_paths.stranded(path)
         hint = (
-            f" An interrupted save left the previous checkpoint at {aside}; the next "
+            f" An interrupted save left the previous checkpoint at {aside[-1]}; the next "
             "`flaxlazy.save` to this path moves it back, or rename it yourself."
-            if os.path.isdir(aside) else ""
+            if aside else ""
         )
         raise FileNotFoundError(f"No checkpoint at {path}: the directory does not exist.{hint}")
     metadata_file = os.path.join(path, "_METADATA")
@@ -369,7 +376,8 @@ def entries(path: str | os.PathLike) -> dict[str, jax.ShapeDtypeStruct]:
       params/kernel (3, 2) float32
       step () int32
     """
-    flat, _ = paths.flatten(_open(_abspath(path))[0])
+    with _compat.orbax_quiet():
+        flat, _ = paths.flatten(_open(_abspath(path))[0])
     return {p: _struct(m) for p, m in flat if _is_value(m)}
 
 
@@ -442,19 +450,26 @@ def read(path: str | os.PathLike, targets: Mapping[str, Any]) -> dict[str, jax.A
       Traceback (most recent call last):
       ValueError: Checkpoint entry 'Dense_0/kernel' in ... is float32[3,2] but ... float32[2,3]...
     """
+    with _compat.orbax_quiet():
+        return _read(_abspath(path), targets)
+
+
+def _read(ckpt: str, targets: Mapping[str, Any]) -> dict[str, jax.Array]:
     ocp = _orbax()
-    ckpt = _abspath(path)
     tree, info = _open(ckpt)
     flat, _ = paths.flatten(tree)
     saved = {p: m for p, m in flat if _is_value(m)}
     _check_targets(ckpt, targets, {p: _struct(m) for p, m in saved.items()})
     if not targets:
         return {}
-    digests = integrity.load(ckpt)
+    digests = integrity.load(ckpt, info)
     if digests is not None and (lost := [p for p in targets if p not in digests]):
         listing = ", ".join(map(repr, lost))
         raise integrity.damaged(ckpt, f"{integrity.DIGESTS}/ has no checksum for {listing}.")
     shardings = {p: getattr(t, "sharding", None) or _default_sharding() for p, t in targets.items()}
+    for p, sharding in shardings.items():
+        if isinstance(getattr(sharding, "mesh", None), jax.sharding.AbstractMesh):
+            raise ValueError(_ABSTRACT_MESH.format(path=p, sharding=sharding))
 
     # The restore item mirrors the saved tree exactly; leaves we don't want are
     # PLACEHOLDERs, which Orbax skips without reading them.

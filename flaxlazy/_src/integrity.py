@@ -7,7 +7,11 @@ distinct shard of a ``jax.Array`` (each process checksums the shards it writes),
 numpy array or Python number (process 0). They go to ``flaxlazy_digests/process_<i>.json``
 inside the checkpoint, keyed by entry path and the block's place in the global array
 (``"0:512,0:1024"``), so any process can check any block it reads, whatever sharding it
-reads into. A checkpoint without that folder (plain Orbax) is read unchecked.
+reads into. The checkpoint's own metadata (``_METADATA``, Orbax's ``custom_metadata``)
+records that it carries them, and for how many processes (``marker``): a flaxlazy
+checkpoint whose checksum files are missing is damaged, never read unchecked. Other
+files in the folder are ignored. A checkpoint without the record or the folder (plain
+Orbax) is read unchecked.
 
 Examples:
   >>> import numpy as np
@@ -41,6 +45,8 @@ import numpy as np
 from flaxlazy._src import _compat
 
 DIGESTS = "flaxlazy_digests"  # folder inside a checkpoint: one JSON file per process
+MARKER = "flaxlazy"  # key of flaxlazy's record in the checkpoint's custom metadata
+_FILE = re.compile(r"process_(\d+)\.json")
 DAMAGED = "checkpoint at {ckpt} is damaged or incomplete: {reason}"
 CORRUPT = (
     "entry {path!r} differs from what was saved (block [{block}]: crc32 {got:08x}, saved "
@@ -168,24 +174,63 @@ def write(ckpt: str, records: dict[str, dict]) -> None:
 
 
 # -------------------------------------------------------------------------- read: check
-def load(ckpt: str) -> dict[str, Digest] | None:
+def marker() -> dict[str, Any]:
+    """flaxlazy's record in a checkpoint's custom metadata: it carries checksums."""
+    return {"digests": DIGESTS, "format": 1, "process_count": jax.process_count()}
+
+
+def _expected_files(ckpt: str, info: Mapping[str, Any]) -> int | None:
+    """How many checksum files the checkpoint must have; None for a plain Orbax one."""
+    custom = info.get("custom_metadata") if isinstance(info, Mapping) else None
+    record = custom.get(MARKER) if isinstance(custom, Mapping) else None
+    if record is None:
+        return None
+    count = record.get("process_count") if isinstance(record, Mapping) else None
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise damaged(ckpt, f"its _METADATA has a malformed {MARKER!r} record ({record!r}).")
+    return count
+
+
+def load(ckpt: str, info: Mapping[str, Any] | None = None) -> dict[str, Digest] | None:
     """All processes' checksums by entry path; ``None`` for a checkpoint saved without them.
 
+    Args:
+      ckpt: the checkpoint directory.
+      info: its ``_METADATA`` (the ``custom_metadata`` says whether flaxlazy saved it);
+        read from ``ckpt`` if not given.
+
     Raises:
-      ValueError: a checksum file is unreadable or missing (the checkpoint is damaged).
+      ValueError: a checksum file is missing or unreadable (the checkpoint is damaged).
     """
+    if info is None:
+        try:
+            with open(os.path.join(ckpt, "_METADATA")) as f:
+                info = json.load(f)
+        except (OSError, ValueError) as e:
+            raise damaged(ckpt, f"its _METADATA file is unreadable ({e}).") from e
+    count = _expected_files(ckpt, info)
     folder = os.path.join(ckpt, DIGESTS)
     if not os.path.isdir(folder):
-        return None
+        if count is None:
+            return None  # plain Orbax
+        raise damaged(ckpt, f"it was saved by flaxlazy with checksums, but its {DIGESTS}/ "
+                            "folder is missing.")
+    found = {int(m.group(1)): name for name in os.listdir(folder)
+             if (m := _FILE.fullmatch(name))}
     docs = {}
-    for name in sorted(os.listdir(folder)):
+    for i in sorted(found) if count is None else [i for i in range(count) if i in found]:
+        name = found[i]
         try:
             with open(os.path.join(folder, name)) as f:
                 doc = json.load(f)
-            docs[int(doc["process"])] = doc
+            if int(doc["process"]) != i:
+                raise ValueError(f"it is process {doc['process']}'s")
+            docs[i] = doc
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise damaged(ckpt, f"its checksum file {DIGESTS}/{name} is unreadable ({e}).") from e
-    count = docs[0].get("process_count") if 0 in docs else None
+    if count is None:  # saved before the record existed: process 0's file says how many
+        count = docs[0].get("process_count") if 0 in docs else None
+        docs = {i: d for i, d in docs.items() if not isinstance(count, int) or i < count}
     missing = sorted(set(range(count if isinstance(count, int) else 1)) - set(docs))
     if missing or not isinstance(count, int):
         raise damaged(ckpt, f"{DIGESTS}/ lacks the checksum files of processes {missing}.")

@@ -16,11 +16,13 @@ from typing import Any
 from typing import NamedTuple
 
 import jax
+from flax import nnx
 
 from flaxlazy._src import _compat
 from flaxlazy._src import checkpoint
 from flaxlazy._src import paths
 from flaxlazy._src import warn
+from flaxlazy._src.nnx import state as nnx_state
 
 UNCONSUMED = (
     "from_checkpoint({path!r}): {n} checkpoint entr{ies} under {where} not used by the "
@@ -193,7 +195,10 @@ def restore(path: str | os.PathLike, target: Any) -> Any:
     ``flaxlazy.abstract_init(..., mesh=...)``: each leaf is read straight into its
     ``sharding`` (the default device where it has none). Flax boxes in ``target`` are
     kept around the restored arrays. A ``None`` in ``target`` stays ``None`` where the
-    checkpoint has nothing (``save`` stores nothing for ``None``).
+    checkpoint has nothing (``save`` stores nothing for ``None``). An NNX module or
+    optimizer (e.g. from ``abstract_init``) is read as ``save`` wrote it,
+    ``nnx.state(target)``, and a new object of the same graph is returned: a variable
+    reachable under two attributes (tied weights) is read once and stays shared.
 
     Args:
       path: the checkpoint directory.
@@ -218,6 +223,9 @@ def restore(path: str | os.PathLike, target: Any) -> Any:
       Traceback (most recent call last):
       TypeError: restore: target leaf 'w' is 3 (int), not an array or jax.ShapeDtypeStruct...
     """
+    if nnx_state.is_nnx(target) and not isinstance(target, nnx.State):
+        graphdef, state = nnx.split(target)  # shared variables appear once in ``state``
+        return nnx.merge(graphdef, restore(path, state))
     leaves, treedef = jax.tree_util.tree_flatten_with_path(
         target, is_leaf=lambda x: x is None or paths.is_box(x)
     )
