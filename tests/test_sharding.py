@@ -258,13 +258,33 @@ def test_rules_override_annotations_and_none_keeps_them():
     assert specs["params/layers/Dense_0/kernel"] == P()
 
 
-def test_scalars_are_replicated_whatever_the_rules():
+def test_scalars_are_replicated_and_rules_written_for_them_checked():
     mesh = make_mesh((2,), ("model",))
-    shapes = {"params": {"t": jax.ShapeDtypeStruct((), jnp.float32)}, "cache": {"i": 3}}
+    shapes = {"params": {"t": jax.ShapeDtypeStruct((), jnp.float32),
+                         "w": jax.ShapeDtypeStruct((4,), jnp.float32)}, "cache": {"i": 3}}
     specs = sharding_lib.partition_specs(shapes, mesh)
-    assert specs == {"cache/i": P(), "params/t": P()}
-    specs = sharding_lib.partition_specs(shapes, mesh, partition_rules=[("t", P("model"))])
+    assert specs == {"cache/i": P(), "params/t": P(), "params/w": P()}
+    # A broad rule that also shards an array leaves the scalars replicated...
+    specs = sharding_lib.partition_specs(shapes, mesh, partition_rules=[("**", P("model"))])
+    assert specs == {"cache/i": P(), "params/t": P(), "params/w": P("model")}
+    specs = sharding_lib.partition_specs(shapes, mesh, partition_rules=[("t", P()), ("**", P())])
     assert specs["params/t"] == P()
+    # ... but a rule that only scalars take must fit one, and a mesh axis must exist.
+    for rules, match in (
+        ([("t", P("model")), ("**", P())],
+         r"pattern 't' gives 'params/t' \(float32\[\]\) the spec P\('model',\), but the "
+         r"spec has 1 entries for an array of 0 dimension\(s\).*can only be replicated"),
+        ([("cache/**", P("tensor")), ("**", P())],
+         r"pattern 'cache/\*\*' gives 'cache/i' \(int64\[\]\).*no axis 'tensor'"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            sharding_lib.partition_specs(shapes, mesh, partition_rules=rules)
+    problems = []
+    chosen = sharding_lib.choose(shapes, mesh, partition_rules=[("t", P("model")),
+                                                                  ("**", P())],
+                                 problems=problems)
+    assert chosen["params/t"].kind == sharding_lib.FAILED
+    assert [kind for kind, _ in problems] == [sharding_lib.PROBLEM_BAD_SPEC]
 
 
 def test_box_own_rules_and_concrete_trees():

@@ -2,7 +2,12 @@
 
 Each leaf's ``PartitionSpec`` is chosen in this order (the first that applies wins):
 
-1. a 0-d leaf (a scalar) is replicated, ``PartitionSpec()``, whatever the rules say;
+1. a 0-d leaf (a scalar, such as NNX RNG state: ``RngKey/...``, ``RngCount/...``) is
+   replicated, ``PartitionSpec()``. A rule that a scalar matches is still checked: one
+   naming a mesh axis the mesh lacks, or one that only scalars take (so written for
+   them) with a spec a scalar cannot have (``PartitionSpec('model')``), is an error; a
+   broad rule that also shards arrays (``("**", PartitionSpec("data"))``) leaves
+   scalars replicated;
 2. the first partition rule whose pattern matches the leaf's path (below) and whose
    value is a ``PartitionSpec``. A rule whose value is ``None`` means "keep the Flax
    annotation": it stops the search for an annotated leaf and is skipped for a leaf
@@ -191,20 +196,33 @@ def _annotation(path: str, leaf: Any, logical_axis_rules: Any) -> tuple[Any, str
     return None
 
 
-def _resolve(
-    path: str, leaf: Any, rules: Sequence[rules_lib.Rule], logical_axis_rules: Any
-) -> Choice | None:
-    """The choice for one leaf from rules and annotations, or None when nothing covers it."""
+def _rule_for(path: str, leaf: Any, rules: Sequence[rules_lib.Rule]) -> rules_lib.Rule | None:
+    """The rule that gives a leaf its spec, or None (no rule, or keep the annotation)."""
     short, full = paths.split_params(path)
     for rule in rules:
         if rule.matches(short, full):
             if rule.value is not None:
-                return Choice(rule.value, f"`{WHAT}`: {rule.label}", RULE)
+                return rule
             if paths.is_box(leaf):  # ``None``: keep the annotation, if there is one
-                break
+                return None
+    return None
+
+
+def _source(rule: rules_lib.Rule) -> str:
+    return f"`{WHAT}`: {rule.label}"
+
+
+def _resolve(
+    path: str, leaf: Any, rules: Sequence[rules_lib.Rule], logical_axis_rules: Any
+) -> tuple[Choice | None, rules_lib.Rule | None]:
+    """The choice for one leaf from rules and annotations (None when nothing covers it),
+    and the rule that made it (None for an annotation)."""
+    rule = _rule_for(path, leaf, rules)
+    if rule is not None:
+        return Choice(rule.value, _source(rule), RULE), rule
     # Only now: an overridden annotation is never resolved (nor its logical axes checked).
     found = _annotation(path, leaf, logical_axis_rules)
-    return None if found is None else Choice(*found, ANNOTATION)
+    return (None if found is None else Choice(*found, ANNOTATION)), None
 
 
 def _unpartitioned(missing: Sequence[str], annotated: bool) -> str:
@@ -260,6 +278,8 @@ def choose(
     )
     out: dict[str, Choice] = {}
     missing = []
+    scalars = []  # (path, dtype, rule) of each scalar a rule matches
+    shards_arrays = set()  # ids of the rules that give an array (rank >= 1) its spec
 
     def fail(path: str, kind: str, error: ValueError, spec: PartitionSpec) -> None:
         if problems is None:
@@ -271,12 +291,17 @@ def choose(
         shape, dtype = _shape_dtype(leaf)
         if not shape:
             out[path] = Choice(PartitionSpec(), "a scalar", SCALAR)
+            rule = _rule_for(path, leaf, rules)
+            if rule is not None:
+                scalars.append((path, dtype, rule))
             continue
         try:
-            found = _resolve(path, leaf, rules, logical_axis_rules)
+            found, rule = _resolve(path, leaf, rules, logical_axis_rules)
         except ValueError as e:  # a logical axis no rule maps
             fail(path, PROBLEM_UNCOVERED, e, PartitionSpec())
             continue
+        if rule is not None:
+            shards_arrays.add(id(rule))
         if found is None:
             if require:
                 missing.append(rule_path(path))
@@ -289,6 +314,13 @@ def choose(
             fail(path, PROBLEM_BAD_SPEC, e, found.spec)
             continue
         out[path] = found
+    for path, dtype, rule in scalars:
+        if id(rule) in shards_arrays:  # a broad rule, checked on the arrays it shards
+            continue
+        try:  # a rule only scalars take was written for them: it must fit a scalar
+            check_spec(path, (), dtype, rule.value, mesh, _source(rule))
+        except ValueError as e:
+            fail(path, PROBLEM_BAD_SPEC, e, PartitionSpec())
     if missing:
         annotated = any(map(paths.is_box, dict(flat).values()))
         fail(missing[0], PROBLEM_UNCOVERED, ValueError(_unpartitioned(missing, annotated)),

@@ -26,6 +26,11 @@ BAD_SPEC = (
     "{source} gives {path!r} ({shape}) the spec {spec}, but {reason}. Mesh axis sizes: "
     "{sizes}. {fix}"
 )
+SCALAR_FIX = (
+    "A scalar (such as NNX RNG state, RngKey/... and RngCount/...) can only be "
+    "replicated: map it to PartitionSpec() with a rule before this one (e.g. "
+    "('RngKey/**', PartitionSpec())), or narrow the pattern so that it does not match it."
+)
 BAD_MESH = (
     "`{what}` must be a jax.sharding.Mesh{abstract}, got {type} {value!r}. Build one with "
     "jax.make_mesh((2, 4), ('data', 'model')) or "
@@ -187,20 +192,14 @@ def check_spec(
             f"{source} gives {path!r} {spec!r}; expected a jax.sharding.PartitionSpec, "
             "e.g. PartitionSpec(None, 'model')."
         )
-    if len(spec) > len(shape):
-        raise fail(
-            f"the spec has {len(spec)} entries for an array of {len(shape)} dimension(s)",
-            "Give at most one entry per dimension (trailing dimensions are replicated).",
-        )
     seen: set[str] = set()
-    for dim, entry in enumerate(spec):
+    for dim, entry in enumerate(spec):  # the spec itself first, then how it fits the leaf
         if entry is PartitionSpec.UNCONSTRAINED:
             raise fail(
                 f"dimension {dim} is UNCONSTRAINED",
                 "Materialized arrays need a concrete layout: use None to replicate it.",
             )
-        axes = _dim_axes(entry)
-        for axis in axes:
+        for axis in _dim_axes(entry):
             if axis not in sizes:
                 raise fail(
                     f"the mesh has no axis {axis!r}",
@@ -212,6 +211,14 @@ def check_spec(
                     "Split each mesh axis over at most one dimension.",
                 )
             seen.add(axis)
+    if len(spec) > len(shape):
+        raise fail(
+            f"the spec has {len(spec)} entries for an array of {len(shape)} dimension(s)",
+            SCALAR_FIX if not shape else
+            "Give at most one entry per dimension (trailing dimensions are replicated).",
+        )
+    for dim, entry in enumerate(spec):
+        axes = _dim_axes(entry)
         n = math.prod(sizes[a] for a in axes)
         if shape[dim] % n:
             split = " x ".join(f"{a!r} ({sizes[a]})" for a in axes)
