@@ -343,8 +343,10 @@ def test_rngs_without_params_key_when_params_are_created():
 
 def test_module_that_is_not_a_linen_module():
     # Any other callable is an NNX constructor; this one does not return a module.
-    with pytest.raises(TypeError, match=r"materialize: <lambda> returned an array of shape "
-                                        r"\(4, 16\), not an nnx.Module"):
+    with pytest.raises(TypeError, match=r"materialize: <lambda> is neither a flax.linen."
+                                        r"Module nor a constructor returning an nnx.Module: "
+                                        r"called with the arguments given, it returned an "
+                                        r"array of shape \(4, 16\), not an nnx.Module"):
         flaxlazy.materialize(lambda k, x: x, jax.random.key(0), X)
     with pytest.raises(TypeError, match=r"materialize: `module` must be a flax.linen.Module "
                                         r"instance .*got int 3"):

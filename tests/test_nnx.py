@@ -14,6 +14,7 @@ from nnx_models import GPT
 from nnx_models import Bridged
 from nnx_models import Counter
 from nnx_models import KeepsRngs
+from nnx_models import Layer
 from nnx_models import Sharded
 from nnx_models import Stacked
 from nnx_models import TwoRngs
@@ -399,6 +400,77 @@ def test_rngs_held_by_the_module_and_two_rngs_arguments():
     # Overrides draw from the first Rngs' params/default stream.
     flaxlazy.materialize(TwoRngs, nnx.Rngs(1), nnx.Rngs(2),
                          initializers={"b/kernel": nnx.initializers.normal()})
+
+
+class KeepsStream(nnx.Module):
+    """Holds one stream of the caller's Rngs (as Dropout(rngs=rngs.dropout) may)."""
+
+    def __init__(self, *, rngs: nnx.Rngs):
+        self.noise = rngs.noise
+        self.linear = nnx.Linear(3, 3, rngs=rngs)
+
+
+def _next_keys(rngs):
+    return [jax.random.key_data(rngs.params()), jax.random.key_data(rngs.noise())]
+
+
+def test_a_module_that_keeps_the_callers_rngs_holds_that_object():
+    # As nnx.jit and a direct call: one Rngs, so the model never draws the keys the
+    # caller draws next (it used to hold a copy in the same state: correlated draws).
+    mine, jitted, direct = (nnx.Rngs(0, noise=5) for _ in range(3))
+    model = flaxlazy.materialize(KeepsRngs, rngs=mine)
+    reference = nnx.jit(lambda rngs: KeepsRngs(rngs=rngs))(jitted)
+    eager = KeepsRngs(rngs=direct)
+    assert model.rngs is mine and reference.rngs is jitted and eager.rngs is direct
+    chex.assert_trees_all_equal(values(model), values(reference))
+    chex.assert_trees_all_equal(values(mine), values(jitted), values(direct))
+    chex.assert_trees_all_equal(_next_keys(mine), _next_keys(jitted), _next_keys(direct))
+    chex.assert_trees_all_equal(_next_keys(model.rngs), _next_keys(reference.rngs))
+    # A stream alone, under a mesh too.
+    mesh = jax.make_mesh((8,), ("model",)) if len(jax.devices()) >= 8 else None
+    for placement in ({}, {"mesh": mesh, "partition_rules": [("**", P())]}):
+        if placement and mesh is None:
+            continue
+        mine, jitted = nnx.Rngs(0, noise=5), nnx.Rngs(0, noise=5)
+        model = flaxlazy.materialize(KeepsStream, rngs=mine, **placement)
+        reference = nnx.jit(lambda rngs: KeepsStream(rngs=rngs))(jitted)
+        assert model.noise is mine.noise and reference.noise is jitted.noise
+        chex.assert_trees_all_equal(values(model), values(reference))
+        chex.assert_trees_all_equal(_next_keys(mine), _next_keys(jitted))
+    # abstract_init, as nnx.eval_shape, gives an abstract copy and leaves the caller's be.
+    mine = nnx.Rngs(0, noise=5)
+    abstract = flaxlazy.abstract_init(KeepsRngs, rngs=mine)
+    assert abstract.rngs is not mine
+    chex.assert_trees_all_equal(values(mine), values(nnx.Rngs(0, noise=5)))
+
+
+@pytest.mark.parametrize("rule, match", [
+    pytest.param(("RngKey/**", P("tensor")),
+                 r"`partition_rules`: pattern 'RngKey/\*\*' gives 'RngKey/drop/rngs/key' "
+                 r"\(key<fry>\[\]\) the spec P\('tensor',\), but the mesh has no axis "
+                 r"'tensor'", id="unknown-axis"),
+    pytest.param(("RngCount/**", P("model")),
+                 r"`partition_rules`: pattern 'RngCount/\*\*' gives 'RngCount/drop/rngs/count' "
+                 r"\(uint32\[\]\) the spec P\('model',\), but the spec has 1 entries for "
+                 r"an array of 0 dimension\(s\).*A scalar \(such as NNX RNG state.*can only "
+                 r"be replicated", id="too-many-entries"),
+])
+def test_partition_rules_on_rng_state_are_checked(rule, match):
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices")
+    mesh = jax.make_mesh((8,), ("model",))
+    rules = [rule, ("**", P())]
+    for fn in (flaxlazy.materialize, flaxlazy.abstract_init):
+        with pytest.raises(ValueError, match=match):
+            fn(Layer, 8, rngs=nnx.Rngs(0), mesh=mesh, partition_rules=rules)
+    with pytest.raises(ValueError, match=match):
+        flaxlazy.shardings(flaxlazy.abstract_init(Layer, 8, rngs=nnx.Rngs(0)),
+                           mesh, rules)
+    # A broad rule that shards arrays leaves the RNG state replicated, as before.
+    model = flaxlazy.materialize(Layer, 8, rngs=nnx.Rngs(0), mesh=mesh,
+                                 partition_rules=[("**", P("model"))])
+    assert model.drop.rngs.key.get_value().sharding.spec == P()
+    assert model.linear.kernel.get_value().sharding.spec == P("model")
 
 
 def test_logical_annotations_with_logical_axis_rules():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,6 +40,7 @@ class InitCall:
     static: tuple  # leaves, with None where a dynamic leaf goes
     rngs: Any  # the abstract rngs (a ShapeDtypeStruct or a dict of them)
     inputs: tuple  # the abstract dynamic leaves
+    fn: str = "materialize"  # the public function, for errors
 
     def rebuild(self, dyn: list) -> tuple[tuple, dict]:
         it = iter(dyn)
@@ -172,6 +174,39 @@ def reject_linen_options(fn: str, *, method: Any, mutable: Any, capture_intermed
         )
 
 
+NOT_MUTABLE = (
+    "{fn}: `mutable={mutable!r}` does not let init create the {col!r} collection the "
+    "module creates ({var!r} in {scope!r}): Module.init creates only the collections "
+    "`mutable` names. Leave `mutable` out (the default creates every collection but "
+    "'intermediates'), or name every collection the module creates, e.g. "
+    "mutable={example!r}."
+)
+
+
+def _check_mutable(mutable: Any, *, fn: str) -> None:
+    if mutable is None:
+        raise TypeError(
+            f"{fn}: `mutable` must be a collection filter as in Module.init: True, a "
+            "collection name, a list of them such as ['params', 'batch_stats'], or a "
+            "flax.core.DenyList; got None. Leave it out to create every collection but "
+            "'intermediates'."
+        )
+
+
+def _not_mutable(call: InitCall, error: Exception) -> ValueError | None:
+    """The clearer error for Flax's ``ScopeCollectionNotFound`` under a ``mutable`` the
+    caller gave (at init, a collection is empty only because it is not mutable)."""
+    found = re.search(r'access "(.*)" from collection "(.*)" in "(.*)" but', str(error))
+    if call.mutable is DEFAULT_MUTABLE or found is None:
+        return None
+    var, col, scope = found.groups()
+    named = [call.mutable] if isinstance(call.mutable, str) else (
+        list(call.mutable) if isinstance(call.mutable, (list, tuple, set, frozenset)) else [])
+    example = list(dict.fromkeys([PARAMS, *(c for c in named if isinstance(c, str)), col]))
+    return ValueError(NOT_MUTABLE.format(fn=call.fn, mutable=call.mutable, col=col,
+                                         var=var, scope=scope, example=example))
+
+
 def make_call(
     module: nn.Module,
     rngs: Any,
@@ -186,6 +221,7 @@ def make_call(
     """Splits a ``module.init`` call into its abstract inputs and static parts."""
     check_module(module, fn=fn)
     _check_rngs(rngs, fn=fn)
+    _check_mutable(mutable, fn=fn)
     leaves, treedef = jax.tree_util.tree_flatten((tuple(args), dict(kwargs)))
     static = tuple(_DYNAMIC if specs.is_array_like(x) else x for x in leaves)
     inputs = tuple(specs.to_spec(x) for x in dynamic_inputs(args, kwargs))
@@ -194,7 +230,7 @@ def make_call(
         abstract_rngs = dict(abstract_rngs)
     return InitCall(
         module, method, mutable, tuple(sorted((init_kwargs or {}).items())), treedef,
-        static, abstract_rngs, inputs,
+        static, abstract_rngs, inputs, fn,
     )
 
 
@@ -270,6 +306,11 @@ def trace(call: InitCall, *, record: bool = True) -> Traced:
     try:
         with gc_pause.paused():
             variables = jax.eval_shape(fn, call.rngs, list(call.inputs))
+    except flax_errors.ScopeCollectionNotFound as e:
+        clearer = _not_mutable(call, e)
+        if clearer is None:
+            raise
+        raise clearer from e
     except flax_errors.InvalidRngError as e:
         if isinstance(call.rngs, Mapping) and "params" not in call.rngs:
             raise ValueError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+from flax import nnx
 
 from flaxlazy._src import engine
 from flaxlazy._src import placement
@@ -19,10 +20,12 @@ def _logical(logical_axis_rules: Any) -> bool:
 
 
 def traced(ctor: Any, args: tuple, kwargs: dict, *, fn: str, logical_axis_rules: Any = None,
-           record: bool = True) -> trace_lib.Traced:
-    """The abstract trace of ``ctor(*args, **kwargs)`` (``record``: see ``trace.trace``)."""
+           record: bool = True, update: Any = None) -> trace_lib.Traced:
+    """The abstract trace of ``ctor(*args, **kwargs)`` (``record``, ``update``: see
+    ``trace.trace``)."""
     call = call_lib.make_call(ctor, args, kwargs, fn=fn)
-    return trace_lib.trace(call, logical=_logical(logical_axis_rules), record=record, fn=fn)
+    return trace_lib.trace(call, logical=_logical(logical_axis_rules), record=record, fn=fn,
+                           update=update)
 
 
 def plan(t: trace_lib.Traced, *, initializers: Any, placement_args: dict) -> plan_lib.Plan:
@@ -39,14 +42,19 @@ def materialize(
 ) -> Any:
     """The constructed module, its values equal to ``nnx.jit(ctor)``'s where not overridden.
 
-    The caller's ``nnx.Rngs`` ends as the constructor would have left it.
+    The caller's ``nnx.Rngs`` ends as the constructor would have left it, and a module
+    that stores it (``self.rngs = rngs``) holds the caller's object, as after
+    ``nnx.jit`` or a direct call: the two then draw from one stream, not from two copies
+    in the same state. The trace and the module's assembly share one
+    ``nnx.update_context``, the mechanism ``nnx.jit`` uses for the same purpose.
     """
-    t = traced(ctor, args, kwargs, fn="materialize",
-               logical_axis_rules=placement_args.get("logical_axis_rules"))
-    p = plan(t, initializers=initializers, placement_args=placement_args)
-    keys = t.call.keys()
-    dyn = call_lib.dynamic_inputs(args, kwargs)
-    variables = engine.execute(p, keys, dyn)
-    module = trace_lib.build_module(t, variables)
-    t.update_rngs(keys, dyn)
-    return module
+    with nnx.update_context(trace_lib.UPDATE):
+        t = traced(ctor, args, kwargs, fn="materialize",
+                   logical_axis_rules=placement_args.get("logical_axis_rules"),
+                   update=trace_lib.UPDATE)
+        p = plan(t, initializers=initializers, placement_args=placement_args)
+        keys = t.call.keys()
+        dyn = call_lib.dynamic_inputs(args, kwargs)
+        variables = engine.execute(p, keys, dyn)
+        t.update_rngs(keys, dyn)
+        return trace_lib.build_module(t, variables)

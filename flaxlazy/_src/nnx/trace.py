@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Hashable
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,10 +36,7 @@ from flaxlazy._src.nnx import call as call_lib
 from flaxlazy._src.nnx import state as state_lib
 from flaxlazy._src.sources import traced as traced_source
 
-NOT_A_MODULE = (
-    "{fn}: {ctor} returned {got}, not an nnx.Module. Pass an NNX Module class, or a "
-    "function returning one, followed by its constructor arguments."
-)
+UPDATE = "flaxlazy.materialize"  # the nnx.update_context tag of a materializing call
 
 
 @dataclasses.dataclass
@@ -98,6 +96,7 @@ class Traced:
       graphdef: the module's graph definition.
       entries: the module's state leaves, in state order.
       rng_entries: per caller Rngs object, its state leaves after construction.
+      update: the ``nnx.update_context`` tag the trace was split in (see ``trace``).
     """
 
     call: call_lib.ConstructorCall
@@ -107,6 +106,7 @@ class Traced:
     graphdef: Any
     entries: tuple[_Entry, ...]
     rng_entries: tuple[tuple[_Entry, ...], ...]
+    update: Hashable | None = None
 
     # The core's view: roots, the override stream, the fallback program.
     checkpoint_subtree = ""  # from_checkpoint's default: a checkpoint of nnx.state(model)
@@ -145,9 +145,17 @@ class Traced:
 
     # Back to NNX objects.
     def module(self, values: Mapping[str, Any]) -> Any:
-        """The module with ``values`` (by qualified path) in its variables."""
-        flat = [(e.state_path, _value(e, values)) for e in self.entries]
-        return nnx.merge(self.graphdef, nnx.from_flat_state(flat))
+        """The module with ``values`` (by qualified path) in its variables.
+
+        Traced with ``update`` (and called inside that ``nnx.update_context``): the
+        caller's ``nnx.Rngs`` objects the constructor stored (or their streams) are put
+        back in the module, their values set to the module's, as ``nnx.jit`` does.
+        """
+        flat = nnx.from_flat_state([(e.state_path, _value(e, values)) for e in self.entries])
+        if self.update is None:
+            return nnx.merge(self.graphdef, flat)
+        with nnx.merge_context(self.update, False) as outer:  # (4)
+            return outer.merge(self.graphdef, flat)
 
     def _rng_updates(self) -> list[tuple[Any, _Entry, Any]]:
         """``(caller's Rngs, entry, value)`` for each RNG variable the constructor leaves
@@ -264,11 +272,14 @@ def trace(call: call_lib.ConstructorCall, *, logical: bool = False, record: bool
         args, kwargs = call.rebuild(objs, list(dyn))
         with _compat.nnx_unconstrained(), _concrete_counters():
             module = call.ctor(*args, **kwargs)
+        found["constructed"] = True
         if not isinstance(module, nnx.Module):
-            raise TypeError(NOT_A_MODULE.format(
-                fn=fn, ctor=getattr(call.ctor, "__name__", repr(call.ctor)),
-                got=(f"an array of shape {tuple(module.shape)}" if hasattr(module, "shape")
-                     else f"{type(module).__name__} {str(module)[:60]!r}"),
+            got = (f"an array of shape {tuple(module.shape)}" if hasattr(module, "shape")
+                   else f"{type(module).__name__} {str(module)[:60]!r}")
+            raise TypeError(call_lib.NEITHER.format(
+                fn=fn, name=call_lib.name_of(call.ctor), linen="",
+                problem=f"called with the arguments given, it returned {got}, not an "
+                        "nnx.Module",
             ))
         with nnx.split_context(update) as inner:  # (3)
             graphdef, state = inner.split(module)
@@ -285,7 +296,13 @@ def trace(call: call_lib.ConstructorCall, *, logical: bool = False, record: bool
 
     abstract_keys = [specs.to_spec(k) for k in call.keys()]
     with gc_pause.paused():
-        closed = jax.make_jaxpr(run)(abstract_keys, list(call.inputs))
+        try:
+            closed = jax.make_jaxpr(run)(abstract_keys, list(call.inputs))
+        except Exception as e:
+            clearer = None if "constructed" in found else call.failed(e, fn=fn)
+            if clearer is None:
+                raise
+            raise clearer from e
         analysis = slicing.Analysis(closed, len(call.streams)) if record else None
 
     counter = iter(range(len(closed.jaxpr.outvars)))
@@ -317,7 +334,7 @@ def trace(call: call_lib.ConstructorCall, *, logical: bool = False, record: bool
             group.append(_Entry(state_path, leaf, None, output))
         rng_entries.append(tuple(group))
     return Traced(call, variables, records, analysis, found["graphdef"], tuple(entries),
-                  tuple(rng_entries))
+                  tuple(rng_entries), update)
 
 
 def _record(s: slicing.Slice, col: str, path: tuple[str, ...], abstract: Any,
