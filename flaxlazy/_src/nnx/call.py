@@ -103,7 +103,10 @@ def _signature(ctor: Any) -> inspect.Signature | None:
 
 
 def check_arguments(ctor: Any, args: tuple, kwargs: dict, *, fn: str) -> None:
-    """Raises a ``TypeError`` when the arguments do not fit the constructor's signature.
+    """Raises a ``TypeError`` when a constructor that is no NNX Module class (a function,
+    a lambda) cannot take the arguments: most likely a Linen-style call of something
+    that is not a Linen module. An NNX class is left to Python's own message, which
+    names it.
 
     Examples:
       >>> import jax
@@ -114,23 +117,17 @@ def check_arguments(ctor: Any, args: tuple, kwargs: dict, *, fn: str) -> None:
       returning an nnx.Module: it takes (x), and the arguments given do not fit (too many
       positional arguments). Its first argument is a PRNG key, as in a Linen call, ...
     """
+    if isinstance(ctor, type) and issubclass(ctor, nnx.Module):
+        return
     sig = _signature(ctor)
     if sig is None:
         return
     try:
         sig.bind(*args, **kwargs)
     except TypeError as e:
-        name = name_of(ctor)
-        linen = LINEN_STYLE if args and _is_key(args[0]) else ""
-        if isinstance(ctor, type) and issubclass(ctor, nnx.Module):
-            raise TypeError(
-                f"{fn}: the arguments do not fit {name}'s constructor {name}{sig} ({e}). "
-                f"Pass its arguments after the class, rngs=nnx.Rngs(0) among them, as "
-                f"{name}(...) takes them; flaxlazy's own options are keyword-only.{linen}"
-            ) from None
         raise TypeError(NEITHER.format(
-            fn=fn, name=name, linen=linen,
-            problem=f"it takes {str(sig)}, and the arguments given do not fit ({e})",
+            fn=fn, name=name_of(ctor), linen=LINEN_STYLE if args and _is_key(args[0]) else "",
+            problem=f"it takes {sig}, and the arguments given do not fit ({e})",
         )) from None
 
 
