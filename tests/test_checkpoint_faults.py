@@ -4,6 +4,7 @@ import gc
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -247,6 +248,54 @@ def test_plain_orbax_checkpoint_reads_unchecked(tmp_path):
     assert not os.path.exists(os.path.join(path, integrity.DIGESTS))
     got = flaxlazy.restore(path, {"w": jax.ShapeDtypeStruct((4,), jnp.float32)})
     chex.assert_trees_all_equal(got, {"w": jnp.arange(4.0)})
+
+
+@pytest.mark.parametrize("loss", ["folder", "file"])
+def test_lost_checksums_are_damage_not_an_unchecked_read(tmp_path, loss):
+    # Flipped data and no checksums left to catch it: still not read silently.
+    data = np.arange(256 * 256, dtype=np.float32).reshape(256, 256)
+    path = tmp_path / "ckpt"
+    flaxlazy.save(path, {"w": jnp.asarray(data)})
+    with open(path / "_METADATA") as f:
+        assert json.load(f)["custom_metadata"][integrity.MARKER]["process_count"] == 1
+    if loss == "folder":
+        shutil.rmtree(path / integrity.DIGESTS)
+        detail = rf"it was saved by flaxlazy with checksums, but its {integrity.DIGESTS}/ folder"
+    else:
+        os.remove(path / integrity.DIGESTS / "process_0.json")
+        detail = rf"{integrity.DIGESTS}/ lacks the checksum files of processes \[0\]"
+    _flip_middle(path)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))} is damaged or incomplete: "
+                                         rf"{detail}"):
+        flaxlazy.restore(path, {"w": jax.ShapeDtypeStruct(data.shape, data.dtype)})
+
+
+def test_stray_files_beside_checksums_are_ignored(tmp_path):
+    tree = {"w": jnp.arange(256 * 256.0).reshape(256, 256), "step": 1}
+    path = tmp_path / "ckpt"
+    flaxlazy.save(path, tree)
+    (path / integrity.DIGESTS / ".DS_Store").write_bytes(b"\x00\x01binary")
+    (path / integrity.DIGESTS / "process_7.json").write_text("{not json")  # no process 7
+    (path / integrity.DIGESTS / "notes.txt").write_text("copied by hand")
+    _assert_holds(path, tree)
+    _flip_middle(path)  # and the checks still run
+    with pytest.raises(ValueError, match="entry 'w' differs from what was saved"):
+        flaxlazy.restore(path, _target(tree))
+
+
+def test_checksums_without_the_record_are_still_checked(tmp_path):
+    # Saved before flaxlazy recorded its checksums in _METADATA: the folder is used.
+    data = np.arange(256 * 256, dtype=np.float32).reshape(256, 256)
+    path = tmp_path / "ckpt"
+    flaxlazy.save(path, {"w": jnp.asarray(data)})
+    with open(path / "_METADATA") as f:
+        info = json.load(f)
+    del info["custom_metadata"][integrity.MARKER]
+    (path / "_METADATA").write_text(json.dumps(info))
+    chex.assert_trees_all_equal(checkpoint.read(path, checkpoint.entries(path))["w"], data)
+    _flip_middle(path)
+    with pytest.raises(ValueError, match="entry 'w' differs from what was saved"):
+        checkpoint.read(path, checkpoint.entries(path))
 
 
 # ------------------------------------------------------------------ damaged checkpoints

@@ -228,3 +228,14 @@ def test_read_does_not_touch_unrequested_entries(tmp_path):
     out = read(tmp_path / "ckpt", {"big": jax.ShapeDtypeStruct(big.shape, jnp.uint32)})
     assert _bits(out["big"]) == _bits(big)
     assert _bytes_read() - before >= big.nbytes
+
+
+@needs_8
+def test_target_over_an_abstract_mesh_is_named(ckpt, mesh):
+    # jax.eval_shape of sharded arrays gives shardings over an abstract mesh: no devices.
+    x = jax.device_put(_params()["counts"], NamedSharding(mesh, P("data")))
+    target = jax.eval_shape(lambda: x)
+    assert isinstance(target.sharding.mesh, jax.sharding.AbstractMesh)
+    with pytest.raises(ValueError, match=r"target for 'counts' has a sharding over an "
+                                         r"abstract mesh .*NamedSharding over a jax\.sharding"):
+        read(ckpt, {"counts": target})

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -134,3 +135,24 @@ def test_from_checkpoint_argument_errors():
         flaxlazy.from_checkpoint("")
     with pytest.raises(ValueError, match=r"`rename\[0\]`: the regex '\(' does not compile"):
         flaxlazy.from_checkpoint("x", rename=[("(", "y")])
+
+
+class Tied(nnx.Module):
+    """An output projection tied to the embedding: one nnx.Param under two attributes."""
+
+    def __init__(self, *, rngs):
+        self.embed = nnx.Embed(10, 4, rngs=rngs)
+        self.lm_head_w = self.embed.embedding
+        self.out = nnx.Linear(4, 3, rngs=rngs)
+
+
+def test_restore_into_abstract_nnx_module_with_tied_params(tmp_path):
+    model = flaxlazy.materialize(Tied, rngs=nnx.Rngs(3))
+    path = tmp_path / "tied"
+    flaxlazy.save(path, model)
+    abstract = flaxlazy.abstract_init(Tied, rngs=nnx.Rngs(0))
+    restored = flaxlazy.restore(path, abstract)
+    assert isinstance(restored, Tied)
+    assert restored.lm_head_w is restored.embed.embedding  # still one parameter
+    chex.assert_trees_all_equal(nnx.state(restored), nnx.state(model))
+    assert isinstance(abstract.embed.embedding.get_value(), jax.ShapeDtypeStruct)  # untouched

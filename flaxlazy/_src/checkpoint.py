@@ -84,7 +84,8 @@ _ABSTRACT_MESH = (
     "`abstract_init(..., mesh=mesh)` gives), or no sharding for the default device."
 )
 _WRITE_FAILED = (
-    "save: writing the checkpoint for {path} failed: {reason}. Nothing at {path} changed."
+    "save: writing the checkpoint for {path} failed: {cause}. Nothing at {path} changed. "
+    "(Orbax reported: {reason})"
 )
 _SAVE_BARRIERS = itertools.count()  # every process saves in the same order
 
@@ -143,8 +144,9 @@ def _write_failure(path: str, error: BaseException) -> BaseException:
     code = re.search(r"os_error_code='(\d+)'", "\n".join(chain))
     if code is None:
         return error
-    reason = integrity.reason(error)
-    return OSError(int(code.group(1)), _WRITE_FAILED.format(path=path, reason=reason))
+    number = int(code.group(1))
+    return OSError(number, _WRITE_FAILED.format(path=path, cause=os.strerror(number),
+                                                reason=integrity.reason(error)))
 
 
 def _from_process_0(numbers: np.ndarray) -> np.ndarray:
