@@ -184,15 +184,14 @@ def stranded(path: str) -> list[str]:
 
 def recover(path: str) -> str | None:
     """Moves the newest stranded old checkpoint back to a missing ``path``; returns it."""
-    if os.path.lexists(path):
+    found = stranded(path)
+    if os.path.lexists(path) or not found:
         return None
-    for old in reversed(stranded(path)):
-        try:
-            _rename_noreplace(old, path)
-            return old
-        except (FileExistsError, FileNotFoundError):  # another save got there first
-            return None
-    return None
+    try:
+        _rename_noreplace(found[-1], path)
+    except (FileExistsError, FileNotFoundError):  # another save got there first
+        return None
+    return found[-1]
 
 
 # --------------------------------------------------------------------------- renames
