@@ -325,3 +325,30 @@ def test_unused_optimizer_rule_is_reported(mesh):
     state = flaxlazy.abstract_train_state(Factored(), ADAFACTOR, KEY, X, mesh=mesh,
                                           partition_rules=rules, allow_unused_rules=True)
     assert state.opt_state[0].v_row["Dense_0"]["kernel"].sharding.spec == P()
+
+
+@pytest.mark.parametrize("factory", [nn.initializers.xavier_uniform, nn.initializers.lecun_normal,
+                                     nn.initializers.normal])
+def test_initializer_factory_passed_uncalled_suggests_calling_it(factory):
+    name = factory.__name__
+    with pytest.raises(TypeError, match=rf"maps '.*kernel' to `{name}`, which returns a "
+                                        rf"function.*Did you mean `{name}\(\)`\?"):
+        flaxlazy.materialize(Net(), KEY, X, initializers={"**/kernel": factory})
+
+
+def test_initializer_factory_on_a_stacked_leaf_suggests_calling_it():
+    class Layer(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return nn.Dense(4)(x), None
+
+    class Stack(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                           length=3)()(x, None)[0]
+
+    name = nn.initializers.xavier_uniform.__name__  # (an alias of glorot_uniform)
+    with pytest.raises(TypeError, match=rf"Did you mean `{name}\(\)`"):
+        flaxlazy.materialize(Stack(), KEY, flaxlazy.spec("f32[2,4]"),
+                             initializers={"**/kernel": nn.initializers.xavier_uniform})

@@ -75,6 +75,25 @@ BOX_RETURNED = (
 )
 
 
+FACTORY_PASSED = (
+    "initializers: {label} maps {path!r} to `{name}`, which returns a function, not an "
+    "array: `{name}` makes initializers. Did you mean `{name}()`?"
+)
+
+
+def _factory_name(value: Callable, key, shape, dtype) -> str | None:
+    """The name of ``value`` if it is an initializer factory (``xavier_uniform`` rather
+    than ``xavier_uniform()``): called as an initializer, it returns a function."""
+    for args in ((key, shape, dtype), ()):  # xavier_uniform(in_axis, ...), normal(stddev)
+        try:
+            out = value(*args)  # a factory stores its arguments, computes nothing
+        except Exception:  # noqa: BLE001 - fails on these arguments: not a factory here
+            continue
+        if callable(out):
+            return getattr(value, "__name__", repr(value))
+    return None
+
+
 def plan(rule: rules_lib.Rule, path: str, shape, dtype, layer_shape, root_key
          ) -> tuple[str, programs.Program, None, int]:
     """(source, program, value, key) of a leaf that an initializer ``rule.value`` draws."""
@@ -91,6 +110,10 @@ def plan(rule: rules_lib.Rule, path: str, shape, dtype, layer_shape, root_key
     try:
         program = programs.trace(fn, root_key)
     except Exception as e:  # noqa: BLE001 - re-raised with the path that caused it
+        factory = _factory_name(value, root_key, layer_shape or shape, dtype)
+        if factory is not None:
+            raise TypeError(FACTORY_PASSED.format(label=rule.label, path=path,
+                                                  name=factory)) from e
         raise ValueError(
             f"initializers: {rule.label} failed for {path!r} ({kinds.fmt(shape, dtype)}"
             + (f", one layer {kinds.fmt(layer_shape, dtype)}" if layer_shape else "")
