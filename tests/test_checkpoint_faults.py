@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import warnings
 
 import chex
 import flax.linen as nn
@@ -420,6 +421,29 @@ def test_unused_entries_warning_points_at_the_caller(tmp_path):
     assert [w.filename for w in rec] == [__file__]
 
 
+def test_unused_entries_left_out_on_purpose_are_silenced_with_strict_false(tmp_path):
+    """A head re-initialized on purpose: strict=False reads the rest without a word;
+    the default warning and strict=True's error both say so."""
+    path = tmp_path / "ckpt"
+    params = {"kernel": jnp.ones((2, 5)), "bias": jnp.zeros(5), "head": jnp.ones(2)}
+    flaxlazy.save(path, {"params": params})
+    model = lambda strict: flaxlazy.materialize(  # noqa: E731
+        nn.Dense(5), jax.random.key(0), X,
+        initializers={"**": flaxlazy.from_checkpoint(path, strict=strict)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = model(False)
+    chex.assert_trees_all_equal(got["params"], {"kernel": params["kernel"],
+                                                "bias": params["bias"]})
+    with pytest.warns(UserWarning, match=r"on purpose \(a new head\), pass strict=False"):
+        model(None)
+    with pytest.raises(ValueError, match=r"'params/head'.*on purpose \(a new head\), pass "
+                                         r"strict=False"):
+        model(True)
+    with pytest.raises(TypeError, match=r"`strict` must be None .* got 'yes'"):
+        flaxlazy.from_checkpoint(path, strict="yes")
+
+
 def test_directory_of_other_files_is_no_checkpoint_not_a_damaged_one(tmp_path):
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(FileNotFoundError, match="no _METADATA"):
@@ -476,6 +500,7 @@ jax.distributed.shutdown()
 '''
 
 
+@pytest.mark.slow
 def test_two_processes_save_overwrite_and_check(tmp_path):
     """Both write shards to one staging directory, process 0 renames; reads check blocks."""
     with socket.socket() as s:

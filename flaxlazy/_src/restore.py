@@ -26,7 +26,8 @@ from flaxlazy._src.nnx import state as nnx_state
 
 UNCONSUMED = (
     "from_checkpoint({path!r}): {n} checkpoint entr{ies} under {where} not used by the "
-    "model: {listing}. Narrow `subtree`, add a `rename` rule, or {fix}."
+    "model: {listing}. If the model should read them, add a `rename` rule or narrow "
+    "`subtree`; {fix}."
 )
 _BAD_TARGET = (
     "restore: target leaf {name!r} is {leaf!r} ({kind}), not an array or "
@@ -42,7 +43,7 @@ class CheckpointSource(NamedTuple):
     path: str
     subtree: str | None  # None: the framework's default (Linen "params", NNX "")
     rename: tuple[tuple[str, str], ...]
-    strict: bool
+    strict: bool | None
 
     def with_default_subtree(self, subtree: str) -> CheckpointSource:
         """This source with ``subtree`` resolved (Linen: ``"params"``, NNX: ``""``)."""
@@ -59,7 +60,8 @@ class CheckpointSource(NamedTuple):
 
     def report_unconsumed(self, entries: Sequence[str], consumed: set[str],
                           known: set[str] = frozenset()) -> None:
-        """Warns (or raises with ``strict``) about entries under ``subtree`` left unread.
+        """Warns (raises with ``strict=True``, says nothing with ``strict=False``) about
+        entries under ``subtree`` left unread.
 
         ``known`` entries are the model's own non-parameter variables (an NNX checkpoint
         holds them beside the parameters): not reading them is expected.
@@ -67,15 +69,17 @@ class CheckpointSource(NamedTuple):
         prefix = self.subtree + paths.SEP if self.subtree else ""
         left = sorted(e for e in entries
                       if e.startswith(prefix) and e not in consumed and e not in known)
-        if not left:
+        if not left or self.strict is False:
             return
         shown = ", ".join(repr(e) for e in left[:8]) + (", ..." if len(left) > 8 else "")
         message = UNCONSUMED.format(
             path=self.path, n=len(left), ies="y" if len(left) == 1 else "ies",
             where=repr(self.subtree) if self.subtree else "the checkpoint root",
             listing=shown,
-            fix="drop strict=True to only warn" if self.strict else
-            "pass strict=True to make this an error",
+            fix="if it leaves them out on purpose (a new head), pass strict=False, or drop "
+            "strict=True to only warn" if self.strict else
+            "if it leaves them out on purpose (a new head), pass strict=False to silence "
+            "this, or strict=True to make it an error",
         )
         if self.strict:
             raise ValueError(message)
@@ -87,7 +91,7 @@ def from_checkpoint(
     *,
     subtree: str | None = None,
     rename: Sequence[tuple[str, str]] | None = None,
-    strict: bool = False,
+    strict: bool | None = None,
 ) -> CheckpointSource:
     """Parameters read from an Orbax checkpoint, as a value in ``initializers=``.
 
@@ -108,7 +112,8 @@ def from_checkpoint(
         ``[(r"encoder/(.*)", r"backbone/\\1")]`` reads this model's ``encoder`` from a
         checkpoint whose module was called ``backbone``.
       strict: checkpoint entries under ``subtree`` that no parameter reads are a
-        ``UserWarning`` by default, a ``ValueError`` with ``strict=True``.
+        ``UserWarning`` by default (None), a ``ValueError`` with ``strict=True``, and
+        expected with ``strict=False`` (a head left out to be initialized anew).
 
     Returns:
       A ``CheckpointSource`` to use as an ``initializers=`` value.
@@ -137,6 +142,11 @@ def from_checkpoint(
         raise TypeError(
             f"from_checkpoint: `subtree` must be a string, got {subtree!r}: 'params' (the "
             "default) for a saved variables dict or train state, '' for a bare params tree."
+        )
+    if strict is not None and not isinstance(strict, bool):
+        raise TypeError(
+            f"from_checkpoint: `strict` must be None (warn about unread entries), True "
+            f"(raise) or False (expect them), got {strict!r}."
         )
     if isinstance(rename, str | Mapping):
         raise TypeError(
