@@ -214,6 +214,22 @@ def spec(shape: Sequence[int] | str, dtype: Any = None) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(dims, _check_dtype(dtype))
 
 
+def is_key(x: Any) -> bool:
+    """Whether ``x`` is a PRNG key (or keys): typed, or raw ``uint32[..., 2]``.
+
+    Examples:
+      >>> import jax
+      >>> is_key(jax.random.key(0)), is_key(jax.random.PRNGKey(0)), is_key(0)
+      (True, True, False)
+    """
+    dtype = getattr(x, "dtype", None)
+    if dtype is None or not is_array_like(x):
+        return False
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return True
+    return np.dtype(dtype) == np.uint32 and tuple(np.shape(x))[-1:] == (2,)
+
+
 def is_array_like(x: Any) -> bool:
     """True for leaves that count only by shape and dtype (arrays and ShapeDtypeStructs)."""
     return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))

@@ -122,19 +122,10 @@ RNGS_FORM = (
 )
 
 
-def _is_key(x: Any) -> bool:
-    dtype = getattr(x, "dtype", None)
-    if dtype is None or not specs.is_array_like(x):
-        return False
-    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-        return True
-    return np.dtype(dtype) == np.uint32 and tuple(np.shape(x))[-1:] == (2,)
-
-
 def _check_rngs(rngs: Any, *, fn: str) -> None:
     items = rngs.items() if isinstance(rngs, Mapping) else [(None, rngs)]
     for name, leaf in items:
-        if not _is_key(leaf):
+        if not specs.is_key(leaf):
             where = "`rngs`" if name is None else f"`rngs[{name!r}]`"
             got = (
                 f"{type(leaf).__name__} of dtype {leaf.dtype} and shape {np.shape(leaf)}"

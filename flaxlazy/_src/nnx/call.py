@@ -65,17 +65,8 @@ def name_of(ctor: Any) -> str:
     return getattr(ctor, "__name__", None) or repr(ctor)[:60]
 
 
-def _is_key(x: Any) -> bool:
-    dtype = getattr(x, "dtype", None)
-    if dtype is None or not specs.is_array_like(x):
-        return False
-    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-        return True
-    return np.dtype(dtype) == np.uint32 and tuple(np.shape(x)) == (2,)
-
-
 def _describe(x: Any) -> str:
-    if _is_key(x):
+    if specs.is_key(x):
         kind = "a PRNG key" if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else (
             "a raw uint32[2] PRNG key")
         return f"{kind} (dtype {x.dtype}, shape {tuple(np.shape(x))})"
@@ -126,7 +117,7 @@ def check_arguments(ctor: Any, args: tuple, kwargs: dict, *, fn: str) -> None:
         sig.bind(*args, **kwargs)
     except TypeError as e:
         raise TypeError(NEITHER.format(
-            fn=fn, name=name_of(ctor), linen=LINEN_STYLE if args and _is_key(args[0]) else "",
+            fn=fn, name=name_of(ctor), linen=LINEN_STYLE if args and specs.is_key(args[0]) else "",
             problem=f"it takes {sig}, and the arguments given do not fit ({e})",
         )) from None
 
@@ -150,7 +141,7 @@ def _rngs_argument(ctor: Any, args: tuple, kwargs: dict) -> tuple[bool, Any]:
 def not_rngs(ctor: Any, value: Any, error: BaseException, *, fn: str) -> TypeError:
     """The ``TypeError`` for a constructor that failed with an ``rngs`` that is not an
     ``nnx.Rngs`` (raised from the constructor's own error, so both are shown)."""
-    if _is_key(value):
+    if specs.is_key(value):
         fix = ("Wrap the key in an nnx.Rngs: rngs=nnx.Rngs(key) (an NNX layer draws from "
                "the named streams of an nnx.Rngs, rngs.params(), not from a key).")
     elif isinstance(value, (int, np.integer)) and not isinstance(value, bool):
