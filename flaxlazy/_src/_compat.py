@@ -281,6 +281,22 @@ def thread_patches(hooks: dict[str, Any]):
                 _uninstall()
 
 
+# ---------------------------------------------------------------------------- meshes
+def concrete_mesh() -> Any:
+    """The concrete mesh of a ``jax.set_mesh`` around this call, or None; unlike
+    ``jax.sharding.get_mesh`` it may be asked inside a trace."""
+    from jax._src import mesh as mesh_lib
+
+    return mesh_lib.get_concrete_mesh()
+
+
+def legacy_mesh() -> Any:
+    """The mesh of a deprecated ``with mesh:`` block around this call (empty if none)."""
+    from jax._src import mesh as mesh_lib
+
+    return mesh_lib.thread_resources.env.physical_mesh
+
+
 # ----------------------------------------------------------------------------- orbax
 def orbax_type_handler_registry() -> Any:
     """Orbax's type-handler registry module (private), or None on another layout."""

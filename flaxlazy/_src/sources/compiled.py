@@ -23,6 +23,7 @@ import numpy as np
 from flaxlazy._src import _compat
 from flaxlazy._src import cache as cache_lib
 from flaxlazy._src import chunked
+from flaxlazy._src import compile_context
 from flaxlazy._src import programs
 from flaxlazy._src.sources import flat
 from flaxlazy._src.sources import keys as keys_lib
@@ -85,12 +86,11 @@ def _chunked_draw(leaf: Any) -> Any:
 
 def compile_key(leaf: Any) -> Any:
     """The compiled-function cache key of a ``"flax"``/``"initializer"`` leaf (None: never
-    cached): its program, its placement, and the PRNG configuration of the moment (the
-    chunked draw is chosen for it)."""
+    cached): its program, its placement, and the context it compiles under (the ambient
+    mesh and the PRNG configuration of the moment: the chunked draw is chosen for it)."""
     if leaf.program.key is None:
         return None
-    config = (jax.config.jax_threefry_partitionable, jax.config.jax_enable_x64)
-    return ("leaf", leaf.program.key, leaf.layers, leaf.sharding, config)
+    return ("leaf", leaf.program.key, leaf.layers, leaf.sharding, compile_context.key())
 
 
 def _cost(consts: Sequence[Any], baked: Sequence[bool]) -> int:

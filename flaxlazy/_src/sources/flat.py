@@ -46,6 +46,7 @@ from jax import lax
 from flaxlazy._src import _compat
 from flaxlazy._src import cache as cache_lib
 from flaxlazy._src import chunked
+from flaxlazy._src import compile_context
 from flaxlazy._src import programs
 from flaxlazy._src.sources import host
 
@@ -102,7 +103,8 @@ def transform(leaf: Any) -> Transform | None:
         except chunked.NotChunkable:
             return None
 
-    key = None if program.key is None else (program.key, tuple(leaf.shape), str(leaf.dtype))
+    key = None if program.key is None else (program.key, tuple(leaf.shape), str(leaf.dtype),
+                                            compile_context.key())
     return _TRANSFORMS.get(key, make)
 
 
@@ -231,11 +233,11 @@ def _bits_fn():
 
 
 def _bits_key() -> tuple:
-    return ("bits", BLOCK, jax.config.jax_threefry_partitionable, jax.config.jax_enable_x64)
+    return ("bits", BLOCK, compile_context.key())
 
 
 def _transform_key(program: programs.Program) -> Any:
-    return None if program.key is None else ("transform", program.key)
+    return None if program.key is None else ("transform", program.key, compile_context.key())
 
 
 def _transform_fn(program: programs.Program):

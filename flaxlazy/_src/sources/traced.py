@@ -17,6 +17,7 @@ import jax
 
 from flaxlazy._src import _compat
 from flaxlazy._src import cache as cache_lib
+from flaxlazy._src import compile_context
 from flaxlazy._src import programs
 from flaxlazy._src import specs
 from flaxlazy._src.sources import kinds
@@ -72,7 +73,8 @@ def pruned_runner(closed: Any, names: Sequence[str], shardings: Sequence[Any], n
         program_key = None  # materialize inside a trace: nothing to reuse
     else:
         program_key = programs.jaxpr_key(pruned)
-    key = None if program_key is None else ("traced", program_key, shardings)
+    key = (None if program_key is None
+           else ("traced", program_key, shardings, compile_context.key()))
 
     def make():
         return jax.jit(
