@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -31,6 +32,27 @@ def test_counts_and_bytes_abstract_equal_concrete(key):
     assert flaxlazy.num_params(shapes) == n + 8  # batch_stats mean and var
     assert flaxlazy.nbytes(shapes) == flaxlazy.nbytes(values) == 4 * (n + 8)
     assert flaxlazy.nbytes({"h": jnp.zeros(3, jnp.bfloat16)}) == 6
+
+
+class DropNorm(nnx.Module):
+    """An NNX module with RNG state (Dropout) and batch statistics besides its Params."""
+
+    def __init__(self, *, rngs):
+        self.linear = nnx.Linear(5, 6, rngs=rngs)
+        self.bn = nnx.BatchNorm(6, rngs=rngs)
+        self.drop = nnx.Dropout(0.1, rngs=rngs)
+
+
+def test_num_params_of_nnx_counts_params_only():
+    model = flaxlazy.materialize(DropNorm, rngs=nnx.Rngs(0))
+    abstract = flaxlazy.abstract_init(DropNorm, rngs=nnx.Rngs(0))
+    n = 5 * 6 + 6 + 6 + 6  # linear kernel and bias, bn scale and bias
+    assert n == sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    for tree in (model, abstract, nnx.state(model)):
+        assert flaxlazy.num_params(tree) == n
+    table = flaxlazy.summary(model)  # the rest, per collection
+    assert any(r.split()[:2] == ["params", str(n)] for r in table.splitlines())
+    assert any(r.split()[:2] == ["batch_stats", "12"] for r in table.splitlines())
 
 
 def test_table_has_paths_and_per_collection_totals(key):

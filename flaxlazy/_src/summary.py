@@ -103,7 +103,10 @@ def _arrays(tree: Any, fn: str) -> list[tuple[str, Any]]:
 def num_params(tree: Any) -> int:
     """The number of elements in all array leaves of ``tree`` (abstract or concrete).
 
-    Pass ``variables["params"]`` to count parameters only.
+    Of an NNX module or state, only its ``nnx.Param``s are counted, as Flax's own
+    summaries count them (not batch statistics or RNG state; ``summary`` totals each
+    collection). Of a Linen variables tree every leaf is counted: pass
+    ``variables["params"]`` to count parameters only.
 
     Args:
       tree: a variables tree, an NNX module or ``nnx.State`` (or any pytree of arrays,
@@ -121,6 +124,8 @@ def num_params(tree: Any) -> int:
       >>> flaxlazy.num_params(shapes)
       18
     """
+    if nnx_state.is_nnx(tree):
+        tree = as_tree(tree).get(paths.PARAMS, {})
     return sum(_size(x) for _, x in _arrays(tree, "num_params"))
 
 
