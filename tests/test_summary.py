@@ -147,3 +147,23 @@ def test_train_state_params_subtree(key):
     totals = [line.split()[0] for line in flaxlazy.summary(state).splitlines()[-4:]]
     assert totals == ["collections", "params", "step", "total"]
     assert flaxlazy.summary(state.params).splitlines()[-1].split()[:2] == ["total", "250"]
+
+
+@needs_8
+def test_summary_reads_the_shardings_a_sharded_abstract_tree_carries(key):
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+    rules = [("Conv_0/kernel", P(None, None, None, "model")),
+             ("Dense_0/kernel", P(("data", "model"), None)), ("**", P())]
+    abstract = flaxlazy.abstract_init(CNN(), key, flaxlazy.spec("f32[1,4,4,1]"), mesh=mesh,
+                                      partition_rules=rules)
+    for text in (flaxlazy.summary(abstract, mesh=mesh), flaxlazy.summary(abstract)):
+        rows = {r.split()[0]: r for r in text.splitlines() if r.startswith("params/")}
+        assert "(('data', 'model'), None)" in rows["params/Dense_0/kernel"]
+        assert "(None, None, None, 'model')" in rows["params/Conv_0/kernel"]
+        assert "*" not in text and "replicated by default" not in text
+    # A rule passed to summary still overrides what the leaves carry.
+    text = flaxlazy.summary(abstract, mesh=mesh,
+                            partition_rules=[("Dense_0/kernel", P("model", None))],
+                            require_rules=False)
+    assert "('model', None)" in next(r for r in text.splitlines()
+                                     if r.startswith("params/Dense_0/kernel"))

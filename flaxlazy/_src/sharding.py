@@ -193,7 +193,28 @@ def _annotation(path: str, leaf: Any, logical_axis_rules: Any) -> tuple[Any, str
         return PartitionSpec(*leaf.names), f"nn.Partitioned{tuple(leaf.names)}"
     if paths.is_box(leaf) and hasattr(leaf, "get_partition_spec"):
         return leaf.get_partition_spec(), f"{type(leaf).__name__} annotation"
+    spec = carried_spec(leaf)
+    if spec is not None and any(axis is not None for axis in spec):
+        return spec, f"its own sharding {spec} (out_sharding= or an already sharded leaf)"
     return None
+
+
+def carried_spec(leaf: Any) -> PartitionSpec | None:
+    """The spec of the ``NamedSharding`` a leaf's array already carries (an explicit-mode
+    ``out_sharding=``, or a tree ``abstract_init``/``materialize`` placed), else None.
+
+    Examples:
+      >>> import jax, numpy as np
+      >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+      >>> mesh = Mesh(np.array(jax.devices()[:1]), ("model",))
+      >>> carried_spec(jax.ShapeDtypeStruct((4,), "float32",
+      ...                                   sharding=NamedSharding(mesh, P("model"))))
+      P('model',)
+      >>> carried_spec(jax.ShapeDtypeStruct((4,), "float32")) is None
+      True
+    """
+    sharding = getattr(_array(leaf), "sharding", None)
+    return sharding.spec if isinstance(sharding, NamedSharding) else None
 
 
 def _rule_for(path: str, leaf: Any, rules: Sequence[rules_lib.Rule]) -> rules_lib.Rule | None:

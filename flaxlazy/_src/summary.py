@@ -273,8 +273,14 @@ def _leaf_shardings(tree: Any, flat: list, mesh: Any, rules: dict) -> tuple[list
     """Each leaf's NamedSharding (or None) and whether it was replicated by default."""
     if mesh is not None:
         chosen = sharding_lib.choose(tree, mesh, allow_unused_rules=True, **rules)
-        return ([NamedSharding(mesh, chosen[path].spec) for path, _ in flat],
-                [chosen[path].kind == sharding_lib.DEFAULT for path, _ in flat])
+        specs, defaulted = [], []
+        for path, leaf in flat:
+            spec, default = chosen[path].spec, chosen[path].kind == sharding_lib.DEFAULT
+            if default and (carried := sharding_lib.carried_spec(leaf)) is not None:
+                spec, default = carried, False  # placed already: read its own sharding
+            specs.append(NamedSharding(mesh, spec))
+            defaulted.append(default)
+        return specs, defaulted
     out = []
     for _, leaf in flat:
         sh = getattr(_leaf_array(leaf), "sharding", None)
