@@ -5,7 +5,7 @@ Linen models (``zoo.py``) and NNX constructors (``zoo_nnx.py``) run in the same 
 Usage::
 
     python benchmarks/run.py                 # the whole zoo (about 13 minutes on 2 CPU cores)
-    python benchmarks/run.py --quick         # a CI smoke subset (about 2.5 minutes)
+    python benchmarks/run.py --quick         # a smoke subset (its duration: benchmarks/README.md)
     python benchmarks/run.py --models gpt12,gpt48 --methods jit,materialize_cold
     python benchmarks/run.py --only nnx      # the NNX models only (about 3 minutes)
 
@@ -483,6 +483,18 @@ def targets_text(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def verdict(rows: list[dict]) -> tuple[str, int]:
+    """One line saying which targets this run judged and how they fared, and the exit
+    status: 1 when a target it judged failed, else 0 (n/a targets are not judged)."""
+    judged = [t for t in rows if t["pass"] is not None]
+    failed = [t["target"] for t in judged if not t["pass"]]
+    line = (f"judged {len(judged)} of {len(rows)} targets: {len(judged) - len(failed)} "
+            f"passed, {len(failed)} failed, {len(rows) - len(judged)} not judged (n/a)")
+    if failed:
+        line += "; failed: " + "; ".join(failed)
+    return line, int(bool(failed))
+
+
 def cache_text(results: list[dict]) -> str:
     lines = []
     for model in MODELS:
@@ -642,6 +654,8 @@ def main(argv=None) -> int:
     if any(t["pass"] is None for t in rows):
         print("n/a: a target is checked only on the models it names; a full run (no --quick, "
               "no --models) measures them all.")
+    summary, status = verdict(rows)
+    print(summary)
     extra = cache_text(results)
     if extra:
         print()
@@ -651,7 +665,7 @@ def main(argv=None) -> int:
           f"{meta['load_at_start'][0]:.1f}/{meta.get('load_at_end', [0])[0]:.1f} "
           f"on {meta['cpus']} CPUs; results: {json_path}"
           + (f"; chart: {chart_path}" if drew else NO_CHART))
-    return 0
+    return status
 
 
 if __name__ == "__main__":

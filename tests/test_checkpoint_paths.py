@@ -129,6 +129,7 @@ finally:
 EXIT = "results.close(); results.join_thread(); os._exit(0)"  # skip JAX's slow shutdown
 
 
+@pytest.mark.slow
 def test_writers_racing_to_one_path(tmp_path):
     """Without force exactly one wins, the other is told; with force the last one wins.
 

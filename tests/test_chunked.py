@@ -26,10 +26,20 @@ INITS = {
 }
 
 
-@pytest.mark.parametrize("name", list(INITS))
-@pytest.mark.parametrize("make_key", [jax.random.key, jax.random.PRNGKey], ids=["typed", "raw"])
-@pytest.mark.parametrize("shape", [(300, 257), (4, 70, 33)], ids=str)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def _matrix():
+    """Every initializer x key kind x shape x dtype; the whole matrix runs with -m slow,
+    and each initializer once (on one of the combinations, in turn) in the quick run."""
+    keys = [("typed", jax.random.key), ("raw", jax.random.PRNGKey)]
+    shapes, dtypes = [(300, 257), (4, 70, 33)], [("f32", jnp.float32), ("bf16", jnp.bfloat16)]
+    combos = [(k, s, d) for k in keys for s in shapes for d in dtypes]
+    for i, name in enumerate(INITS):
+        for j, ((kid, key), shape, (did, dtype)) in enumerate(combos):
+            marks = () if j == i % len(combos) else (pytest.mark.slow,)
+            yield pytest.param(name, key, shape, dtype, marks=marks,
+                               id=f"{did}-{shape}-{kid}-{name}")
+
+
+@pytest.mark.parametrize(("name", "make_key", "shape", "dtype"), list(_matrix()))
 def test_bit_identical(name, make_key, shape, dtype):
     key = make_key(7)
     fn = lambda k: INITS[name](k, shape, dtype)  # noqa: E731

@@ -64,6 +64,7 @@ def test_example_help_shows_every_default(name, quick, capsys):
     assert ("with --quick)" if quick else "; --quick: ") in " ".join(entries), entries
 
 
+@pytest.mark.slow
 def test_train_digits_quick_reaches_high_test_accuracy(capsys):
     train_digits = load_example("train_digits")
     metrics = train_digits.main(["--quick", "--seed", "0"])
@@ -74,6 +75,7 @@ def test_train_digits_quick_reaches_high_test_accuracy(capsys):
     assert "test accuracy" in out
 
 
+@pytest.mark.slow
 def test_train_digits_nnx_quick_reaches_high_test_accuracy(capsys):
     train_digits_nnx = load_example("train_digits_nnx")
     metrics = train_digits_nnx.main(["--quick", "--seed", "0"])
@@ -84,6 +86,7 @@ def test_train_digits_nnx_quick_reaches_high_test_accuracy(capsys):
     assert "test accuracy" in out
 
 
+@pytest.mark.slow
 def test_train_digits_nnx_initializers_replace_only_the_paths_they_name():
     train_digits_nnx = load_example("train_digits_nnx")
     lenet = train_digits_nnx.LeNet
@@ -102,6 +105,7 @@ def test_train_digits_nnx_initializers_replace_only_the_paths_they_name():
     assert float(np.abs(model.head.kernel[...]).max()) < 0.1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 def test_shard_gpt_quick_holds_a_quarter_per_device_and_starts_at_log_vocab(capsys):
     shard_gpt = load_example("shard_gpt")
@@ -123,6 +127,7 @@ def test_shard_gpt_quick_holds_a_quarter_per_device_and_starts_at_log_vocab(caps
     assert "('model', None)" in out
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 def test_train_lm_quick_loss_falls_and_resume_continues_exactly(tmp_path, capsys):
     train_lm = load_example("train_lm")
@@ -213,6 +218,7 @@ def test_train_lm_resume_with_other_sizes_names_the_flag_to_use(tmp_path):
         train_lm.main(["--quick", "--resume", "--ckpt-dir", str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_finetune_digits_quick_loads_backbone_and_learns_all_digits(tmp_path, capsys):
     finetune = load_example("finetune_digits")
     results = finetune.main(["--quick", "--ckpt-dir", str(tmp_path)])
@@ -370,3 +376,14 @@ def test_benchmark_never_slower_judges_every_model_measured_and_names_the_slower
 def test_benchmark_without_matplotlib_names_the_extra_to_install():
     run = load_benchmark()
     assert 'pip install -e ".[benchmarks]"' in run.NO_CHART
+
+
+def test_benchmark_exits_nonzero_when_a_target_it_judged_fails():
+    run = load_benchmark()
+    rows = [{"target": "a", "pass": True}, {"target": "b", "pass": None},
+            {"target": "c", "pass": False}]
+    line, status = run.verdict(rows)
+    assert status == 1
+    assert line == "judged 2 of 3 targets: 1 passed, 1 failed, 1 not judged (n/a); failed: c"
+    assert run.verdict(rows[:2]) == (
+        "judged 1 of 2 targets: 1 passed, 0 failed, 1 not judged (n/a)", 0)

@@ -5,6 +5,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # fresh processes: run with -m slow
+
 SCRIPT = r"""
 import json
 import flax.linen as nn

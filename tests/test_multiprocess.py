@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # fresh processes: run with -m slow
+
 TIMEOUT_S = 45
 WORKER = Path(__file__).with_name("_multiprocess_worker.py")
 REPO = Path(__file__).resolve().parent.parent

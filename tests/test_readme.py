@@ -131,6 +131,7 @@ def _id(block: Block) -> str:
     return f"{re.sub(r'[^a-z0-9]+', '-', block.heading.lower()).strip('-')}-line{block.line}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block", [b for b in BLOCKS if not b.skip], ids=_id)
 def test_readme_block_runs_as_written(block, tmp_path):
     checks, expected = CHECKS.get(block.heading, ("", []))

@@ -40,6 +40,7 @@ def _flat(name, tree):
     return {f"{name}{jax.tree_util.keystr(p)}": np.asarray(x) for p, x in leaves}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(cases.CASES))
 def test_second_call_equals_fresh_process(name, fresh):
     case = cases.CASES[name]

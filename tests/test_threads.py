@@ -73,6 +73,7 @@ def _patched_functions():
             for point, (owner, name) in _compat._patch_points().items()}
 
 
+@pytest.mark.slow
 def test_threads_materialize_linen_and_nnx_beside_plain_flax():
     """4 threads x 10 calls mixing materialize (Linen and NNX, small leaves and a flat-
     drawn 1.5M-element kernel), plain ``module.init`` and plain NNX construction: each
@@ -150,6 +151,7 @@ class _FailsHalfway(nn.Module):
         raise ValueError("halfway")
 
 
+@pytest.mark.slow
 def test_plain_init_after_threads_equals_a_fresh_process():
     """After threads materialized (half of them failing halfway through the trace), a
     plain ``module.init`` with no flaxlazy call gives what a fresh process gives."""
