@@ -8,6 +8,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from flaxlazy._src import placement
 from flaxlazy._src import sharding as sharding_lib
 from flaxlazy._src.linen import call as linen_call
 from flaxlazy._src.linen.call import DEFAULT_MUTABLE
@@ -83,8 +84,9 @@ def abstract_init(
             "abstract_init", method=method, mutable=mutable,
             capture_intermediates=capture_intermediates,
         )
-        traced = nnx_api.traced(module, args, kwargs, fn="abstract_init",
-                                logical_axis_rules=logical_axis_rules, record=False)
+        with placement.tracing_under(mesh):
+            traced = nnx_api.traced(module, args, kwargs, fn="abstract_init",
+                                    logical_axis_rules=logical_axis_rules, record=False)
         variables = traced.variables
     else:
         rngs, inputs = linen_call.split_rngs_argument(args, kwargs, fn="abstract_init")
@@ -92,7 +94,8 @@ def abstract_init(
             module, rngs, inputs, kwargs, method=method, mutable=mutable, fn="abstract_init",
             init_kwargs=linen_call.init_options(capture_intermediates),
         )
-        variables = linen_call.trace(call, record=False).variables  # shapes only
+        with placement.tracing_under(mesh):
+            variables = linen_call.trace(call, record=False).variables  # shapes only
     if mesh is not None:
         variables = sharding_lib.with_shardings(
             variables, mesh, partition_rules=partition_rules,

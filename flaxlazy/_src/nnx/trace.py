@@ -317,7 +317,7 @@ def trace(call: call_lib.ConstructorCall, *, logical: bool = False, record: bool
             continue
         index = next(counter)
         aval = closed.jaxpr.outvars[index].aval
-        abstract = jax.ShapeDtypeStruct(aval.shape, aval.dtype)
+        abstract = _abstract(aval)
         col, path = state_lib.qualified(state_path, leaf)
         qualified = paths.SEP.join((col,) + path)
         state_lib.insert(variables, col, path, state_lib.box(abstract, variable, logical))
@@ -335,6 +335,16 @@ def trace(call: call_lib.ConstructorCall, *, logical: bool = False, record: bool
         rng_entries.append(tuple(group))
     return Traced(call, variables, records, analysis, found["graphdef"], tuple(entries),
                   tuple(rng_entries), update)
+
+
+def _abstract(aval: Any) -> jax.ShapeDtypeStruct:
+    """A variable's shape and dtype, with the sharding it was created with when that
+    shards something (``out_sharding=`` on an explicit mesh): an annotation of its own."""
+    sharding = getattr(aval, "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if spec is None or all(axis is None for axis in spec):
+        sharding = None
+    return jax.ShapeDtypeStruct(aval.shape, aval.dtype, sharding=sharding)
 
 
 def _record(s: slicing.Slice, col: str, path: tuple[str, ...], abstract: Any,
