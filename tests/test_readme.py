@@ -227,3 +227,10 @@ def test_readme_inspect_transcript_is_what_the_command_prints(monkeypatch):
             assert timing.match(g), g
         else:
             assert g.rstrip() == w.rstrip()
+
+
+def test_readme_lists_every_example():
+    text = README.read_text()
+    listed = text[text.index("## Examples"):text.index("## Tests")]
+    for script in sorted((README.parent / "examples").glob("*.py")):
+        assert f"`examples/{script.name}`" in listed, script.name
