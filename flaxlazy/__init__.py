@@ -4,6 +4,8 @@ Zero-cost shapes with ``abstract_init``, compiled materialization equal to
 ``module.init`` with ``materialize``, and initializer trees keyed by module path.
 """
 
+# Not a public name: registers the self-checks behind _compat.fast_path and chunking_ok.
+from flaxlazy._src import self_checks as _self_checks  # noqa: F401
 from flaxlazy._src.abstract import abstract_init
 from flaxlazy._src.cache import clear_caches
 from flaxlazy._src.checkpoint import save

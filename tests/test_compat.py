@@ -64,3 +64,35 @@ def test_abstract_init_needs_no_self_check(monkeypatch):
     monkeypatch.setattr(_compat, "warn_if_fallback", fail)
     shapes = flaxlazy.abstract_init(Net(), jax.random.key(0), X)
     assert shapes["params"]["Dense_1"]["kernel"].shape == (7, 3)
+
+
+def test_self_checks_register_with_compat_on_import():
+    from flaxlazy._src import self_checks
+
+    assert _compat._SELF_CHECKS == {"fast_path": [self_checks.check_key_derivation],
+                                    "chunking": [self_checks.check_chunked_draw]}
+    _compat.register_self_check("chunking", self_checks.check_chunked_draw)  # once only
+    assert len(_compat._SELF_CHECKS["chunking"]) == 1
+
+
+def test_a_verdict_without_its_checks_is_negative(monkeypatch):
+    monkeypatch.setattr(_compat, "_SELF_CHECKS", {"fast_path": [], "chunking": []})
+    _compat.fast_path.cache_clear()
+    _compat.chunking_ok.cache_clear()
+    try:
+        assert _compat.fast_path() == (False, _compat._UNREGISTERED)
+        assert _compat.chunking_ok() is False
+    finally:
+        monkeypatch.undo()
+        _compat.fast_path.cache_clear()
+        _compat.chunking_ok.cache_clear()
+    assert _compat.fast_path() == (True, "") and _compat.chunking_ok()
+
+
+def test_jaxpr_types_and_call_primitive_names_of_this_jax():
+    closed = jax.make_jaxpr(lambda x: jax.jit(lambda y: y * 2.0)(x) + 1.0)(1.0)
+    assert _compat.is_closed_jaxpr(closed) and _compat.is_jaxpr(closed.jaxpr)
+    assert _compat.is_literal(closed.jaxpr.eqns[-1].invars[1])
+    for wrapped in (jax.jit(jnp.sin), jax.checkpoint(jnp.sin)):
+        names = {eqn.primitive.name for eqn in jax.make_jaxpr(wrapped)(1.0).eqns}
+        assert names <= _compat.CALL_PRIMITIVES, names

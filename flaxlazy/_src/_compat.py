@@ -1,14 +1,41 @@
-"""Every private JAX and Flax API flaxlazy touches, in one place, checked before use.
+"""Every private JAX, Flax and Orbax API flaxlazy touches, in one place, checked before use.
+
+This module imports only JAX, Flax, Orbax and the standard library: nothing of flaxlazy
+(an import-linter contract in ``pyproject.toml`` keeps it a leaf). Public names are used
+wherever JAX offers one (``jax.extend.core`` for the jaxpr types, ``jax.extend.random``
+for the ``threefry2x32`` primitive); ``jax._src`` only where it offers none.
 
 flaxlazy reproduces Flax's parameter values by replaying how Flax derives each key
 (``flax.core.scope._fold_in_static``, ``Scope.param``/``Scope.variable``) and draws large
-leaves in chunks by re-evaluating jaxprs (``jax._src.core``, the ``threefry2x32``
-primitive). None of that is public API, so ``fast_path()`` checks once, on first use,
-that each piece exists and behaves as expected: a key derived the way flaxlazy derives
-it equals Flax's, and a chunked draw equals the whole draw. On a version where a check
-fails, materialization falls back to one compiled run of ``module.init`` (always equal
-to ``jax.jit(module.init)``) and warns once, naming the failed check, rather than risk a
-wrong value.
+leaves in chunks by re-evaluating jaxprs. None of that is public API, so ``fast_path()``
+and ``chunking_ok()`` check once, on first use, that each piece exists and behaves as
+expected: a key derived the way flaxlazy derives it equals Flax's, and a chunked draw
+equals the whole draw. Those checks run flaxlazy's own code, so they live above this
+module (``self_checks.py``) and register here (``register_self_check``). On a version
+where a check fails, materialization falls back to one compiled run of ``module.init``
+(always equal to ``jax.jit(module.init)``) and warns once, naming the failed check,
+rather than risk a wrong value.
+
+Process-wide changes, and threads. Where Flax, JAX or Orbax offer no hook, flaxlazy changes
+process-wide state, and only here, always under one lock (``_PROCESS_LOCK``):
+
+- ``thread_patches`` wraps a few Flax/JAX functions (``Scope.param``, ``jax.vmap``,
+  ``RngStream.__call__``...; the list is ``_patch_points``) while any thread traces a
+  model, and puts the originals back when the last one is done. A wrapper dispatches per
+  thread: only a thread inside a ``thread_patches`` block sees its hooks; every other call
+  runs the original. Caveats: while any thread traces, every thread's calls of those
+  functions pass through the wrapper (one thread-local lookup); a thread started inside a
+  block does not inherit its hooks (what it creates is not recorded, so those variables
+  come from the traced run, with the same values); a reference to a wrapped function
+  taken while it is installed (``from jax import vmap`` in a module first imported during
+  a trace) keeps the wrapper, which then only calls the original; and a function patched
+  again by someone else while wrapped keeps their patch on top of the wrapper.
+- ``orbax_quiet`` installs, once per process and for its lifetime, a logging filter and a
+  ``sys.unraisablehook`` that drop only Orbax's failure noise from the threads of a
+  running ``orbax_quiet`` block (see there); everything else passes through.
+
+Python's cyclic garbage collector is also paused, process-wide, while any thread traces;
+that switch is not a private API and is counted in ``gc_pause.py``.
 
 The supported versions are declared in ``pyproject.toml``; Orbax internals are used by
 ``checkpoint.py`` and ``integrity.py`` only through the ``orbax_*`` functions here.
@@ -18,26 +45,22 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import threading
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.extend.core as jex_core
+from flax.core import scope as flax_scope
+from jax.extend import random as jex_random
+from jax.extend.core import primitives as jex_primitives
 
-try:  # jax internals: jaxpr evaluation and dead-code elimination
+try:  # jax internals without a public name: the trace state, dead-code elimination
     from jax._src import core as _core
     from jax._src.interpreters import partial_eval as _pe
 except ImportError:  # pragma: no cover - depends on the installed jax
     _core = _pe = None
-
-try:  # the raw threefry primitive, for chunked draws
-    from jax._src.random import prng as _prng
-    from jax._src.random.threefry2x32 import threefry2x32_p
-except ImportError:  # pragma: no cover
-    _prng = threefry2x32_p = None
-
-from flax.core import scope as flax_scope
 
 FALLBACK_WARNING = (
     "flaxlazy: this jax {jax} / flax {flax} pair fails flaxlazy's self-check ({reason}). "
@@ -47,6 +70,11 @@ FALLBACK_WARNING = (
     "package metadata."
 )
 
+# Every change this module makes to process-wide state (patches, filters) happens under it.
+_PROCESS_LOCK = threading.Lock()
+
+threefry2x32_p = jex_random.threefry2x32_p  # the raw threefry primitive, for chunked draws
+
 
 # ----------------------------------------------------------------------------- jaxprs
 def aval(x: Any) -> Any:
@@ -55,19 +83,19 @@ def aval(x: Any) -> Any:
 
 
 def eval_jaxpr(jaxpr: Any, consts: list, *args: Any) -> list:
-    return _core.eval_jaxpr(jaxpr, consts, *args)
+    return jax.core.eval_jaxpr(jaxpr, consts, *args)
 
 
 def is_jaxpr(x: Any) -> bool:
-    return isinstance(x, _core.Jaxpr)
+    return isinstance(x, jex_core.Jaxpr)
 
 
 def is_closed_jaxpr(x: Any) -> bool:
-    return isinstance(x, _core.ClosedJaxpr)
+    return isinstance(x, jex_core.ClosedJaxpr)
 
 
 def is_literal(x: Any) -> bool:
-    return isinstance(x, _core.Literal)
+    return isinstance(x, jex_core.Literal)
 
 
 def trace_state_clean() -> bool:
@@ -86,20 +114,20 @@ def literal_value(x: Any) -> Any:
 
 
 def is_dropvar(x: Any) -> bool:
-    return isinstance(x, _core.DropVar)
+    return isinstance(x, jex_core.DropVar)
 
 
 def new_closed_jaxpr(
     constvars: list, consts: list, invars: list, outvars: list, eqns: list
 ) -> Any:
     """A ``ClosedJaxpr`` assembled from parts of another jaxpr (vars shared with it)."""
-    effects = _core.join_effects(*(eqn.effects for eqn in eqns)) if eqns else frozenset()
-    info = _core.DebugInfo(
+    effects = set().union(*(eqn.effects for eqn in eqns)) if eqns else frozenset()
+    info = jex_core.DebugInfo(
         "flaxlazy", "a slice of a traced constructor", tuple(f"in{i}" for i in range(len(invars))),
         tuple(f"out{i}" for i in range(len(outvars))),
     )
-    jaxpr = _core.Jaxpr(constvars, invars, outvars, eqns, effects, info)
-    return _core.ClosedJaxpr(jaxpr, consts)
+    jaxpr = jex_core.Jaxpr(constvars, invars, outvars, eqns, effects, info)
+    return jex_core.ClosedJaxpr(jaxpr, consts)
 
 
 def key_impl(dtype: Any) -> Any:
@@ -117,7 +145,18 @@ def dce_jaxpr(jaxpr: Any, used_outputs: list[bool]) -> tuple[Any, list[bool]]:
 
 
 def uint_dtype(bit_width: int) -> Any:
-    return _prng.UINT_DTYPES[bit_width]
+    """The unsigned dtype ``jax.random.bits`` returns for ``bit_width`` (``jnp.uint8``...)."""
+    return getattr(jax.numpy, f"uint{bit_width}")
+
+
+# Primitives that call a sub-jaxpr. Their names change across jax versions (``pjit``
+# became ``jit``, ``checkpoint`` became ``remat2``): this version's names, read off
+# ``jax.extend``, and the older ones.
+CALL_PRIMITIVES = frozenset(
+    {p.name for p in (jex_primitives.jit_p, jex_primitives.closed_call_p,
+                      jex_primitives.call_p, jex_primitives.remat_p)}
+    | {"pjit", "core_call", "remat", "checkpoint"}
+)
 
 
 # ------------------------------------------------------------------------------ flax
@@ -165,10 +204,8 @@ def nnx_sharding_rules(variable: Any) -> Any:
 
 # -------------------------------------------------------------------- thread patches
 # Flax offers no hook where a Linen variable is created or an NNX stream hands out a
-# key, so flaxlazy wraps a few functions while it traces. A wrapper is installed while
-# any thread traces and removed when the last one is done, and it dispatches per thread:
-# only the thread that asked for a hook sees it; every other thread, and every plain
-# Flax or JAX call, runs the original.
+# key, so flaxlazy wraps a few functions while it traces: installed while any thread
+# traces, dispatching per thread (how, and the caveats: the module docstring).
 def _patch_points() -> dict[str, tuple[Any, str]]:
     from flax.core import spmd
     from flax.nnx import rnglib
@@ -189,7 +226,6 @@ def _patch_points() -> dict[str, tuple[Any, str]]:
 
 
 _MISSING = object()
-_PATCH_LOCK = threading.Lock()
 _PATCH_USERS = [0]  # threads inside ``thread_patches`` right now
 _INSTALLED: dict[str, tuple[Any, str, Any, Any]] = {}  # point -> owner, name, was, wrapper
 _HOOKS = threading.local()  # .stack: this thread's hook tables, innermost last
@@ -265,7 +301,7 @@ def thread_patches(hooks: dict[str, Any]):
     unknown = set(hooks) - _patch_points().keys()
     if unknown:
         raise ValueError(f"unknown patch points {sorted(unknown)}")
-    with _PATCH_LOCK:
+    with _PROCESS_LOCK:
         if _PATCH_USERS[0] == 0:
             _install()
         _PATCH_USERS[0] += 1
@@ -275,7 +311,7 @@ def thread_patches(hooks: dict[str, Any]):
         yield
     finally:
         stack.pop()
-        with _PATCH_LOCK:
+        with _PROCESS_LOCK:
             _PATCH_USERS[0] -= 1
             if _PATCH_USERS[0] == 0:
                 _uninstall()
@@ -324,7 +360,6 @@ def orbax_tensorstore_utils() -> Any:
 # and threads started while it runs); the unraisable filter drops only that
 # closed-loop error, raised in a callback from native code, once an ``orbax_quiet``
 # block is running or has failed. Everything else passes through unchanged.
-_QUIET_LOCK = threading.Lock()
 _QUIET_BLOCKS: dict[int, tuple[int, frozenset]] = {}  # id -> (owner thread, threads before)
 _QUIET_FAILED = [False]
 
@@ -391,7 +426,7 @@ def orbax_quiet():
       ...   pass
     """
     key = object()
-    with _QUIET_LOCK:
+    with _PROCESS_LOCK:
         _install_quiet_filters()
         before = frozenset(t.ident for t in threading.enumerate())
         _QUIET_BLOCKS[id(key)] = (threading.get_ident(), before)
@@ -401,7 +436,7 @@ def orbax_quiet():
         _QUIET_FAILED[0] = True
         raise
     finally:
-        with _QUIET_LOCK:
+        with _PROCESS_LOCK:
             del _QUIET_BLOCKS[id(key)]
 
 
@@ -410,29 +445,32 @@ def orbax_threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if type(t).__module__.startswith("orbax.")}
 
 
-# ------------------------------------------------------------------------ self-check
-def _check_key_derivation() -> None:
-    # Compared as traced programs (no compilation): Flax must fold exactly the uint32
-    # that recorder.static_hash computes into the key, with the same primitive.
-    import numpy as np
+# ----------------------------------------------------------------------- self-checks
+# The checks that run flaxlazy's own code (its key hash, its chunked draws) live in
+# ``self_checks.py``, above this module, and register here when it is imported
+# (``flaxlazy/__init__.py`` imports it). A verdict without its checks is negative.
+_SELF_CHECKS: dict[str, list[Callable[[], None]]] = {"fast_path": [], "chunking": []}
 
-    from flaxlazy._src import programs
-    from flaxlazy._src.linen import recorder
 
-    spec = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-    for data in (("params", "Dense_0", "kernel"), ("Block_3", 7, "x" * 40, 2**40)):
-        ours = programs.trace(
-            lambda k, d=data: jax.random.fold_in(k, np.uint32(recorder.static_hash(d))), spec
-        )
-        theirs = programs.trace(lambda k, d=data: flax_scope._fold_in_static(k, d), spec)
-        if ours.key is None or ours.key != theirs.key:
-            raise AssertionError("Flax derives parameter keys differently")
-    for name in ("param", "variable", "has_variable", "is_mutable_collection"):
-        if not hasattr(flax_scope.Scope, name):
-            raise AssertionError(f"flax Scope has no {name!r}")
-    params = inspect.signature(flax_scope.Scope.param).parameters
-    if "init_fn" not in params or "unbox" not in params:
-        raise AssertionError("Scope.param has another signature")
+def register_self_check(verdict: str, check: Callable[[], None]) -> None:
+    """Adds ``check`` to the checks behind ``fast_path()`` or ``chunking_ok()``.
+
+    Args:
+      verdict: ``"fast_path"`` (replaying Flax's key derivation) or ``"chunking"``
+        (chunked draws bit-identical to whole draws).
+      check: called with no arguments; raises (any exception) where flaxlazy's code
+        disagrees with the installed JAX/Flax. Registering the same check again does
+        nothing. Verdicts already computed are cached (``fast_path.cache_clear()``).
+
+    Examples:
+      >>> sorted(_SELF_CHECKS)
+      ['chunking', 'fast_path']
+      >>> [check.__name__ for check in _SELF_CHECKS["fast_path"]]
+      ['check_key_derivation']
+    """
+    checks = _SELF_CHECKS[verdict]
+    if check not in checks:
+        checks.append(check)
 
 
 def _check_jaxpr_tools() -> None:
@@ -446,14 +484,19 @@ def _check_jaxpr_tools() -> None:
         raise AssertionError("dce_jaxpr behaves differently")
 
 
+_UNREGISTERED = "no self-check registered (flaxlazy._src.self_checks was not imported)"
+
+
 @functools.cache
 def fast_path() -> tuple[bool, str]:
     """``(True, "")`` when the replay fast path is sound here, else ``(False, reason)``."""
-    for check in (_check_jaxpr_tools, _check_key_derivation):
+    for check in (_check_jaxpr_tools, *_SELF_CHECKS["fast_path"]):
         try:
             check()
         except Exception as e:  # noqa: BLE001 - any failure means "don't trust it"
             return False, f"{check.__name__.lstrip('_')}: {type(e).__name__}: {e}"
+    if not _SELF_CHECKS["fast_path"]:
+        return False, _UNREGISTERED
     return True, ""
 
 
@@ -481,18 +524,12 @@ def _flax_version() -> str:
 @functools.cache
 def chunking_ok() -> bool:
     """Whether chunked draws are bit-identical to whole draws here (checked once)."""
-    if threefry2x32_p is None or _prng is None:
+    checks = _SELF_CHECKS["chunking"]
+    if not checks:
         return False
-    from flaxlazy._src import chunked
-
     try:
-        init = jax.nn.initializers.lecun_normal()
-        shape = (64, 33)
-        spec = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-        draw = chunked.chunked(lambda k: init(k, shape), spec, shape, jax.numpy.float32,
-                               chunk=256)
-        key = jax.random.key(11)
-        whole = jax.jit(lambda k: init(k, shape))(key)
-        return bool((jax.jit(draw)(key) == whole).all())
+        for check in checks:
+            check()
     except Exception:  # noqa: BLE001 - any failure means "draw whole"
         return False
+    return True
