@@ -53,13 +53,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from flax.core import meta
 
 from flaxlazy._src import _compat
 from flaxlazy._src import checkpoint_paths
 from flaxlazy._src import integrity
 from flaxlazy._src import paths
-from flaxlazy._src.nnx import state as nnx_state
 
 _ORBAX_FILES = ("manifest.ocdbt", "_CHECKPOINT_METADATA", "commit_success.txt", "d")
 
@@ -162,6 +162,20 @@ def _barrier(ocp: Any, name: str) -> None:
         ocp.multihost.sync_global_processes(f"flaxlazy_save_{next(_SAVE_BARRIERS)}_{name}")
 
 
+def nnx_object(tree: Any) -> bool:
+    """Whether ``tree`` is an NNX object (a module, an optimizer), which ``save`` writes
+    and ``restore`` reads as its ``nnx.state``, as Flax NNX checkpoints one; an
+    ``nnx.State`` is a tree like any other.
+
+    Examples:
+      >>> from flax import nnx
+      >>> model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+      >>> nnx_object(model), nnx_object(nnx.state(model)), nnx_object({"w": 1})
+      (True, False, False)
+    """
+    return isinstance(tree, nnx.Pytree) and not isinstance(tree, nnx.State)
+
+
 def save(path: str | os.PathLike, tree: Any, *, force: bool = False) -> None:
     """Writes a pytree of arrays to an Orbax checkpoint directory, blocking until done.
 
@@ -222,8 +236,8 @@ def save(path: str | os.PathLike, tree: Any, *, force: bool = False) -> None:
     """
     ocp = _orbax()
     path = checkpoint_paths.target(path)
-    if nnx_state.is_nnx(tree):
-        tree = nnx_state.state_of(tree)  # saved as Flax NNX saves: nnx.state(model)
+    if nnx_object(tree):
+        tree = nnx.state(tree)  # saved as Flax NNX saves: nnx.state(model)
     tree = meta.unbox(tree)
     flat, _ = paths.flatten(tree)
     if not flat:

@@ -22,7 +22,6 @@ from flaxlazy._src import _compat
 from flaxlazy._src import checkpoint
 from flaxlazy._src import paths
 from flaxlazy._src import warn
-from flaxlazy._src.nnx import state as nnx_state
 
 UNCONSUMED = (
     "from_checkpoint({path!r}): {n} checkpoint entr{ies} under {where} not used by the "
@@ -233,7 +232,7 @@ def restore(path: str | os.PathLike, target: Any) -> Any:
       Traceback (most recent call last):
       TypeError: restore: target leaf 'w' is 3 (int), not an array or jax.ShapeDtypeStruct...
     """
-    if nnx_state.is_nnx(target) and not isinstance(target, nnx.State):
+    if checkpoint.nnx_object(target):
         graphdef, state = nnx.split(target)  # shared variables appear once in ``state``
         return nnx.merge(graphdef, restore(path, state))
     leaves, treedef = jax.tree_util.tree_flatten_with_path(
