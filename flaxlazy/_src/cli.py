@@ -279,13 +279,13 @@ def with_rngs(ctor: Any, args: tuple, kwargs: dict, streams: list[str] | None) -
 
 
 def _optimizer(text: str | None, target_module: Any) -> Any:
-    from flaxlazy._src import inspect_report
+    from flaxlazy._src import inspect_options
 
-    if text is None or text in inspect_report.OPTIMIZERS:
+    if text is None or text in inspect_options.OPTIMIZERS:
         return text
     if ":" not in text and not hasattr(target_module, text):
         raise UsageError(f"--optimizer {text!r}: expected one of "
-                         f"{', '.join(inspect_report.OPTIMIZERS)}, or MODULE:NAME / "
+                         f"{', '.join(inspect_options.OPTIMIZERS)}, or MODULE:NAME / "
                          "FILE.py:NAME of an optax transformation.")
     tx = resolve(text, "--optimizer", target_module)
     import optax
@@ -329,17 +329,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> Any:
-    """The ``inspect_report.Report`` for parsed ``args``: options checked first, then the
+    """The ``flaxlazy.Report`` for parsed ``args``: options checked first, then the
     target's code (importing, the factory, the constructor) run."""
     import jax
 
+    from flaxlazy._src import inspect_options
     from flaxlazy._src import inspect_report
 
     mesh = cli_args.parse_mesh(args.mesh) if args.mesh is not None else None
     memory = (cli_args.parse_size(args.device_memory, "--device-memory")
               if args.device_memory is not None else None)
     try:
-        _ = args.dtype is not None and inspect_report.cast_dtype(args.dtype)
+        _ = args.dtype is not None and inspect_options.cast_dtype(args.dtype)
     except (TypeError, ValueError) as e:
         raise UsageError(f"--dtype: {e}") from None
     inputs, kwargs = cli_args.parse_inputs(args.input)

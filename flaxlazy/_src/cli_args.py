@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from flaxlazy._src import inspect_report
+from flaxlazy._src import inspect_options
 
 PROG = "flaxlazy"
 DESCRIPTION = (
@@ -46,7 +46,7 @@ EPILOG = (
     "--mesh data=2,model=4 --rules GPT_RULES --optimizer adamw (NNX)"
 )
 MESH_FORM = "expected NAME=SIZE pairs separated by commas, such as data=2,model=4"
-MAX_DEVICES = inspect_report.MAX_DEVICES
+MAX_DEVICES = inspect_options.MAX_DEVICES
 ARG_HELP = (
     "a constructor argument, in order; repeatable; replaces the positional "
     "arguments the factory returns. VALUE is a Python literal (12, 0.1, True, None, "
@@ -210,7 +210,7 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 
 def parse_size(text: str, flag: str) -> int:
-    """Bytes from a positive size such as ``80GiB`` (``inspect_report.parse_bytes``).
+    """Bytes from a positive size such as ``80GiB`` (``inspect_options.parse_bytes``).
 
     Examples:
       >>> parse_size("1KiB", "--device-memory")
@@ -220,13 +220,11 @@ def parse_size(text: str, flag: str) -> int:
       ...
       flaxlazy._src.cli_args.UsageError: --device-memory '-1GiB': a negative size; ...
     """
-    from flaxlazy._src import inspect_report
-
     if text.strip().startswith("-"):
         raise UsageError(f"{flag} {text!r}: a negative size; expected one device's memory, "
                          "a positive size such as 80GiB or 16GB.")
     try:
-        size = inspect_report.parse_bytes(text)
+        size = inspect_options.parse_bytes(text)
     except (TypeError, ValueError) as e:
         raise UsageError(f"{flag}: {e}") from None
     if size < 1:

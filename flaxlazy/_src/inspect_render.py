@@ -128,13 +128,13 @@ class ProblemGroup(NamedTuple):
 
 
 def group_problems(problems: Iterable[Any], paths: Iterable[str]) -> list[ProblemGroup]:
-    """``problems`` (``inspect_report.Problem``), one group per distinct problem, in order.
+    """``problems`` (``report_types.Problem``), one group per distinct problem, in order.
 
     Two problems are the same where their kind and message are, once the first leaf path
     of ``paths`` each names (with the type after it) is left out.
 
     Examples:
-      >>> from flaxlazy._src.inspect_report import Problem
+      >>> from flaxlazy._src.report_types import Problem
       >>> found = [Problem("bad_spec", f"rule gives {p!r} (f32[4]) the spec P('x'), but ...")
       ...          for p in ("a/w", "b/w", "c/w")] + [Problem("unused_rule", "no match")]
       >>> [(g.problem.message[:16], g.others) for g in group_problems(found, ["a/w", "b/w"])]
@@ -160,7 +160,7 @@ def problem_text(group: ProblemGroup) -> str:
     """The first problem's message, and the other leaves the same problem stops.
 
     Examples:
-      >>> from flaxlazy._src.inspect_report import Problem
+      >>> from flaxlazy._src.report_types import Problem
       >>> problem_text(ProblemGroup(Problem("bad_spec", "'a' ... fails."), ("b", "c")))
       "'a' ... fails. The same for 2 more leaves: 'b', 'c'."
     """

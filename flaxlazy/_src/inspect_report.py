@@ -13,170 +13,53 @@ divide), the report keeps that exact message, counts the leaf as replicated and 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import math
-import re
 import time
 from collections.abc import Callable
-from collections.abc import Mapping
 from typing import Any
-from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import AbstractMesh
-from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
 from flaxlazy._src import initializer_names
-from flaxlazy._src import inspect_render
 from flaxlazy._src import paths
 from flaxlazy._src import plan as plan_lib
 from flaxlazy._src import rules as rules_lib
 from flaxlazy._src import sharding as sharding_lib
 from flaxlazy._src import sharding_checks
-from flaxlazy._src import specs as specs_lib
 from flaxlazy._src import summary as summary_lib
 from flaxlazy._src import train_state as train_state_lib
+from flaxlazy._src.inspect_options import BAD_OPTIMIZER
+from flaxlazy._src.inspect_options import OPTIMIZERS
+from flaxlazy._src.inspect_options import as_mesh
+from flaxlazy._src.inspect_options import cast_dtype
+from flaxlazy._src.inspect_options import parse_bytes
 from flaxlazy._src.linen import call as linen_call
 from flaxlazy._src.nnx import api as nnx_api
 from flaxlazy._src.nnx import call as nnx_call
 from flaxlazy._src.nnx import optimizer as nnx_optimizer
 from flaxlazy._src.nnx import trace as nnx_trace
+from flaxlazy._src.report_types import BAD_SPEC
+from flaxlazy._src.report_types import FAIL_MARK
+from flaxlazy._src.report_types import LINEN
+from flaxlazy._src.report_types import NNX
+from flaxlazy._src.report_types import OPTIMIZER
+from flaxlazy._src.report_types import STEP
+from flaxlazy._src.report_types import UNCOVERED
+from flaxlazy._src.report_types import UNUSED_RULE
+from flaxlazy._src.report_types import LeafReport
+from flaxlazy._src.report_types import Problem
+from flaxlazy._src.report_types import Report
 from flaxlazy._src.sources import compiled
 
 OPT_STATE = train_state_lib.OPT_STATE
-STEP = "step"
-# Sources beyond the plan's (``plan.FLAX``...): optimizer state and the train step.
-OPTIMIZER = "optimizer"
-
-# Problems: what makes ``--strict`` fail.
-UNUSED_RULE = "unused_rule"
-UNCOVERED = sharding_lib.PROBLEM_UNCOVERED
-BAD_SPEC = sharding_lib.PROBLEM_BAD_SPEC
-DOES_NOT_FIT = "does_not_fit"
-
-LINEN, NNX = "linen", "nnx"
-FAIL_MARK = "!"  # materialize would stop on this leaf; counted as replicated
 _MARKS = {sharding_lib.FAILED: FAIL_MARK, sharding_lib.DEFAULT: summary_lib.DEFAULT_MARK}
-OPTIMIZERS = {
-    "adamw": lambda: optax.adamw(1e-3),
-    "adam": lambda: optax.adam(1e-3),
-    "sgd": lambda: optax.sgd(1e-3),
-    "adafactor": lambda: optax.adafactor(1e-3),
-    "lion": lambda: optax.lion(1e-4),
-}
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
-          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
-          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
-BAD_BYTES = (
-    "`device_memory` {value!r} is not a size: write a number with a unit, e.g. '80GiB', "
-    "'16 GiB', '80GB' (10**9 bytes) or '512MiB' (K, M, G, T alone are KiB, MiB, GiB, TiB)."
-)
-BAD_OPTIMIZER = (
-    "`optimizer` {value!r}: expected an optax.GradientTransformation or one of {names}."
-)
-
-
-class Problem(NamedTuple):
-    """Something ``materialize`` would stop on, or a layout that does not fit.
-
-    Attributes:
-      kind: ``"unused_rule"``, ``"uncovered"``, ``"bad_spec"`` or ``"does_not_fit"``.
-      message: the message, exactly as ``materialize`` / ``init_train_state`` raise it.
-    """
-
-    kind: str
-    message: str
-
-
-class LeafReport(NamedTuple):
-    """One leaf of the report.
-
-    Attributes:
-      path: the collection-qualified path (``"params/Dense_0/kernel"``,
-        ``"opt_state/0/mu/Dense_0/kernel"``, ``"step"``).
-      shape: its shape.
-      dtype: its dtype name (after ``dtype=``'s cast).
-      source: where its value comes from: ``"flax"`` (the module's own initializer),
-        ``"initializer"`` (an override), ``"array"``, ``"checkpoint"``, ``"traced"``
-        (one compiled run of ``module.init``, or of the NNX constructor), ``"optimizer"``
-        (``tx.init``) or ``"step"``.
-      init: the initializer by name where known (``"lecun_normal"``; for NNX, read off
-        the traced constructor: ``"zeros"``, ``"truncated_normal (params stream)"``), or
-        what gives the value (``"tx.init"``, the checkpoint entry...).
-      spec: its ``PartitionSpec``, or None without a mesh.
-      count: its number of elements.
-      nbytes: its global bytes.
-      per_device: the bytes each device holds.
-      mark: ``""``, ``"*"`` (replicated: no rule or annotation covers it) or ``"!"``
-        (``materialize`` would stop on it, see the problems; counted as replicated).
-    """
-
-    path: str
-    shape: tuple[int, ...]
-    dtype: str
-    source: str
-    init: str
-    spec: PartitionSpec | None
-    count: int
-    nbytes: int
-    per_device: int
-    mark: str = ""
-
-
-def parse_bytes(value: str | int) -> int:
-    """Bytes from a size such as ``"80GiB"``, ``"16 GB"`` or ``"512M"`` (an int is bytes).
-
-    Examples:
-      >>> parse_bytes("80GiB") == 80 * 2**30, parse_bytes("1.5 GB"), parse_bytes("2k")
-      (True, 1500000000, 2048)
-    """
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return int(value)
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
-    unit = match and match.group(2).lower()
-    if not match or unit not in _UNITS:
-        raise ValueError(BAD_BYTES.format(value=value))
-    return int(float(match.group(1)) * _UNITS[unit])
-
-
-# JAX counts a mesh's devices in a C++ int: beyond it, "RuntimeError: std::bad_cast".
-MAX_DEVICES = 2**31 - 1
-
-
-def as_mesh(mesh: Any) -> Mesh | AbstractMesh | None:
-    """A ``Mesh`` or ``AbstractMesh`` as it is, or ``{"data": 2, "model": 4}`` as an AbstractMesh.
-
-    Examples:
-      >>> as_mesh({"data": 2, "model": 4}).shape
-      OrderedDict([('data', 2), ('model', 4)])
-    """
-    if mesh is None or isinstance(mesh, (Mesh, AbstractMesh)):
-        return mesh
-    if isinstance(mesh, Mapping) and mesh and all(
-        isinstance(k, str) and isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-        and v > 0 for k, v in mesh.items()
-    ):
-        if math.prod(int(v) for v in mesh.values()) > MAX_DEVICES:
-            raise ValueError(
-                f"`mesh` {dict(mesh)!r} has {math.prod(int(v) for v in mesh.values()):,} "
-                f"devices; JAX counts at most {MAX_DEVICES:,}. Give smaller axis sizes."
-            )
-        return AbstractMesh(tuple(int(v) for v in mesh.values()), tuple(mesh))
-    if isinstance(mesh, Mapping):
-        raise TypeError(
-            f"`mesh` {dict(mesh)!r}: a mapping must give each axis name (str) a positive "
-            "int size, e.g. {'data': 2, 'model': 4}."
-        )
-    sharding_lib.check_mesh(mesh)  # raises, naming what was given
-    raise AssertionError("unreachable")
 
 
 def optimizer_for(optimizer: Any) -> tuple[optax.GradientTransformation, str]:
@@ -187,20 +70,6 @@ def optimizer_for(optimizer: Any) -> tuple[optax.GradientTransformation, str]:
         return OPTIMIZERS[optimizer](), optimizer
     train_state_lib.check_tx(optimizer, fn="inspect")
     return optimizer, "optax transformation"
-
-
-def cast_dtype(dtype: Any) -> Any:
-    found = specs_lib._dtype_from_name(dtype) if isinstance(dtype, str) else dtype
-    try:
-        found = np.dtype(found) if found is not None else None
-    except TypeError:
-        found = None
-    if found is None or not jax.numpy.issubdtype(found, jax.numpy.floating):
-        raise TypeError(
-            f"`dtype` {dtype!r} is not a floating dtype: parameters are cast to it for a "
-            "what-if, so give one such as 'bf16', 'f16' or 'f32'."
-        )
-    return found
 
 
 def _fmt(shape: tuple[int, ...], dtype: Any) -> str:
@@ -260,159 +129,6 @@ def _compiles(plan: plan_lib.Plan, optimizer: bool, rngs_update: bool = False
     if optimizer:  # init_train_state: one jit of tx.init, whatever the state holds
         out["optimizer_init"] = 1
     return out
-
-
-def _module_key(path: str, depth: int, params: dict[str, str]) -> str:
-    """The module subtree a leaf counts toward: ``depth`` module segments of its path."""
-    parts = path.split(paths.SEP)
-    if parts[0] == OPT_STATE:  # attributed to the parameter it mirrors, by path suffix
-        for i in range(1, len(parts)):
-            if paths.SEP.join(parts[i:]) in params:
-                parts = params[paths.SEP.join(parts[i:])].split(paths.SEP)
-                break
-        else:
-            return "(optimizer state, shared)"
-    if len(parts) == 1:
-        return f"({parts[0]})"
-    modules = parts[1:-1][:depth]
-    return paths.SEP.join(modules) if modules else f"({parts[0]}, top level)"
-
-
-@dataclasses.dataclass(frozen=True)
-class Report:
-    """What ``materialize`` (or ``init_train_state``) would create, where, and at what cost.
-
-    ``str(report)`` is the aligned text table; ``report.to_json()`` the same as JSON. All
-    byte counts are exact for the given mesh: every device holds ``per_device`` bytes
-    (shards of a ``NamedSharding`` over evenly divided dimensions are all the same size).
-
-    Attributes:
-      model: the module's class name (NNX: the constructor's class or function name).
-      inputs: the abstract inputs, e.g. ``("int32[8,2048]",)``.
-      mesh: ``((axis, size), ...)``, or None (one device).
-      optimizer: the optimizer's name, or None.
-      dtype: the what-if dtype of floating parameters, or None.
-      leaves: one ``LeafReport`` per leaf, in tree order.
-      compiles: the functions a cold ``materialize`` compiles, by kind (see ``compiles_total``).
-      problems: what ``materialize`` would stop on (``Problem``), in the order it checks.
-      device_memory: the memory of one device in bytes, or None.
-      seconds: the wall time of the inspection.
-      target: what the command was pointed at (``"examples/factories.py:llama7b"``), or None.
-      top: how many of the largest leaves the text lists (None: all when there are at
-        most 40, else 10).
-      depth: per-module subtotals to this depth in the text and JSON (None: none).
-      framework: ``"linen"`` or ``"nnx"``.
-    """
-
-    model: str
-    inputs: tuple[str, ...]
-    mesh: tuple[tuple[str, int], ...] | None
-    optimizer: str | None
-    dtype: str | None
-    leaves: tuple[LeafReport, ...]
-    compiles: Mapping[str, int]
-    problems: tuple[Problem, ...]
-    device_memory: int | None
-    seconds: float
-    target: str | None = None
-    top: int | None = None
-    depth: int | None = None
-    framework: str = LINEN
-
-    @property
-    def devices(self) -> int:
-        """The number of devices the variables are laid out on."""
-        return math.prod(size for _, size in self.mesh) if self.mesh else 1
-
-    @property
-    def total_bytes(self) -> int:
-        """The global bytes of every leaf (each array counted once)."""
-        return sum(leaf.nbytes for leaf in self.leaves)
-
-    @property
-    def per_device(self) -> int:
-        """The bytes each device holds (the largest per-device load)."""
-        return sum(leaf.per_device for leaf in self.leaves)
-
-    @property
-    def optimizer_bytes(self) -> int:
-        """The global bytes of the optimizer state."""
-        return sum(leaf.nbytes for leaf in self.leaves if leaf.source == OPTIMIZER)
-
-    @property
-    def compiles_total(self) -> int:
-        """How many functions a cold ``materialize`` (and ``tx.init``) compiles."""
-        return sum(self.compiles.values())
-
-    @property
-    def fits(self) -> bool | None:
-        """Whether ``per_device`` fits in ``device_memory`` (None when not given)."""
-        return None if self.device_memory is None else self.per_device <= self.device_memory
-
-    def largest(self, n: int) -> list[LeafReport]:
-        """The ``n`` leaves taking most bytes on each device."""
-        return sorted(self.leaves, key=lambda leaf: (-leaf.per_device, leaf.path))[:n]
-
-    def failures(self) -> list[Problem]:
-        """Every problem, plus "does not fit": what makes ``--strict`` fail."""
-        out = list(self.problems)
-        if self.fits is False:
-            big = ", ".join(f"{leaf.path!r} ({summary_lib.format_bytes(leaf.per_device)})"
-                            for leaf in self.largest(3))
-            out.append(Problem(DOES_NOT_FIT, (
-                f"does not fit: {'each device' if self.devices > 1 else 'the device'} needs "
-                f"{summary_lib.format_bytes(self.per_device)} but has "
-                f"{summary_lib.format_bytes(self.device_memory)} (short by "
-                f"{summary_lib.format_bytes(self.per_device - self.device_memory)}); its "
-                f"largest leaves: {big}."
-            )))
-        return out
-
-    def collections(self) -> dict[str, tuple[int, int, int, int]]:
-        """``{collection: (leaves, elements, bytes, per-device bytes)}``, then ``"total"``."""
-        out: dict[str, tuple[int, int, int, int]] = {}
-        for leaf in self.leaves:
-            group = leaf.path.split(paths.SEP, 1)[0]
-            n, c, b, d = out.get(group, (0, 0, 0, 0))
-            out[group] = (n + 1, c + leaf.count, b + leaf.nbytes, d + leaf.per_device)
-        out["total"] = tuple(sum(v[i] for v in out.values()) for i in range(4))
-        return out
-
-    def modules(self, depth: int) -> dict[str, tuple[int, int, int, int]]:
-        """``{module: (elements, variable bytes, optimizer bytes, per-device bytes)}``.
-
-        A module is the first ``depth`` segments of a leaf's path inside its collection;
-        an optimizer-state leaf counts toward the parameter whose path it ends with.
-        """
-        params = {}
-        for leaf in self.leaves:
-            col, _, inner = leaf.path.partition(paths.SEP)
-            if col == paths.PARAMS:
-                params[inner] = leaf.path
-        out: dict[str, tuple[int, int, int, int]] = {}
-        for leaf in self.leaves:
-            key = _module_key(leaf.path, depth, params)
-            c, b, o, d = out.get(key, (0, 0, 0, 0))
-            opt = leaf.source == OPTIMIZER
-            out[key] = (c + (0 if opt else leaf.count), b + (0 if opt else leaf.nbytes),
-                        o + (leaf.nbytes if opt else 0), d + leaf.per_device)
-        return dict(sorted(out.items(), key=lambda kv: (kv[0].startswith("("),
-                                                        summary_lib._natural(kv[0]))))
-
-    def to_dict(self) -> dict[str, Any]:
-        """The report as plain JSON-ready data (see ``to_json``)."""
-        return inspect_render.report_dict(self)
-
-    def to_json(self, indent: int | None = 2) -> str:
-        """The report as a JSON string."""
-        return json.dumps(self.to_dict(), indent=indent)
-
-    def render(self, *, color: bool = False) -> str:
-        """The report as aligned text; ``color`` adds ANSI colors (for a terminal)."""
-        return inspect_render.report_text(self, color=color)
-
-    def __str__(self) -> str:
-        return self.render()
 
 
 def inspect(
