@@ -1,10 +1,10 @@
-"""Executing a plan: each source kind creates its leaves, placed where the plan says.
+"""Executing a plan: each source creates its leaves, placed where the plan says.
 
 The engine is framework-free: a plan from either entrance (Linen, NNX) is executed the
-same way. It groups the plan's leaves by source kind and hands each group to that
-kind's module in ``sources`` (``execute(plan, indices, context)``): compiled
-initializers for the module's own and overriding initializers, placement for arrays,
-batched reads for checkpoints, and one compiled, pruned run for the traced fallback.
+same way. It goes through ``sources.registry`` in order and hands each source the plan's
+leaves of its kind (``Source.execute(plan, indices, context)``): compiled initializers
+for the module's own and overriding initializers, placement for arrays, batched reads for
+checkpoints, and one compiled, pruned run for the traced fallback.
 """
 
 from __future__ import annotations
@@ -16,20 +16,8 @@ import jax
 
 from flaxlazy._src import paths
 from flaxlazy._src import plan as plan_lib
-from flaxlazy._src.sources import array
-from flaxlazy._src.sources import compiled
-from flaxlazy._src.sources import from_checkpoint
 from flaxlazy._src.sources import kinds
-from flaxlazy._src.sources import traced
-
-# Each source kind and the module that executes it, in execution order.
-_EXECUTORS = (
-    (kinds.FLAX, compiled),
-    (kinds.INITIALIZER, compiled),
-    (kinds.ARRAY, array),
-    (kinds.CHECKPOINT, from_checkpoint),
-    (kinds.TRACED, traced),
-)
+from flaxlazy._src.sources import registry
 
 
 def execute(plan: plan_lib.Plan, rngs: Any, inputs: Sequence[Any]) -> Any:
@@ -47,10 +35,10 @@ def execute(plan: plan_lib.Plan, rngs: Any, inputs: Sequence[Any]) -> Any:
     """
     context = kinds.Context(rngs, plan.traced.roots(rngs), list(inputs))
     values: list[Any] = [None] * len(plan.leaves)
-    for kind, executor in _EXECUTORS:
-        indices = [i for i, leaf in enumerate(plan.leaves) if leaf.source == kind]
+    for source in registry.SOURCES:
+        indices = [i for i, leaf in enumerate(plan.leaves) if leaf.source == source.kind]
         if indices:
-            for i, value in executor.execute(plan, indices, context).items():
+            for i, value in source.execute(plan, indices, context).items():
                 values[i] = value
     boxed = [
         box.replace_boxed(v) if paths.is_box(box) else v

@@ -1,6 +1,6 @@
-"""Each plan leaf's initializer in words, for reports: `lecun_normal`, `override ...`.
-
-The naming of initializers and recorded programs themselves is ``naming``.
+"""Each plan leaf's origin in words, for reports: ``lecun_normal``, ``override ...``,
+``checkpoint params/Dense_0/kernel``: the leaf's source describes it
+(``Source.describe``). The naming of initializers themselves is ``naming``.
 """
 
 from __future__ import annotations
@@ -10,8 +10,10 @@ from typing import Any
 from flaxlazy._src import paths
 from flaxlazy._src import plan as plan_lib
 from flaxlazy._src import rules as rules_lib
-from flaxlazy._src.naming import initializer_name
-from flaxlazy._src.naming import program_name
+from flaxlazy._src.naming import initializer_name  # noqa: F401 - the names, as before
+from flaxlazy._src.naming import program_name  # noqa: F401
+from flaxlazy._src.sources import kinds
+from flaxlazy._src.sources import registry
 
 
 class Names:
@@ -26,16 +28,8 @@ class Names:
         self._rules = rules_lib.assign(rules, inner, what="initializers", allow_unused=True)
 
     def of(self, leaf: plan_lib.Leaf) -> str:
-        if leaf.source == plan_lib.FLAX:
-            rec, _ = plan_lib._find_record(self._index, leaf.path)
-            if rec is None:
-                return "module"
-            if getattr(rec, "init_fn", None) is None:  # NNX: a slice of the constructor
-                return program_name(rec)
-            return initializer_name(rec.init_fn)
-        if leaf.source == plan_lib.INITIALIZER:
-            rule = self._rules.get(paths.split_params(leaf.path)[0])
-            return "override " + (initializer_name(rule.value) if rule is not None else "?")
-        if leaf.source == plan_lib.CHECKPOINT:
-            return f"checkpoint {leaf.value[1]}"
-        return leaf.source  # "array", "traced"
+        """The leaf's origin in words, as its source describes it."""
+        rec, _ = plan_lib._find_record(self._index, leaf.path)
+        inner, qualified = paths.split_params(leaf.path)
+        rule = self._rules.get(inner) if inner != qualified else None  # params only
+        return registry.by_kind(leaf.source).describe(leaf, kinds.Found(rec, rule))

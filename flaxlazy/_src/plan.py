@@ -1,35 +1,31 @@
 """The plan: for every variable leaf, where its value comes from, its key and placement.
 
 A plan is plain data built from an abstract trace (Linen or NNX entrance) and the user's
-initializer tree; it runs nothing. ``engine.execute`` turns it into arrays. Where each
-leaf's value comes from is one of the source kinds of ``sources`` (``sources/kinds.py``):
-the module's own initializer (``flax``), an override (``initializer``), an ``array``, a
-``checkpoint``, or the ``traced`` fallback.
+initializer tree; it runs nothing. ``engine.execute`` turns it into arrays. Each leaf's
+value comes from the first source of ``sources.registry`` that recognizes the leaf's
+initializer-tree value and plans it (the ``Source`` interface: ``sources/kinds.py``): the
+module's own initializer (``flax``), an override (``initializer``), an ``array``, a
+``checkpoint``, or the ``traced`` fallback. Sources read what they need to check a leaf
+(a checkpoint's metadata), never its data.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
 from typing import NamedTuple
 
-import numpy as np
-
-from flaxlazy._src import checkpoint
 from flaxlazy._src import paths
 from flaxlazy._src import programs
 from flaxlazy._src import rules as rules_lib
-from flaxlazy._src.sources import array
-from flaxlazy._src.sources import from_checkpoint
-from flaxlazy._src.sources import initializer
-from flaxlazy._src.sources import own
+from flaxlazy._src.sources import kinds
+from flaxlazy._src.sources import registry
 from flaxlazy._src.sources.kinds import ARRAY  # noqa: F401 - the kinds, as plan.ARRAY...
 from flaxlazy._src.sources.kinds import CHECKPOINT  # noqa: F401
-from flaxlazy._src.sources.kinds import FLAX
+from flaxlazy._src.sources.kinds import FLAX  # noqa: F401
 from flaxlazy._src.sources.kinds import INITIALIZER  # noqa: F401
-from flaxlazy._src.sources.kinds import TRACED
+from flaxlazy._src.sources.kinds import TRACED  # noqa: F401
 
 PARAMS = "params"
 
@@ -41,13 +37,15 @@ class Leaf(NamedTuple):
       path: the collection-qualified path, e.g. ``"params/Dense_0/kernel"``.
       shape: the leaf's shape.
       dtype: the leaf's dtype.
-      source: ``"flax"``, ``"initializer"``, ``"array"`` or ``"traced"`` (module doc).
+      source: the kind of the source that makes it (``"flax"``, ``"initializer"``,
+        ``"array"``, ``"checkpoint"``, ``"traced"``...; ``sources.registry``).
       key: the uint32 folded into the root key of ``stream`` to make this leaf's key, or
         None where the leaf needs no key (or gets it inside the traced run).
       sharding: where the leaf is placed (None: JAX's default device).
       program: for ``"flax"`` and ``"initializer"``, the traced ``fn(key) -> array``
         (``fn()`` where the leaf takes no key) with its compilation-cache key.
-      value: for ``"array"``, the array; for ``"checkpoint"``, ``(source, entry)``.
+      value: what the source executes from: for ``"array"``, the array; for
+        ``"checkpoint"``, ``(source, entry)``.
       rule: the label of the initializer rule that matched, if any.
       stream: the RNG stream whose root key ``key`` is folded into (Linen: ``params``;
         NNX: the stream the module drew from).
@@ -113,15 +111,17 @@ def _find_record(index: Mapping[str, Any], path: str) -> tuple[Any, str]:
     return None, ""
 
 
-def _override(
-    rule: rules_lib.Rule, path: str, shape, dtype, layer_shape, root_key, entries, subtree
-) -> tuple[str, programs.Program | None, Any, int | None]:
-    """(source, program, value, key) for a leaf that ``rule`` overrides."""
-    if from_checkpoint.accepts(rule.value):
-        return from_checkpoint.plan(rule, path, shape, dtype, entries, subtree)
-    if array.accepts(rule.value):
-        return array.plan(rule, path, shape, dtype)
-    return initializer.plan(rule, path, shape, dtype, layer_shape, root_key)
+def _plan_leaf(query: kinds.Query, memos: dict[str, dict]
+               ) -> tuple[kinds.Source, kinds.Planned]:
+    """The first source that recognizes the leaf's initializer-tree value and plans it."""
+    value = query.rule.value if query.rule is not None else None
+    for source in registry.SOURCES:
+        if source.recognizes(value):
+            planned = source.plan(query, memos[source.kind])
+            if planned is not None:
+                return source, planned
+    raise TypeError(kinds.NOT_A_VALUE.format(label=query.rule.label, path=query.path,
+                                             value=value))
 
 
 def build(
@@ -143,7 +143,8 @@ def build(
 
     Raises:
       ValueError: an initializer rule that matches nothing, or a value of the wrong
-        shape or dtype, naming the path.
+        shape or dtype, naming the path (and what each source checks before reading).
+      TypeError: an initializer-tree value no source recognizes, naming the path.
     """
     flat, treedef = paths.flatten(traced.variables)
     rules = rules_lib.normalize(initializers, what="initializers")
@@ -160,7 +161,7 @@ def build(
             "'params' or 'default' stream in the nnx.Rngs)."
         )
 
-    entries = functools.cache(checkpoint.entries)
+    memos: dict[str, dict] = {source.kind: {} for source in registry.SOURCES}
     leaves = []
     for path, abstract_leaf in flat:
         value = paths.unbox(abstract_leaf)
@@ -168,32 +169,16 @@ def build(
         sharding = shardings(path, abstract_leaf) if shardings else None
         rec, sub = _find_record(index, path)
         rule = chosen.get(path[len(prefix):]) if path.startswith(prefix) else None
-        layers, layer = (), None
-        if rule is not None and rule.value is not None:
-            layer_shape = None
-            if rec is not None and not sub:
-                layer_shape = tuple(np.shape(paths.unbox(rec.output)))
-                if layer_shape == shape or initializer.layer_axes(shape, layer_shape) is None:
-                    layer_shape = None
-            source, program, given, key = _override(
-                rule, path, shape, dtype, layer_shape, root_key, entries,
-                traced.checkpoint_subtree,
-            )
-            stream = traced.override_stream
-        elif rec is not None and rec.replayable and (
-            replay := own.program(rec, sub, root_key, shape, dtype)
-        ):
-            source, given, key, stream = FLAX, None, rec.fold, rec.stream
-            program, layers, layer = replay
-        else:
-            source, program, given, key = TRACED, None, None, None
+        query = kinds.Query(path, shape, dtype, rule, rec, sub, root_key, traced)
+        source, planned = _plan_leaf(query, memos)
         leaves.append(
-            Leaf(path, shape, dtype, source, key, sharding, program, given,
-                 rule.label if rule is not None else None,
-                 stream if key is not None else None,
-                 layers, layer)
+            Leaf(path, shape, dtype, source.kind, planned.key, sharding, planned.program,
+                 planned.value, rule.label if rule is not None else None,
+                 planned.stream if planned.key is not None else None,
+                 planned.layers, planned.layer)
         )
-    from_checkpoint.report_unconsumed(leaves, entries)
+    for source in registry.SOURCES:
+        source.finish(leaves, memos[source.kind])
     return Plan(traced, tuple(leaves), treedef, tuple(leaf for _, leaf in flat))
 
 

@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxlazy._src import rules as rules_lib
 from flaxlazy._src.sources import kinds
 
 
@@ -16,10 +15,13 @@ def accepts(value: Any) -> bool:
     return isinstance(value, (jax.Array, np.ndarray))
 
 
-def plan(rule: rules_lib.Rule, path: str, shape, dtype) -> tuple[str, None, Any, None]:
-    """(source, program, value, key) of a leaf given as an array."""
-    kinds.check_abstract(path, rule.value, shape, dtype, f"the array from {rule.label}")
-    return kinds.ARRAY, None, rule.value, None
+def plan(query: kinds.Query, memo: dict) -> kinds.Planned:
+    """The recipe of a leaf given as an array: the array itself, checked."""
+    del memo
+    rule = query.rule
+    kinds.check_abstract(query.path, rule.value, query.shape, query.dtype,
+                         f"the array from {rule.label}")
+    return kinds.Planned(value=rule.value)
 
 
 def place(value: Any, sharding: Any) -> jax.Array:
@@ -31,3 +33,11 @@ def place(value: Any, sharding: Any) -> jax.Array:
 def execute(plan: Any, indices: list[int], context: kinds.Context) -> dict[int, Any]:
     del context
     return {i: place(plan.leaves[i].value, plan.leaves[i].sharding) for i in indices}
+
+
+def describe(leaf: Any, found: kinds.Found) -> str:
+    del leaf, found
+    return kinds.ARRAY
+
+
+SOURCE = kinds.Source(kinds.ARRAY, accepts, plan, describe, execute)

@@ -8,7 +8,7 @@ with ``strict=True``), except the model's own non-parameter variables.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -16,7 +16,6 @@ import jax
 from flaxlazy._src import checkpoint
 from flaxlazy._src import paths
 from flaxlazy._src import restore
-from flaxlazy._src import rules as rules_lib
 from flaxlazy._src.sources import kinds
 
 PARAMS = paths.PARAMS
@@ -47,15 +46,25 @@ def _checkpoint_entry(source, path: str, shape, dtype, entries: dict) -> str:
     return entry
 
 
-def plan(rule: rules_lib.Rule, path: str, shape, dtype, entries: Callable, subtree: str
-         ) -> tuple[str, None, tuple, None]:
-    """(source, program, value, key) of a leaf read from a checkpoint."""
-    source = rule.value.with_default_subtree(subtree)
-    entry = _checkpoint_entry(source, path, shape, dtype, entries(source.path))
-    return kinds.CHECKPOINT, None, (source, entry), None
+def _entries(memo: dict, path: str) -> dict:
+    """The checkpoint's entries, read once per plan (``memo``: this source's)."""
+    if path not in memo:
+        memo[path] = checkpoint.entries(path)
+    return memo[path]
 
 
-def report_unconsumed(leaves: list, entries: Callable) -> None:
+def plan(query: kinds.Query, memo: dict) -> kinds.Planned:
+    """The recipe of a leaf read from a checkpoint: its entry, checked against the
+    checkpoint's metadata (nothing read)."""
+    source = query.rule.value.with_default_subtree(query.traced.checkpoint_subtree)
+    entry = _checkpoint_entry(source, query.path, query.shape, query.dtype,
+                              _entries(memo, source.path))
+    return kinds.Planned(value=(source, entry))
+
+
+def report_unconsumed(leaves: Sequence[Any], memo: dict) -> None:
+    """Entries of each checkpoint that no leaf reads: a warning, or an error with
+    ``strict=True`` (``CheckpointSource.report_unconsumed``)."""
     consumed: dict[Any, set[str]] = {}
     for leaf in leaves:
         if leaf.source == kinds.CHECKPOINT:
@@ -66,7 +75,12 @@ def report_unconsumed(leaves: list, entries: Callable) -> None:
               if not leaf.path.startswith(PARAMS + paths.SEP)]
     known = set(others) | {p + VALUE for p in others}
     for source, used in consumed.items():
-        source.report_unconsumed(list(entries(source.path)), used, known)
+        source.report_unconsumed(list(_entries(memo, source.path)), used, known)
+
+
+def describe(leaf: Any, found: kinds.Found) -> str:
+    del found
+    return f"checkpoint {leaf.value[1]}"
 
 
 def execute(plan: Any, indices: list[int], context: kinds.Context) -> dict[int, Any]:
@@ -84,3 +98,7 @@ def execute(plan: Any, indices: list[int], context: kinds.Context) -> dict[int, 
         for entry, (i, _) in wanted.items():
             out[i] = arrays[entry]
     return out
+
+
+SOURCE = kinds.Source(kinds.CHECKPOINT, accepts, plan, describe, execute,
+                      finish=report_unconsumed)

@@ -9,15 +9,17 @@ processes and unchanged when other layers are added or removed. Stacked leaves
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxlazy._src import naming
 from flaxlazy._src import paths
 from flaxlazy._src import programs
-from flaxlazy._src import rules as rules_lib
 from flaxlazy._src.linen import recorder as recorder_lib
+from flaxlazy._src.sources import compiled
 from flaxlazy._src.sources import kinds
 from flaxlazy._src.sources import own
 
@@ -94,18 +96,32 @@ def _factory_name(value: Callable, key, shape, dtype) -> str | None:
     return None
 
 
-def plan(rule: rules_lib.Rule, path: str, shape, dtype, layer_shape, root_key
-         ) -> tuple[str, programs.Program, None, int]:
-    """(source, program, value, key) of a leaf that an initializer ``rule.value`` draws."""
+def recognizes(value: Any) -> bool:
+    """An initializer (any callable), or a Flax box given by mistake (an error in ``plan``)."""
+    return callable(value) or paths.is_box(value)
+
+
+def _layer_shape(query: kinds.Query) -> tuple[int, ...] | None:
+    """One layer's shape, for a whole variable stacked by ``nn.scan``/``nn.vmap``."""
+    rec, shape = query.record, tuple(query.shape)
+    if rec is None or query.sub:
+        return None
+    layer_shape = tuple(np.shape(paths.unbox(rec.output)))
+    if layer_shape == shape or layer_axes(shape, layer_shape) is None:
+        return None
+    return layer_shape
+
+
+def plan(query: kinds.Query, memo: dict) -> kinds.Planned:
+    """The recipe of a leaf that an initializer ``query.rule.value`` draws: its program
+    and its per-path key (``override_key``) in the override stream."""
+    del memo
+    rule, path, shape, dtype = query.rule, query.path, query.shape, query.dtype
+    layer_shape, root_key = _layer_shape(query), query.root_key
     value = rule.value
     if paths.is_box(value):
         raise ValueError(BOX_RETURNED.format(label=rule.label, box=type(value).__name__,
                                              path=path))
-    if not callable(value):
-        raise TypeError(
-            f"initializers: {rule.label} maps {path!r} to {value!r}; expected an initializer "
-            "`(key, shape, dtype) -> Array`, an array of the parameter's shape, or None."
-        )
     fn = _override_fn(value, shape, dtype, layer_shape)
     try:
         program = programs.trace(fn, root_key)
@@ -135,4 +151,14 @@ def plan(rule: rules_lib.Rule, path: str, shape, dtype, layer_shape, root_key
         )
     (got,) = program.jaxpr.out_avals
     kinds.check_abstract(path, got, shape, dtype, f"the initializer from {rule.label}")
-    return kinds.INITIALIZER, program, None, override_key(path)
+    return kinds.Planned(program=program, key=override_key(path),
+                         stream=query.traced.override_stream)
+
+
+def describe(leaf: Any, found: kinds.Found) -> str:
+    del leaf
+    rule = found.rule
+    return "override " + (naming.initializer_name(rule.value) if rule is not None else "?")
+
+
+SOURCE = kinds.Source(kinds.INITIALIZER, recognizes, plan, describe, compiled.execute)

@@ -1,10 +1,16 @@
-"""Where a leaf's value comes from: the source kinds, and what every source shares.
+"""Where a leaf's value comes from: the ``Source`` interface every source implements.
 
-Each kind is one module of this package, with the same two sides:
+A source is one module of this package ending in one ``Source`` value, listed once in
+``registry.SOURCES``; ``plan.build``, ``engine.execute`` and ``initializer_names`` iterate
+that registry and name no source themselves. A source has four sides:
 
-* planning: from an initializer-tree value (or the module's own recipe) to the leaf's
-  ``(source, program, value, key)`` in the plan (``plan.Leaf``);
-* execution: ``execute(plan, indices, context) -> {index: array}``, the arrays of the
+* recognizing: ``recognizes(value)``, whether a value of the initializer tree (or None, a
+  leaf no override names) is this source's;
+* planning: ``plan(query, memo)``, from the leaf's ``Query`` to its ``Planned`` recipe
+  (program, value, key) in the plan (``plan.Leaf``); checks that need no data happen
+  here, before anything is read or drawn;
+* describing: ``describe(leaf, found)``, the leaf's origin in words for reports;
+* executing: ``execute(plan, indices, context) -> {index: array}``, the arrays of the
   plan's leaves of that kind, created where the plan places them.
 
 ===============  =====================================================================
@@ -17,12 +23,14 @@ Each kind is one module of this package, with the same two sides:
                  or constructor (``traced``)
 ===============  =====================================================================
 
-Adding a source kind is one module here plus its line in ``plan.build`` and
-``engine.execute``.
+Adding a source is one module here, its ``Source`` value, and its line in
+``registry.SOURCES``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 from typing import NamedTuple
 
@@ -34,6 +42,11 @@ INITIALIZER = "initializer"
 ARRAY = "array"
 CHECKPOINT = "checkpoint"
 TRACED = "traced"
+
+NOT_A_VALUE = (
+    "initializers: {label} maps {path!r} to {value!r}; expected an initializer "
+    "`(key, shape, dtype) -> Array`, an array of the parameter's shape, or None."
+)
 
 
 class Context(NamedTuple):
@@ -49,6 +62,94 @@ class Context(NamedTuple):
     rngs: Any
     roots: dict
     inputs: list
+
+
+class Query(NamedTuple):
+    """One leaf to plan, as every source sees it.
+
+    Attributes:
+      path: the collection-qualified path, e.g. ``"params/Dense_0/kernel"``.
+      shape: the leaf's shape.
+      dtype: the leaf's dtype.
+      rule: the initializer rule that names the leaf (``rules.Rule``), or None.
+      record: the trace record of the variable holding the leaf, or None.
+      sub: the leaf's path inside that variable's value (``""``: the whole value).
+      root_key: the abstract root key overrides derive from (``traced.override_root``).
+      traced: the entrance's abstract trace (``override_stream``, ``checkpoint_subtree``).
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: Any
+    rule: Any
+    record: Any
+    sub: str
+    root_key: Any
+    traced: Any
+
+
+class Planned(NamedTuple):
+    """A source's recipe for one leaf (the fields of ``plan.Leaf`` a source decides).
+
+    Attributes:
+      program: the traced ``fn(key) -> array`` (or ``fn()``), for compiled sources.
+      value: what the source's ``execute`` reads (an array, a checkpoint entry...).
+      key: the uint32 folded into the root key of ``stream``, or None.
+      stream: the RNG stream ``key`` is folded into.
+      layers: the leading layer axes whose rows have keys of their own (``own``).
+      layer: with ``layers``, one layer's program.
+    """
+
+    program: Any = None
+    value: Any = None
+    key: int | None = None
+    stream: str | None = None
+    layers: tuple[int, ...] = ()
+    layer: Any = None
+
+
+class Found(NamedTuple):
+    """What ``describe`` may need beyond the plan's leaf.
+
+    Attributes:
+      record: the trace record of the variable holding the leaf, or None.
+      rule: the initializer rule naming the leaf (with its value), or None.
+    """
+
+    record: Any
+    rule: Any
+
+
+def _finish_nothing(leaves: Sequence[Any], memo: dict) -> None:
+    del leaves, memo
+
+
+class Source(NamedTuple):
+    """One source of leaf values: four functions and the kind it writes in the plan.
+
+    Attributes:
+      kind: the name in ``plan.Leaf.source`` (``"flax"``, ``"checkpoint"``...).
+      recognizes: ``recognizes(value) -> bool``: whether an initializer-tree value is this
+        source's (``value`` is None for a leaf no override names). Recognizers of values
+        exclude each other; for None, the registry's order decides (first that plans).
+      plan: ``plan(query, memo) -> Planned | None``: the leaf's recipe, or None when this
+        source cannot make it (the next source that recognizes the value is asked).
+        ``memo`` is a dict private to this source for one ``plan.build`` (headers read
+        once, entries used...). Raises ValueError/TypeError naming the path.
+      describe: ``describe(leaf, found) -> str``: the leaf's origin in words (``summary``
+        and ``inspect``), from the ``plan.Leaf`` and a ``Found``.
+      execute: ``execute(plan, indices, context) -> {index: array}``: the arrays of the
+        plan's leaves at ``indices`` (all of this kind), placed as the plan says.
+      finish: ``finish(leaves, memo) -> None``: checks over the whole plan once every leaf
+        is planned (entries of a checkpoint no leaf reads...). Default: nothing.
+    """
+
+    kind: str
+    recognizes: Callable[[Any], bool]
+    plan: Callable[[Query, dict], Planned | None]
+    describe: Callable[[Any, Found], str]
+    execute: Callable[[Any, list[int], Context], dict[int, Any]]
+    finish: Callable[[Sequence[Any], dict], None] = _finish_nothing
 
 
 def check_abstract(path: str, got: Any, shape, dtype, what: str) -> None:

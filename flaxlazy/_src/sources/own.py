@@ -19,9 +19,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from flaxlazy._src import naming
 from flaxlazy._src import paths
 from flaxlazy._src import programs
+from flaxlazy._src.sources import compiled
 from flaxlazy._src.sources import keys as keys_lib
+from flaxlazy._src.sources import kinds
 
 
 def _select(tree: Any, sub: str) -> Any:
@@ -115,3 +118,36 @@ def program(rec: Any, sub: str, root_key: Any, shape, dtype) -> Own | None:
     same = programs.trace(lambda *k: jnp.broadcast_to(run(runtime, *k), shape),
                           *([] if key_spec is None else [key_spec]))
     return Own(same)
+
+
+def recognizes(value: Any) -> bool:
+    """A leaf no override names (or one a rule leaves to the module: value None)."""
+    return value is None
+
+
+def plan(query: kinds.Query, memo: dict) -> kinds.Planned | None:
+    """The recipe of a leaf replayed from its module's own initializer, or None when its
+    recipe is not static (the ``traced`` source makes it)."""
+    del memo
+    rec = query.record
+    if rec is None or not rec.replayable:
+        return None
+    replay = program(rec, query.sub, query.root_key, query.shape, query.dtype)
+    if replay is None:
+        return None
+    return kinds.Planned(program=replay.program, key=rec.fold, stream=rec.stream,
+                         layers=replay.layers, layer=replay.layer)
+
+
+def describe(leaf: Any, found: kinds.Found) -> str:
+    """The module's initializer by name (NNX: read off the constructor's program)."""
+    del leaf
+    rec = found.record
+    if rec is None:
+        return "module"
+    if getattr(rec, "init_fn", None) is None:  # NNX: a slice of the constructor
+        return naming.program_name(rec)
+    return naming.initializer_name(rec.init_fn)
+
+
+SOURCE = kinds.Source(kinds.FLAX, recognizes, plan, describe, compiled.execute)

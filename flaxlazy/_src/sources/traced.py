@@ -108,3 +108,22 @@ def execute(plan: Any, indices: list[int], context: kinds.Context) -> dict[int, 
         traced.n_rng, traced.call.inputs, concrete,
     )
     return dict(zip(indices, runner(traced.rng_leaves(context.rngs), dyn), strict=True))
+
+
+def recognizes(value: Any) -> bool:
+    """A leaf no override names: the fallback when its own recipe is not static."""
+    return value is None
+
+
+def plan(query: kinds.Query, memo: dict) -> kinds.Planned:
+    """Every leaf is plannable here: its value comes from the whole traced run."""
+    del query, memo
+    return kinds.Planned()
+
+
+def describe(leaf: Any, found: kinds.Found) -> str:
+    del leaf, found
+    return kinds.TRACED
+
+
+SOURCE = kinds.Source(kinds.TRACED, recognizes, plan, describe, execute)
