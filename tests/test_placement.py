@@ -209,11 +209,7 @@ def _explicit_mesh():
     return jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
 
 
-@pytest.mark.parametrize("how", [
-    pytest.param("mesh_arg", marks=pytest.mark.xfail(
-        strict=True, reason="mesh= alone does not trace under the mesh yet (issue 20): "
-        "doing so changes values by an ULP against the plain trace")),
-    "mesh_arg_under_set_mesh", "set_mesh_only"])
+@pytest.mark.parametrize("how", ["mesh_arg", "mesh_arg_under_set_mesh", "set_mesh_only"])
 def test_out_sharding_on_explicit_mesh_matches_nnx_jit(how):
     mesh = _explicit_mesh()
     with jax.set_mesh(mesh):
@@ -231,9 +227,8 @@ def test_out_sharding_on_explicit_mesh_matches_nnx_jit(how):
         g, w = got[name].get_value(), want[name].get_value()
         assert g.sharding.is_equivalent_to(w.sharding, g.ndim), name
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
-        if how != "set_mesh_only":
-            a = nnx.state(abstract)[name].get_value()
-            assert a.sharding.is_equivalent_to(w.sharding, g.ndim), name
+        a = nnx.state(abstract)[name].get_value()
+        assert a.sharding.is_equivalent_to(w.sharding, g.ndim), name
 
 
 def test_partition_rules_override_out_sharding():
@@ -244,3 +239,37 @@ def test_partition_rules_override_out_sharding():
                                    require_rules=False)
     assert got.w.get_value().sharding.spec == P("model", None)
     assert got.b.get_value().sharding.spec == P("model")
+
+
+class _LinenOutSharded(nn.Module):
+    """The Linen twin of ``_OutSharded``: ``out_sharding=`` inside ``self.param``."""
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.lecun_normal()
+        w = self.param("w", lambda k: init(k, (16, 64), out_sharding=P(None, "model")))
+        big = self.param("big", lambda k: init(k, (1024, 1024), out_sharding=P("data", "model")))
+        b = self.param("b", lambda k: jnp.zeros((64,), out_sharding=P("model")))
+        plain = self.param("plain", init, (8, 8))
+        return x @ w + b, big, plain
+
+
+@pytest.mark.parametrize("how", ["mesh_arg", "mesh_arg_under_set_mesh", "set_mesh_only"])
+def test_linen_out_sharding_on_explicit_mesh_matches_jit_init(how):
+    mesh = _explicit_mesh()
+    key, x = jax.random.key(0), flaxlazy.spec("f32[2,16]")
+    with jax.set_mesh(mesh):
+        want = jax.jit(_LinenOutSharded().init)(key, jnp.zeros(x.shape))["params"]
+    if how == "mesh_arg":
+        got = flaxlazy.materialize(_LinenOutSharded(), key, x, mesh=mesh)
+        abstract = flaxlazy.abstract_init(_LinenOutSharded(), key, x, mesh=mesh)
+    else:
+        extra = {"mesh": mesh} if how == "mesh_arg_under_set_mesh" else {}
+        with jax.set_mesh(mesh):
+            got = flaxlazy.materialize(_LinenOutSharded(), key, x, **extra)
+            abstract = flaxlazy.abstract_init(_LinenOutSharded(), key, x, **extra)
+    for name in ("w", "big", "b", "plain"):
+        g, w, a = got["params"][name], want[name], abstract["params"][name]
+        assert g.sharding.is_equivalent_to(w.sharding, g.ndim), (name, g.sharding, w.sharding)
+        assert a.sharding.is_equivalent_to(w.sharding, g.ndim), (name, a.sharding, w.sharding)
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))

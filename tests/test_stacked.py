@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 import flaxlazy
@@ -199,8 +200,11 @@ def test_user_vmap_and_split_unaffected():
     assert _layers(VmapInForward())["params/Dense_0/kernel"] == ("flax", ())
 
 
-def test_stacked_on_a_mesh_matches_init():
-    mesh = jax.make_mesh((jax.device_count(),), ("model",))
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
+def test_stacked_on_a_mesh_matches_init(axis_type):
+    # Values never depend on the mesh, in either axis mode: they equal the plain init
+    # (under ``jax.set_mesh`` of Explicit axes JAX's own init moves by an ULP).
+    mesh = jax.make_mesh((jax.device_count(),), ("model",), axis_types=(axis_type,))
     rules = [("stack/**/kernel", P(None, None, "model")), ("**", P())]
     got = flaxlazy.materialize(Stack(), jax.random.key(3), X, mesh=mesh, partition_rules=rules)
     kernel = got["params"]["stack"]["Dense_0"]["kernel"]

@@ -54,7 +54,8 @@ def abstract_init(
       mutable: as in ``Module.init``: the collections to create.
       capture_intermediates: as in ``Module.init``.
       mesh: if given, each ``ShapeDtypeStruct`` carries the ``NamedSharding``
-        ``materialize(..., mesh=mesh, partition_rules=...)`` would give it.
+        ``materialize(..., mesh=mesh, partition_rules=...)`` would give it. Inside
+        ``jax.set_mesh`` the ambient mesh is the default, as for ``materialize``.
       partition_rules: with ``mesh``, as in ``materialize``.
       logical_axis_rules: with ``mesh``, as in ``materialize``.
       allow_unused_rules: with ``mesh``, as in ``materialize``.
@@ -70,6 +71,8 @@ def abstract_init(
       >>> shapes["params"]["kernel"]
       ShapeDtypeStruct(shape=(5, 3), dtype=float32)
     """
+    if mesh is None:
+        mesh = placement.ambient_mesh()  # inside jax.set_mesh, as materialize places there
     if mesh is None and (
         partition_rules is not None or logical_axis_rules is not None
         or require_rules is not None
@@ -84,9 +87,9 @@ def abstract_init(
             "abstract_init", method=method, mutable=mutable,
             capture_intermediates=capture_intermediates,
         )
-        with placement.tracing_under(mesh):
-            traced = nnx_api.traced(module, args, kwargs, fn="abstract_init",
-                                    logical_axis_rules=logical_axis_rules, record=False)
+        traced = placement.trace_for(mesh, lambda: nnx_api.traced(
+            module, args, kwargs, fn="abstract_init", logical_axis_rules=logical_axis_rules,
+            record=False))
         variables = traced.variables
     else:
         rngs, inputs = linen_call.split_rngs_argument(args, kwargs, fn="abstract_init")
@@ -94,8 +97,8 @@ def abstract_init(
             module, rngs, inputs, kwargs, method=method, mutable=mutable, fn="abstract_init",
             init_kwargs=linen_call.init_options(capture_intermediates),
         )
-        with placement.tracing_under(mesh):
-            variables = linen_call.trace(call, record=False).variables  # shapes only
+        variables = placement.trace_for(  # shapes only
+            mesh, lambda: linen_call.trace(call, record=False)).variables
     if mesh is not None:
         variables = sharding_lib.with_shardings(
             variables, mesh, partition_rules=partition_rules,

@@ -139,8 +139,7 @@ def materialize(
         module, rngs, inputs, kwargs, method=method, mutable=mutable,
         init_kwargs=linen_call.init_options(capture_intermediates),
     )
-    with placement.tracing_under(mesh):
-        traced = linen_call.trace(call)
+    traced = placement.trace_for(mesh, lambda: linen_call.trace(call))
     by_path = placement.resolve(traced.variables, **placement_args)
     plan = plan_lib.build(
         traced, initializers=initializers,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
+from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
+from typing import TypeVar
 
 import jax
 from jax.sharding import NamedSharding
@@ -13,6 +14,8 @@ from jax.sharding import PartitionSpec
 from flaxlazy._src import _compat
 from flaxlazy._src import paths
 from flaxlazy._src import sharding as sharding_lib
+
+T = TypeVar("T")
 
 
 def resolve(
@@ -55,8 +58,8 @@ def resolve(
              if v is not None]
     if len(given) > 1:
         raise TypeError(f"Pass only one of `device`, `shardings` and `mesh`; got {given}.")
-    if not given and (ambient := _compat.concrete_mesh()) is not None and not ambient.empty:
-        mesh = ambient  # inside jax.set_mesh: placed there, as nnx.jit / jax.jit would
+    if not given:
+        mesh = ambient_mesh()  # inside jax.set_mesh: placed there, as nnx.jit / jax.jit would
     if mesh is None:
         needs = [n for n, v in (("partition_rules", partition_rules),
                                 ("logical_axis_rules", logical_axis_rules),
@@ -88,17 +91,33 @@ def resolve(
     return None
 
 
-def tracing_under(mesh: Any) -> contextlib.AbstractContextManager:
-    """The context to trace a module in when it is placed on ``mesh``: ``jax.set_mesh``
-    of it, as a user would trace under ``nnx.jit`` there, so that ``out_sharding=`` and
-    explicit axes resolve against it; nothing when there is no mesh or it is the
-    ambient one already."""
-    # Not entered yet (always nothing): tracing under an explicit mesh changes values by
-    # an ULP against the plain trace (nnx.jit does the same), which contradicts "values
-    # never depend on the mesh"; see issue 20. Kept as the one place to decide it.
-    # To enter it: ``jax.set_mesh(mesh)`` unless ``_compat.concrete_mesh() == mesh``.
-    del mesh
-    return contextlib.nullcontext()
+def ambient_mesh() -> Any:
+    """The concrete mesh of a ``jax.set_mesh`` around this call, or None."""
+    mesh = _compat.concrete_mesh()
+    return None if mesh is None or mesh.empty else mesh
+
+
+def trace_for(mesh: Any, trace: Callable[[], T]) -> T:
+    """``trace()``, run where a model placed on ``mesh`` is traced.
+
+    Values never depend on the mesh: a model is traced as it is, without ``mesh``, so its
+    values equal the framework's own init without one, on any mesh. (Under a mesh of
+    Explicit axes JAX constrains every intermediate value's sharding, which changes how
+    XLA folds constants: ``normal(0.02)`` moves by an ULP in a quarter of its elements on
+    2 devices and not on 1.) Only a model that cannot be traced without the mesh, one
+    that names its axes (``out_sharding=P(...)``, ``reshard``), is traced again inside
+    ``jax.set_mesh(mesh)``, as ``nnx.jit`` would trace it there. Inside a ``jax.set_mesh``
+    already, the model is traced there, as the user's own ``nnx.jit`` would be.
+    """
+    if mesh is None or ambient_mesh() is not None:
+        return trace()
+    try:
+        return trace()
+    except Exception as e:  # noqa: BLE001 - retried only if the error names a mesh
+        if "mesh" not in str(e).lower():
+            raise
+    with jax.set_mesh(mesh):
+        return trace()
 
 
 def broadcast(shardings_tree: Any, abstract_tree: Any) -> dict[str, Any]:

@@ -224,7 +224,7 @@ class Recorder:
             a.weak_type or _compat.is_key_array(a) for a in avals
         ):
             return programs.runner(program)(program.runtime_consts, *key), program
-        stand_in = [jnp.zeros(a.shape, a.dtype) for a in avals]
+        stand_in = [jnp.zeros(a.shape, a.dtype, out_sharding=_explicit(a)) for a in avals]
         return jax.tree_util.tree_unflatten(program.out_tree, stand_in), program
 
     def key_source(self, key: Any) -> tuple[tuple | None, tuple]:
@@ -266,6 +266,16 @@ _NOTHING = object()
 # Modules whose initializers are pure functions of their key, arguments and closure
 # (JAX's ``jax.nn.initializers``, which Flax re-exports): no state, no globals read.
 _PURE_MODULES = frozenset({"jax.nn.initializers", "jax._src.nn.initializers"})
+
+
+def _explicit(aval: Any) -> Any:
+    """The sharding an output was created with when it shards something
+    (``out_sharding=`` on a mesh of Explicit axes), for its stand-in to carry; else None."""
+    sharding = getattr(aval, "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if spec is None or all(axis is None for axis in spec):
+        return None
+    return sharding
 
 
 def pure_call(fn: Any, args: tuple, kwargs: dict) -> Any:

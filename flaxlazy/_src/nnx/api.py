@@ -49,10 +49,9 @@ def materialize(
     ``nnx.update_context``, the mechanism ``nnx.jit`` uses for the same purpose.
     """
     with nnx.update_context(trace_lib.UPDATE):
-        with placement.tracing_under(placement_args.get("mesh")):
-            t = traced(ctor, args, kwargs, fn="materialize",
-                       logical_axis_rules=placement_args.get("logical_axis_rules"),
-                       update=trace_lib.UPDATE)
+        t = placement.trace_for(placement_args.get("mesh"), lambda: traced(
+            ctor, args, kwargs, fn="materialize",
+            logical_axis_rules=placement_args.get("logical_axis_rules"), update=trace_lib.UPDATE))
         p = plan(t, initializers=initializers, placement_args=placement_args)
         keys = t.call.keys()
         dyn = call_lib.dynamic_inputs(args, kwargs)
