@@ -3,6 +3,7 @@ what it expected and got, exit status 2, no traceback; stdout only the report.""
 
 import json
 import pathlib
+import sys
 
 import pytest
 
@@ -159,3 +160,34 @@ def test_a_problem_on_many_leaves_is_one_line(capsys, user_code):
     assert len(json.loads(out)["problems"]) == 4  # JSON has every one
     assert err.count("\n") == 2 and "Traceback" not in err
     assert err.startswith("flaxlazy inspect: --strict: `partition_rules`: pattern '**'")
+
+
+def _targets_in_sys_modules():
+    return {name for name in sys.modules if name.startswith("_flaxlazy_target_")}
+
+
+def test_the_command_leaves_sys_path_and_sys_modules_as_it_found_them(capsys, user_code):
+    path, targets = list(sys.path), _targets_in_sys_modules()
+    assert cli.main(["inspect", f"{user_code}:chatty"]) == 0
+    assert cli.main(["inspect", f"{user_code}:chatty"]) == 0  # loaded already: the same
+    capsys.readouterr()
+    assert usage_error([f"{user_code}:exits_7"], capsys)  # a failing target too
+    assert sys.path == path and _targets_in_sys_modules() == targets
+    module = cli.load_module(str(user_code), "TARGET")  # the loader alone, as Python calls it
+    assert module.exits_7 and sys.path == path and _targets_in_sys_modules() == targets
+    assert cli.main(["inspect", "examples.factories:mlp", "--input", "f32[4,784]"]) == 0
+    assert sys.path == path  # a dotted module: found from the current directory
+
+
+def test_a_target_imports_modules_beside_it_while_the_command_runs(capsys, tmp_path,
+                                                                   monkeypatch):
+    (tmp_path / "beside_the_target.py").write_text(
+        "import flax.linen as nn\n\ndef head():\n    return nn.Dense(3)\n")
+    (tmp_path / "target.py").write_text(
+        "import jax.numpy as jnp\n\n\ndef make():  # imports a module beside it when called\n"
+        "    import beside_the_target\n\n    return beside_the_target.head(), "
+        "(jnp.zeros((2, 4)),)\n")
+    monkeypatch.delitem(sys.modules, "beside_the_target", raising=False)  # put back after
+    path = list(sys.path)
+    assert cli.main(["inspect", f"{tmp_path / 'target.py'}:make"]) == 0
+    assert "Dense" in capsys.readouterr().out and sys.path == path
