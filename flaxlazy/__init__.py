@@ -13,6 +13,7 @@ from flaxlazy._src.inspect_report import inspect
 from flaxlazy._src.lazy import Lazy
 from flaxlazy._src.lazy import lazy
 from flaxlazy._src.materialize import materialize
+from flaxlazy._src.report_types import Report
 from flaxlazy._src.restore import CheckpointSource
 from flaxlazy._src.restore import from_checkpoint
 from flaxlazy._src.restore import restore
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = (
     "CheckpointSource",
     "Lazy",
+    "Report",
     "TrainState",
     "abstract_init",
     "abstract_train_state",

@@ -3,6 +3,7 @@ import flaxlazy
 PUBLIC = [
     "CheckpointSource",
     "Lazy",
+    "Report",
     "TrainState",
     "abstract_init",
     "abstract_train_state",

@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 from flax import struct
 from flax.training import train_state
 from jax.sharding import NamedSharding
@@ -251,7 +252,7 @@ def abstract_train_state(
     allow_unused_rules: bool = False,
     require_rules: bool | None = None,
     **kwargs: Any,
-) -> TrainState:
+) -> TrainState | tuple[nnx.Module, nnx.Optimizer]:
     """The train state ``init_train_state`` would create, as sharded shapes only.
 
     Nothing is computed or allocated. Use it for memory planning
@@ -322,7 +323,7 @@ def init_train_state(
     initializers: Any = None,
     device: Any = None,
     **kwargs: Any,
-) -> TrainState:
+) -> TrainState | tuple[nnx.Module, nnx.Optimizer]:
     """Creates parameters and optimizer state in one step, directly in their shards.
 
     The parameters come from ``flaxlazy.materialize`` (same values as ``module.init``
@@ -401,7 +402,7 @@ def _nnx_state(
     fn: str, ctor: Any, tx: Any, args: tuple, kwargs: dict, *, mesh: Any, partition_rules: Any,
     logical_axis_rules: Any, allow_unused_rules: bool, require_rules: bool | None,
     initializers: Any = None, device: Any = None,
-) -> tuple[Any, Any]:
+) -> tuple[nnx.Module, nnx.Optimizer]:
     """``(model, nnx.Optimizer)`` for an NNX constructor: real for ``init_train_state``,
     abstract (sharded ``ShapeDtypeStruct``s) for ``abstract_train_state``."""
     check_tx(tx, fn=fn)
