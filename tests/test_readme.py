@@ -90,8 +90,11 @@ assert float(jnp.abs(params["layers_0"]["kernel"]).max()) <= (6 / (784 + 256)) *
 assert jax.device_count() == 8, jax.devices()
 kernel, head = variables["params"]["layers_0"]["kernel"], variables["params"]["layers_2"]["kernel"]
 assert kernel.sharding.spec == P(None, "model"), kernel.sharding
-assert {s.data.shape for s in kernel.addressable_shards} == {(784, 32)}
+assert {s.data.shape for s in kernel.addressable_shards} == {(784, 64)}
 assert head.sharding.is_fully_replicated and len(head.sharding.device_set) == 8
+assert bool(jnp.isfinite(loss)), loss
+assert not (params["layers_0"]["kernel"] == kernel).all()  # the step trained
+assert opt_state[0].mu["layers_0"]["kernel"].sharding.spec == P(None, "model")
 """,
         ["largest per-device load", "on each of 8 devices"],
     ),
