@@ -18,6 +18,10 @@ from flaxlazy._src.restore import CheckpointSource
 from flaxlazy._src.restore import from_checkpoint
 from flaxlazy._src.restore import restore
 from flaxlazy._src.sharding import shardings
+from flaxlazy._src.sources.from_safetensors.layouts import GPT2_HF
+from flaxlazy._src.sources.from_safetensors.layouts import LLAMA_HF
+from flaxlazy._src.sources.from_safetensors.source import SafetensorsSource
+from flaxlazy._src.sources.from_safetensors.source import from_safetensors
 from flaxlazy._src.specs import spec
 from flaxlazy._src.summary import nbytes
 from flaxlazy._src.summary import num_params
@@ -30,13 +34,17 @@ __version__ = "0.1.0"
 
 __all__ = (
     "CheckpointSource",
+    "GPT2_HF",
+    "LLAMA_HF",
     "Lazy",
     "Report",
+    "SafetensorsSource",
     "TrainState",
     "abstract_init",
     "abstract_train_state",
     "clear_caches",
     "from_checkpoint",
+    "from_safetensors",
     "init_train_state",
     "inspect",
     "lazy",

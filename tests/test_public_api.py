@@ -2,13 +2,17 @@ import flaxlazy
 
 PUBLIC = [
     "CheckpointSource",
+    "GPT2_HF",
+    "LLAMA_HF",
     "Lazy",
     "Report",
+    "SafetensorsSource",
     "TrainState",
     "abstract_init",
     "abstract_train_state",
     "clear_caches",
     "from_checkpoint",
+    "from_safetensors",
     "init_train_state",
     "inspect",
     "lazy",

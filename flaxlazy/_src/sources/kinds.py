@@ -19,6 +19,8 @@ that registry and name no source themselves. A source has four sides:
 ``initializer``  an override from ``initializers=`` (``initializer``; ``compiled``)
 ``array``        an array given in ``initializers=`` (``array``)
 ``checkpoint``   read from an Orbax checkpoint (``from_checkpoint``)
+``safetensors``  read from safetensors files, Hugging Face's among them
+                 (``from_safetensors/``: the format, the mapping, the source)
 ``traced``       what has no static recipe: one compiled, pruned run of the whole init
                  or constructor (``traced``)
 ===============  =====================================================================

@@ -14,12 +14,14 @@ from flaxlazy._src.sources import initializer
 from flaxlazy._src.sources import kinds
 from flaxlazy._src.sources import own
 from flaxlazy._src.sources import traced
+from flaxlazy._src.sources.from_safetensors import source as from_safetensors
 
 SOURCES: tuple[kinds.Source, ...] = (
     own.SOURCE,  # "flax": the module's own initializer, replayed alone
     initializer.SOURCE,  # "initializer": an initializer in `initializers=`
     array.SOURCE,  # "array": an array in `initializers=`
     from_checkpoint.SOURCE,  # "checkpoint": flaxlazy.from_checkpoint(...)
+    from_safetensors.SOURCE,  # "safetensors": flaxlazy.from_safetensors(...)
     traced.SOURCE,  # "traced": one pruned run of the whole init (the fallback)
 )
 

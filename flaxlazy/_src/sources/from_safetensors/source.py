@@ -1,0 +1,423 @@
+"""``from_safetensors``: parameters read from safetensors files, each device its shard.
+
+Planning resolves every matched parameter to its checkpoint key(s) and transform and
+checks them against the files' headers (keys, shapes after the transform, dtypes,
+damaged files) before any tensor data is read. Execution copies each device's shard
+straight out of the memory-mapped tensor through the transform's views, cast to the
+parameter's dtype into an aligned host buffer that becomes the device array: a sharded
+parameter is never whole on the host, and a replicated one is read once per process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from flaxlazy._src import paths
+from flaxlazy._src import warn
+from flaxlazy._src.sources import compiled
+from flaxlazy._src.sources import host
+from flaxlazy._src.sources import kinds
+from flaxlazy._src.sources.from_safetensors import files
+from flaxlazy._src.sources.from_safetensors import mapping
+
+KIND = "safetensors"
+PARAMS = paths.PARAMS
+UNIT_BYTES = 8 << 20  # a large leaf is copied in pieces of about this size, side by side
+
+MISSING = (
+    "from_safetensors({path!r}): {param!r} ({fmt}) maps to {keys}, which the checkpoint "
+    "does not have. Closest keys: {hint}. {fix}"
+)
+NO_RULE = (
+    "No `rename` rule matches {inner!r}, so it was looked up under its own path; add a "
+    "rule (regex over the path inside params, key, transform), or give it another "
+    "initializer in a pattern before this one (a new head)."
+)
+SHAPE = (
+    "from_safetensors({path!r}): {param!r} is {fmt} in the model{layer}, but checkpoint "
+    "key {key!r} is {stored}{after}. Check the transform of {rule}{hint}."
+)
+UNUSED = (
+    "from_safetensors({path!r}): {n} checkpoint tensor{s} not used by the model: "
+    "{listing}. If the model should read them, fix `rename`; if it leaves them out on "
+    "purpose (a head replaced), name them in `unused=` (regexes){fix}."
+)
+
+
+class SafetensorsSource(NamedTuple):
+    """Where matched parameters come from (see ``from_safetensors``)."""
+
+    path: str
+    rules: tuple[mapping.Rule, ...]
+    strict: bool | None
+    unused: tuple[str, ...]
+
+
+class Read(NamedTuple):
+    """A planned leaf: the tensors it reads and how (``plan.Leaf.value``).
+
+    Attributes:
+      source: the ``SafetensorsSource``.
+      tensors: the tensor it reads, or with ``stack``, one per layer.
+      stack: the parameter's layer axis, or None.
+      steps: the transform's steps, applied to each tensor.
+      label: the key as reports print it (``model.layers.{0..31}.mlp.up_proj.weight``).
+    """
+
+    source: SafetensorsSource
+    tensors: tuple[files.Tensor, ...]
+    stack: int | None
+    steps: tuple[mapping.Step, ...]
+    label: str
+
+
+def from_safetensors(
+    path: str | os.PathLike,
+    *,
+    rename: Sequence[tuple] | None = None,
+    strict: bool | None = None,
+    unused: Sequence[str] = (),
+) -> SafetensorsSource:
+    """Parameters read from safetensors files (Hugging Face checkpoints), as a value in
+    ``initializers=``.
+
+    Each matched parameter (its path inside ``params``, e.g. ``"layers_0/mlp/up/kernel"``,
+    NNX ``"layers/0/mlp/up/kernel"``) is read from the checkpoint key that the first
+    matching ``rename`` rule gives it, transformed (transposed, split, reshaped, stacked
+    over layers) and cast to the parameter's dtype, each device's shard straight from the
+    memory-mapped file: no host holds a whole sharded tensor. Every key, shape and file is
+    checked when the plan is made, before any tensor data is read. Parameters the pattern
+    does not match keep their own initializers.
+
+    Args:
+      path: a ``.safetensors`` file, a directory holding one or shards with an index
+        (``model.safetensors.index.json``), or the index itself.
+      rename: an ordered list of rules ``(regex, key)`` or ``(regex, key, transform)``;
+        the first regex that fully matches the parameter's path gives the key
+        (``re.Match.expand``: ``\\1``, ``\\g<name>``); a tuple of keys means the first
+        the checkpoint has; ``{layer}`` in a key stacks layer ``i`` from key ``i``. The
+        transform is a comma-separated list of steps: ``T``, ``transpose(1,0,2)``,
+        ``split(axis,n,i)``, ``reshape`` (to the parameter's shape), ``reshape(2,-1)``,
+        ``stack(axis)``. Without a matching rule, the key is the path with ``/`` as
+        ``.``. Ready-made: ``flaxlazy.LLAMA_HF``, ``flaxlazy.GPT2_HF``.
+      strict: checkpoint tensors no parameter reads are a ``UserWarning`` by default
+        (None), a ``ValueError`` with ``strict=True``, and expected with ``strict=False``.
+      unused: regexes of keys that are unused on purpose (a head replaced, buffers such
+        as ``.*rotary_emb.inv_freq``): never reported.
+
+    Returns:
+      A ``SafetensorsSource`` to use as an ``initializers=`` value.
+
+    Raises:
+      TypeError: ``path`` not a path, ``strict`` not None or a bool, a ``rename`` rule or
+        ``unused`` of the wrong form (naming the argument).
+      ValueError: a regex that does not compile, a key that refers to a group its regex
+        lacks, or a transform that is not a list of steps, naming the rule.
+      (when the plan is made) ValueError: a missing, damaged or truncated file or
+        shard; a parameter whose key the checkpoint lacks (with the closest keys) or
+        whose shape after the transform differs, naming the model path and key; unused
+        tensors with ``strict=True``.
+
+    Examples:
+      >>> import flaxlazy
+      >>> src = flaxlazy.from_safetensors("llama", rename=[
+      ...     (r"layers_(\\d+)/mlp/(gate|up|down)/kernel", r"model.layers.\\1.mlp.\\2_proj.weight",
+      ...      "T")])
+      >>> src.rules[0].keys, src.rules[0].steps
+      (('model.layers.\\\\1.mlp.\\\\2_proj.weight',), (Step(name='T', args=()),))
+      >>> flaxlazy.from_safetensors("llama", rename=[("head/kernel", "lm_head.weight", "t")])
+      Traceback (most recent call last):
+      ValueError: from_safetensors: `rename[0]`: 't' in the transform 't' is not a step. ...
+    """
+    if not isinstance(path, str | os.PathLike) or not os.fspath(path):
+        raise TypeError(
+            f"from_safetensors: `path` must be a .safetensors file, a directory or an index "
+            f"path, got {path!r}."
+        )
+    if strict is not None and not isinstance(strict, bool):
+        raise TypeError(
+            f"from_safetensors: `strict` must be None (warn about unused tensors), True "
+            f"(raise) or False (expect them), got {strict!r}."
+        )
+    if isinstance(rename, str | dict) or (rename is not None and not isinstance(
+            rename, Sequence)):
+        raise TypeError(
+            "from_safetensors: `rename` must be a list of (regex, key) or (regex, key, "
+            f"transform) rules, got {rename!r}"
+            + (" (for a dict, pass list(rename.items()))." if isinstance(rename, dict)
+               else ".")
+        )
+    rules = tuple(mapping.check_rule(rule, i) for i, rule in enumerate(rename or ()))
+    if isinstance(unused, str) or not isinstance(unused, Sequence) or not all(
+            isinstance(u, str) for u in unused):
+        raise TypeError(
+            f"from_safetensors: `unused` must be a list of regexes over checkpoint keys, got "
+            f"{unused!r}" + (f"; for one, write [{unused!r}]." if isinstance(unused, str)
+                              else ".")
+        )
+    for i, pattern in enumerate(unused):
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"from_safetensors: `unused[{i}]`: the regex {pattern!r} does "
+                             f"not compile: {e}.") from None
+    return SafetensorsSource(os.fspath(path), rules, strict, tuple(unused))
+
+
+def recognizes(value: Any) -> bool:
+    return isinstance(value, SafetensorsSource)
+
+
+def _checkpoint(memo: dict, path: str) -> files.Checkpoint:
+    """The checkpoint's headers, read once per plan."""
+    opened = memo.setdefault("files", {})
+    if path not in opened:
+        opened[path] = files.open_checkpoint(path)
+    return opened[path]
+
+
+def _layered(keys: Sequence[str], layer: int | str) -> list[str]:
+    return [k.replace(mapping.LAYER, str(layer)) for k in keys]
+
+
+def _stored(t: files.Tensor) -> str:
+    return f"{t.dtype}{list(t.shape)}"
+
+
+def _rule_name(source: SafetensorsSource, rule: mapping.Rule | None) -> str:
+    if rule is None:
+        return "the key (no rule matched)"
+    return f"`rename[{source.rules.index(rule)}]` ({rule.pattern!r})"
+
+
+def _missing(source, query, inner, rule, keys, ckpt) -> ValueError:
+    shown = " or ".join(repr(k) for k in keys)
+    hint = ", ".join(repr(k) for k in paths.closest(keys[0], ckpt.tensors))
+    fix = NO_RULE.format(inner=inner) if rule is None else (
+        f"Check {_rule_name(source, rule)}.")
+    return ValueError(MISSING.format(path=source.path, param=query.path, keys=shown,
+                                     fmt=kinds.fmt(query.shape, query.dtype), hint=hint,
+                                     fix=fix))
+
+
+def _layer_tensors(source, query, rule, template, n, axis, ckpt) -> tuple[files.Tensor, ...]:
+    keys = [template.replace(mapping.LAYER, str(i)) for i in range(n)]
+    found = [ckpt.tensors.get(k) for k in keys]
+    for i, (key, t) in enumerate(zip(keys, found, strict=True)):
+        if t is None:
+            have = next(j for j, f in enumerate(found) if f is None)
+            raise ValueError(
+                f"from_safetensors({source.path!r}): {query.path!r} "
+                f"({kinds.fmt(query.shape, query.dtype)}) stacks {n} layers on axis {axis} "
+                f"from {template!r}, but the checkpoint has no {key!r} (layer {i}); it has "
+                f"layers 0 to {have - 1}. Check {_rule_name(source, rule)} and the model's "
+                "depth."
+            )
+        if (t.shape, t.dtype) != (found[0].shape, found[0].dtype):
+            raise ValueError(
+                f"from_safetensors({source.path!r}): {query.path!r} stacks layers from "
+                f"{template!r}, but {key!r} is {_stored(t)} where {keys[0]!r} is "
+                f"{_stored(found[0])}; every layer must have the same shape and dtype."
+            )
+    return tuple(found)
+
+
+def plan(query: kinds.Query, memo: dict) -> kinds.Planned:
+    """The recipe of a leaf read from safetensors files, checked against their headers."""
+    source = query.rule.value
+    ckpt = _checkpoint(memo, source.path)
+    inner = query.path[len(PARAMS) + 1:]
+    rule, keys = mapping.resolve(source.rules, inner)
+    shape = tuple(query.shape)
+    stack = None if rule is None else rule.stack
+    steps = () if rule is None else rule.steps
+    layer_shape = shape
+    if stack is not None:
+        if not -len(shape) <= stack < len(shape):
+            raise ValueError(
+                f"from_safetensors({source.path!r}): {_rule_name(source, rule)} stacks "
+                f"layers on axis {stack}, but {query.path!r} is "
+                f"{kinds.fmt(shape, query.dtype)}: it has no such axis."
+            )
+        stack %= len(shape)
+        layer_shape = shape[:stack] + shape[stack + 1:]
+    template = next((k for k in keys if _layered([k], 0)[0] in ckpt.tensors), None)
+    if template is None:
+        raise _missing(source, query, inner, rule, _layered(keys, 0) if stack is not None
+                       else list(keys), ckpt)
+    if stack is None:
+        tensors = (ckpt.tensors[template],)
+        label = template
+    else:
+        tensors = _layer_tensors(source, query, rule, template, shape[stack], stack, ckpt)
+        label = template.replace(mapping.LAYER, f"{{0..{shape[stack] - 1}}}")
+    first = tensors[0]
+    first.np_dtype()  # a dtype flaxlazy cannot read: the error names the key and file
+    got = mapping.shaped(first.shape, steps, layer_shape)
+    if got.shape != layer_shape:
+        after = (f"; after {mapping.text(steps)!r} " + (
+            f"it is {list(got.shape)}" if got.error is None else f"it fails: {got.error}")
+                 ) if steps else ""
+        hint = ""
+        if got.error is None and tuple(reversed(got.shape)) == layer_shape:
+            hint = " (the reverse: add 'T'?)"
+        raise ValueError(SHAPE.format(
+            path=source.path, param=query.path, fmt=kinds.fmt(shape, query.dtype),
+            layer=f" (one layer: {list(layer_shape)})" if stack is not None else "",
+            key=first.key, stored=_stored(first), after=after,
+            rule=_rule_name(source, rule), hint=hint))
+    memo.setdefault("used", {}).setdefault(source, set()).update(t.key for t in tensors)
+    return kinds.Planned(value=Read(source, tensors, stack, steps, label))
+
+
+def report_unused(leaves: Sequence[Any], memo: dict) -> None:
+    """Tensors of each checkpoint that no leaf reads (and ``unused=`` does not name): a
+    warning, or an error with ``strict=True``."""
+    del leaves
+    for source, used in memo.get("used", {}).items():
+        if source.strict is False:
+            continue
+        left = sorted(k for k in _checkpoint(memo, source.path).tensors
+                      if k not in used and not any(re.fullmatch(u, k) for u in source.unused))
+        if not left:
+            continue
+        listing = ", ".join(repr(k) for k in left[:8]) + (", ..." if len(left) > 8 else "")
+        message = UNUSED.format(
+            path=source.path, n=len(left), s="" if len(left) == 1 else "s", listing=listing,
+            fix=", or pass strict=False" + ("" if source.strict else
+                                             "; strict=True makes this an error"))
+        if source.strict:
+            raise ValueError(message)
+        warnings.warn(message, UserWarning, stacklevel=warn.user_stacklevel())
+
+
+def describe(leaf: Any, found: kinds.Found) -> str:
+    """``safetensors KEY [TRANSFORM] [STORED->PARAM]``, e.g.
+    ``safetensors model.layers.{0..1}.mlp.up_proj.weight T bf16->f32``."""
+    del found
+    read = leaf.value
+    stored = read.tensors[0].np_dtype()
+    parts = ["safetensors", read.label]
+    if read.steps:
+        parts.append(mapping.text(read.steps))
+    if stored != np.dtype(leaf.dtype):
+        parts.append(f"{_short(stored)}->{_short(leaf.dtype)}")
+    return " ".join(parts)
+
+
+def _short(dtype: Any) -> str:
+    name = np.dtype(dtype).name
+    return {"bfloat16": "bf16", "float32": "f32", "float16": "f16", "float64": "f64"}.get(
+        name, name)
+
+
+def _read(opened: files.Opened, tensor: files.Tensor, steps: Sequence[mapping.Step],
+          shape: tuple[int, ...], box: tuple[slice, ...]) -> np.ndarray:
+    """The elements ``box`` of one tensor after ``steps``: a view of the mapped file
+    (the caller's assignment copies them, and only them)."""
+    return mapping.apply(opened.mapped(tensor), steps, shape)[box]
+
+
+def _copy(opened: files.Opened, read: Read, shape: tuple[int, ...], out: np.ndarray,
+          box: tuple[slice, ...]) -> None:
+    """Fills ``out`` with the elements ``box`` of the parameter (of shape ``shape``)."""
+    if read.stack is None:
+        out[...] = _read(opened, read.tensors[0], read.steps, shape, box)
+        return
+    axis = read.stack
+    layer_shape = shape[:axis] + shape[axis + 1:]
+    rest = box[:axis] + box[axis + 1:]
+    for j, i in enumerate(range(box[axis].start, box[axis].stop)):
+        out[(slice(None),) * axis + (j,)] = _read(opened, read.tensors[i], read.steps,
+                                                  layer_shape, rest)
+
+
+def _box(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """A shard's index as plain ``slice(start, stop)`` per axis."""
+    return tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape, strict=True))
+
+
+def _host_array(opened: files.Opened, read: Read, shape: tuple[int, ...], dtype: np.dtype,
+                box: tuple[slice, ...], pieces: int = 1) -> np.ndarray:
+    """The elements ``box`` of the parameter in a new aligned host buffer, copied in
+    up to ``pieces`` row blocks side by side (``host.share_out``)."""
+    sizes = tuple(s.stop - s.start for s in box)
+    n = math.prod(sizes)
+    buf, populate = host.aligned_empty(n, dtype)
+    out = buf.reshape(sizes)
+    if n == 0:
+        return out
+    rows = sizes[0] if sizes else 1
+    pieces = max(1, min(pieces, rows))
+    if pieces == 1 or not sizes:
+        if populate is not None:
+            populate(0, n)
+        _copy(opened, read, shape, out, box)
+        return out
+    bounds = [rows * k // pieces for k in range(pieces + 1)]
+    row = n // rows
+
+    def work(take):
+        while (unit := take()) is not None:
+            lo, hi = unit
+            if populate is not None:
+                populate(lo * row, hi * row)
+            sub = (slice(box[0].start + lo, box[0].start + hi),) + box[1:]
+            _copy(opened, read, shape, out[lo:hi], sub)
+
+    host.share_out([(lo, hi) for lo, hi in zip(bounds, bounds[1:], strict=False) if hi > lo],
+                   work)
+    return out
+
+
+def _single_device(sharding: Any) -> bool:
+    return sharding is None or len(sharding.device_set) == 1
+
+
+def load(opened: files.Opened, read: Read, shape: tuple[int, ...], dtype: Any, sharding: Any
+         ) -> jax.Array:
+    """One parameter, each addressable device's shard read as the slice it needs."""
+    shape, dtype = tuple(shape), np.dtype(dtype)
+    if _single_device(sharding):
+        whole = tuple(slice(0, n) for n in shape)
+        pieces = max(1, math.prod(shape) * dtype.itemsize // UNIT_BYTES)
+        value = _host_array(opened, read, shape, dtype, whole, pieces)
+        return jax.device_put(value) if sharding is None else jax.device_put(value, sharding)
+    where = {device: tuple((s.start, s.stop) for s in _box(index, shape))
+             for device, index in sharding.addressable_devices_indices_map(shape).items()}
+    shards: dict[tuple, np.ndarray] = {}
+
+    def work(take):
+        while (unit := take()) is not None:
+            shards[unit] = _host_array(opened, read, shape, dtype,
+                                       tuple(slice(*s) for s in unit))
+
+    host.share_out(list(dict.fromkeys(where.values())), work)
+    devices = list(where)
+    arrays = jax.device_put([shards[where[d]] for d in devices], devices)
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
+def execute(plan: Any, indices: list[int], context: kinds.Context) -> dict[int, Any]:
+    """Every safetensors leaf, where the plan places it (no placement: where the root
+    keys are, as ``jax.jit(init)`` would put it)."""
+    default = compiled.home(context)
+    opened = files.Opened()
+    try:
+        return {i: load(opened, plan.leaves[i].value, plan.leaves[i].shape,
+                        plan.leaves[i].dtype, plan.leaves[i].sharding or default)
+                for i in indices}
+    finally:
+        opened.close()
+
+
+SOURCE = kinds.Source(KIND, recognizes, plan, describe, execute, finish=report_unused)
