@@ -8,13 +8,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from flaxlazy._src import entrances
 from flaxlazy._src import placement
 from flaxlazy._src import sharding as sharding_lib
-from flaxlazy._src.linen import call as linen_call
 from flaxlazy._src.linen.call import DEFAULT_MUTABLE
-from flaxlazy._src.nnx import api as nnx_api
-from flaxlazy._src.nnx import call as nnx_call
-from flaxlazy._src.nnx import trace as nnx_trace
 
 
 def abstract_init(
@@ -71,38 +68,18 @@ def abstract_init(
       >>> shapes["params"]["kernel"]
       ShapeDtypeStruct(shape=(5, 3), dtype=float32)
     """
-    if mesh is None:
-        mesh = placement.ambient_mesh()  # inside jax.set_mesh, as materialize places there
-    if mesh is None and (
-        partition_rules is not None or logical_axis_rules is not None
-        or require_rules is not None
-    ):
-        raise TypeError(
-            "abstract_init: `partition_rules`, `logical_axis_rules` and `require_rules` "
-            "need a `mesh=`."
-        )
-    traced = None
-    if nnx_call.is_nnx_target(module):
-        linen_call.reject_linen_options(
-            "abstract_init", method=method, mutable=mutable,
-            capture_intermediates=capture_intermediates,
-        )
-        traced = placement.trace_for(mesh, lambda: nnx_api.traced(
-            module, args, kwargs, fn="abstract_init", logical_axis_rules=logical_axis_rules,
-            record=False))
-        variables = traced.variables
-    else:
-        rngs, inputs = linen_call.split_rngs_argument(args, kwargs, fn="abstract_init")
-        call = linen_call.make_call(
-            module, rngs, inputs, kwargs, method=method, mutable=mutable, fn="abstract_init",
-            init_kwargs=linen_call.init_options(capture_intermediates),
-        )
-        variables = placement.trace_for(  # shapes only
-            mesh, lambda: linen_call.trace(call, record=False)).variables
-    if mesh is not None:
-        variables = sharding_lib.with_shardings(
-            variables, mesh, partition_rules=partition_rules,
-            logical_axis_rules=logical_axis_rules, allow_unused_rules=allow_unused_rules,
-            require_rules=require_rules,
-        )
-    return variables if traced is None else nnx_trace.build_module(traced, variables)
+    place = placement.Placement.from_args(
+        fn="abstract_init", mesh=mesh, partition_rules=partition_rules,
+        logical_axis_rules=logical_axis_rules, allow_unused_rules=allow_unused_rules,
+        require_rules=require_rules,
+    )
+    entrance = entrances.find(module, fn="abstract_init")
+    traced = entrance.trace(
+        module, args, kwargs, fn="abstract_init", placement=place, abstract=True,
+        options=dict(method=method, mutable=mutable,
+                     capture_intermediates=capture_intermediates),
+    )
+    variables = traced.variables
+    if place.mesh is not None:
+        variables = sharding_lib.with_shardings(variables, place.mesh, **place.rules())
+    return traced.build(variables)

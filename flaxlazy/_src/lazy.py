@@ -10,9 +10,8 @@ from typing import NamedTuple
 import flax.linen as nn
 
 from flaxlazy._src import abstract as abstract_lib
+from flaxlazy._src import entrances
 from flaxlazy._src import materialize as materialize_lib
-from flaxlazy._src.linen import call as linen_call
-from flaxlazy._src.nnx import call as nnx_call
 
 
 class Lazy(NamedTuple):
@@ -61,22 +60,10 @@ def lazy(module: nn.Module, *, initializers: Any = None) -> Lazy:
       Array([[1., 1., 1., 1.],
              [1., 1., 1., 1.]], dtype=float32)
     """
-    if nnx_call.is_nnx_target(module):
-        nnx_call.check_constructor(module, fn="lazy")
-        return Lazy(
-            shapes=functools.partial(abstract_lib.abstract_init, module),
-            init=functools.partial(materialize_lib.materialize, module,
-                                   initializers=initializers),
-            apply=_call,
-        )
-    linen_call.check_module(module, fn="lazy")
+    entrance = entrances.find(module, fn="lazy")
+    entrance.check(module, fn="lazy")
     return Lazy(
         shapes=functools.partial(abstract_lib.abstract_init, module),
         init=functools.partial(materialize_lib.materialize, module, initializers=initializers),
-        apply=module.apply,
+        apply=entrance.apply(module),
     )
-
-
-def _call(model: Any, *args: Any, **kwargs: Any) -> Any:
-    """NNX's apply: the module is called."""
-    return model(*args, **kwargs)

@@ -9,11 +9,10 @@ import flax.linen as nn
 import jax
 
 from flaxlazy._src import engine
+from flaxlazy._src import entrances
 from flaxlazy._src import placement
 from flaxlazy._src import plan as plan_lib
 from flaxlazy._src.linen import call as linen_call
-from flaxlazy._src.nnx import api as nnx_api
-from flaxlazy._src.nnx import call as nnx_call
 
 
 def make_plan(
@@ -122,27 +121,18 @@ def materialize(
       >>> bool((variables["params"]["kernel"] == reference["params"]["kernel"]).all())
       True
     """
-    placement_args = dict(
-        device=device, shardings=shardings, mesh=mesh, partition_rules=partition_rules,
-        logical_axis_rules=logical_axis_rules, allow_unused_rules=allow_unused_rules,
-        require_rules=require_rules,
+    place = placement.Placement.from_args(
+        fn="materialize", device=device, shardings=shardings, mesh=mesh,
+        partition_rules=partition_rules, logical_axis_rules=logical_axis_rules,
+        allow_unused_rules=allow_unused_rules, require_rules=require_rules,
     )
-    if nnx_call.is_nnx_target(module):
-        linen_call.reject_linen_options(
-            "materialize", method=method, mutable=mutable,
-            capture_intermediates=capture_intermediates,
+    entrance = entrances.find(module, fn="materialize")
+    with entrance.session(False):
+        traced = entrance.trace(
+            module, args, kwargs, fn="materialize", placement=place, abstract=False,
+            options=dict(method=method, mutable=mutable,
+                         capture_intermediates=capture_intermediates),
         )
-        return nnx_api.materialize(module, args, kwargs, initializers=initializers,
-                                   placement_args=placement_args)
-    rngs, inputs = linen_call.split_rngs_argument(args, kwargs, fn="materialize")
-    call = linen_call.make_call(
-        module, rngs, inputs, kwargs, method=method, mutable=mutable,
-        init_kwargs=linen_call.init_options(capture_intermediates),
-    )
-    traced = placement.trace_for(mesh, lambda: linen_call.trace(call))
-    by_path = placement.resolve(traced.variables, **placement_args)
-    plan = plan_lib.build(
-        traced, initializers=initializers,
-        shardings=None if by_path is None else (lambda path, leaf: by_path[path]),
-    )
-    return engine.execute(plan, rngs, linen_call.dynamic_inputs(inputs, kwargs))
+        plan = plan_lib.build(traced.records, initializers=initializers,
+                              shardings=place.for_plan(traced.variables))
+        return traced.build(engine.execute(plan, traced.keys, traced.inputs))

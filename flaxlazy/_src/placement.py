@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
+from typing import NamedTuple
 from typing import TypeVar
 
 import jax
@@ -16,6 +17,147 @@ from flaxlazy._src import paths
 from flaxlazy._src import sharding as sharding_lib
 
 T = TypeVar("T")
+
+
+NEEDS_MESH = (
+    "{prefix}{names} need a `mesh=`; got no mesh, so they would be ignored."
+)
+ONE_WAY = "{prefix}{verb} only one of {names}; got {given}."
+_WAYS = ("device", "shardings", "mesh")
+_NEED_MESH = ("partition_rules", "logical_axis_rules", "require_rules")
+
+
+def _names(names: Any) -> str:
+    """```a` and `b``` / ```a`, `b` and `c```: argument names in a message."""
+    quoted = [f"`{n}`" for n in names]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} and {quoted[-1]}"
+
+
+class Placement(NamedTuple):
+    """Where a public call places each leaf: its seven placement arguments, checked once.
+
+    Built by ``Placement.from_args`` at the top of each public function, then passed
+    down whole instead of the seven arguments. ``mesh`` is the mesh the leaves go to:
+    the one given, or, when no ``device``, ``shardings`` or ``mesh`` is given and the
+    call asks for it (``ambient=True``), the mesh of a ``jax.set_mesh`` around the call.
+
+    Attributes:
+      fn: the public function, named in errors (``"materialize"``).
+      device: a ``jax.sharding.Sharding`` for every leaf (a ``jax.Device`` given is
+        turned into its ``SingleDeviceSharding``), or None.
+      shardings: a ``Sharding`` or a pytree prefix of them, or None.
+      mesh: the resolved ``Mesh`` (given or ambient), or None.
+      given_mesh: the ``mesh`` argument as given (None inside ``jax.set_mesh`` alone).
+      partition_rules, logical_axis_rules, allow_unused_rules, require_rules: as given;
+        see ``flaxlazy.materialize``.
+
+    Examples:
+      >>> import jax, numpy as np
+      >>> from jax.sharding import Mesh
+      >>> mesh = Mesh(np.array(jax.devices()[:1]), ("model",))
+      >>> Placement.from_args(fn="materialize", mesh=mesh).mesh is mesh
+      True
+      >>> Placement.from_args(fn="materialize", partition_rules=[])
+      Traceback (most recent call last):
+      ...
+      TypeError: materialize: `partition_rules` need a `mesh=`; got no mesh, so they
+      would be ignored.
+    """
+
+    fn: str | None = None
+    device: Any = None
+    shardings: Any = None
+    mesh: Any = None
+    given_mesh: Any = None
+    partition_rules: Any = None
+    logical_axis_rules: Any = None
+    allow_unused_rules: bool = False
+    require_rules: bool | None = None
+
+    @classmethod
+    def from_args(
+        cls,
+        *,
+        fn: str | None,
+        device: Any = None,
+        shardings: Any = None,
+        mesh: Any = None,
+        partition_rules: Any = None,
+        logical_axis_rules: Any = None,
+        allow_unused_rules: bool = False,
+        require_rules: bool | None = None,
+        ambient: bool = True,
+        ways: tuple[str, ...] = _WAYS,
+    ) -> Placement:
+        """The checked ``Placement`` of a call's placement arguments.
+
+        Args:
+          fn: the public function, for errors (None: messages without a prefix).
+          device, shardings, mesh, partition_rules, logical_axis_rules,
+            allow_unused_rules, require_rules: the call's arguments.
+          ambient: whether the mesh of a ``jax.set_mesh`` around the call stands in for
+            ``mesh`` when no way of placing is given.
+          ways: the ways of placing the function accepts, named when several are given.
+
+        Returns:
+          The ``Placement``.
+
+        Raises:
+          TypeError: more than one of ``device``, ``shardings`` and ``mesh``; rules
+            without a mesh (they would be ignored); a ``device`` that is no
+            ``jax.Device`` or ``Sharding``.
+        """
+        prefix = f"{fn}: " if fn else ""
+        given = [n for n, v in (("device", device), ("shardings", shardings), ("mesh", mesh))
+                 if v is not None]
+        if len(given) > 1:
+            raise TypeError(ONE_WAY.format(
+                prefix=prefix, verb="pass" if fn else "Pass", names=_names(ways),
+                given=given))
+        resolved = mesh
+        if not given and ambient:
+            resolved = ambient_mesh()  # inside jax.set_mesh: placed there, as nnx.jit would
+        if resolved is None:
+            needs = [n for n, v in zip(_NEED_MESH, (partition_rules, logical_axis_rules,
+                                                    require_rules), strict=True)
+                     if v is not None]
+            if needs:
+                raise TypeError(NEEDS_MESH.format(prefix=prefix, names=_names(needs)))
+        if device is not None:
+            if isinstance(device, jax.Device):
+                device = jax.sharding.SingleDeviceSharding(device)
+            if not isinstance(device, jax.sharding.Sharding):
+                raise TypeError(
+                    f"`device` must be a jax.Device (e.g. jax.devices('cpu')[0]) or a "
+                    f"jax.sharding.Sharding, got {device!r}."
+                )
+        return cls(fn, device, shardings, resolved, mesh, partition_rules,
+                   logical_axis_rules, allow_unused_rules, require_rules)
+
+    def rules(self) -> dict[str, Any]:
+        """The rule arguments, as keywords for ``sharding`` functions."""
+        return dict(partition_rules=self.partition_rules,
+                    logical_axis_rules=self.logical_axis_rules,
+                    allow_unused_rules=self.allow_unused_rules,
+                    require_rules=self.require_rules)
+
+    def by_path(self, abstract_tree: Any) -> dict[str, Any] | None:
+        """``{collection-qualified path: Sharding or None}``, or None for JAX's default
+        device (see ``resolve``)."""
+        if self.device is not None:
+            return broadcast(self.device, abstract_tree)
+        if self.shardings is not None:
+            return broadcast(self.shardings, abstract_tree)
+        if self.mesh is not None:
+            sharding_lib.check_mesh(self.mesh, concrete=True)
+            specs = sharding_lib.partition_specs(abstract_tree, self.mesh, **self.rules())
+            return {path: NamedSharding(self.mesh, spec) for path, spec in specs.items()}
+        return None
+
+    def for_plan(self, abstract_tree: Any) -> Callable[[str, Any], Any] | None:
+        """``by_path`` as the ``shardings`` function ``plan.build`` takes, or None."""
+        by_path = self.by_path(abstract_tree)
+        return None if by_path is None else (lambda path, leaf: by_path[path])
 
 
 def resolve(
@@ -37,6 +179,7 @@ def resolve(
     ``partition_rules`` and/or the Flax annotations; see ``flaxlazy.shardings`` for
     ``require_rules``). With none of them, inside ``jax.set_mesh`` the ambient mesh is
     the ``mesh`` (as ``nnx.jit(ctor)`` and ``jax.jit(module.init)`` place there).
+    ``Placement.from_args(...).by_path(abstract_tree)``, without a function name.
 
     Raises:
       TypeError: for conflicting or malformed placement arguments, naming them.
@@ -54,41 +197,11 @@ def resolve(
       ...
       TypeError: `mesh` must be a jax.sharding.Mesh, got AbstractMesh ...
     """
-    given = [n for n, v in (("device", device), ("shardings", shardings), ("mesh", mesh))
-             if v is not None]
-    if len(given) > 1:
-        raise TypeError(f"Pass only one of `device`, `shardings` and `mesh`; got {given}.")
-    if not given:
-        mesh = ambient_mesh()  # inside jax.set_mesh: placed there, as nnx.jit / jax.jit would
-    if mesh is None:
-        needs = [n for n, v in (("partition_rules", partition_rules),
-                                ("logical_axis_rules", logical_axis_rules),
-                                ("require_rules", require_rules)) if v is not None]
-        if needs:
-            raise TypeError(
-                f"{' and '.join(f'`{n}`' for n in needs)} need a `mesh=`; got no mesh, so "
-                "they would be ignored."
-            )
-    if device is not None:
-        if isinstance(device, jax.Device):
-            device = jax.sharding.SingleDeviceSharding(device)
-        if not isinstance(device, jax.sharding.Sharding):
-            raise TypeError(
-                f"`device` must be a jax.Device (e.g. jax.devices('cpu')[0]) or a "
-                f"jax.sharding.Sharding, got {device!r}."
-            )
-        return broadcast(device, abstract_tree)
-    if shardings is not None:
-        return broadcast(shardings, abstract_tree)
-    if mesh is not None:
-        sharding_lib.check_mesh(mesh, concrete=True)
-        specs = sharding_lib.partition_specs(
-            abstract_tree, mesh, partition_rules=partition_rules,
-            logical_axis_rules=logical_axis_rules, allow_unused_rules=allow_unused_rules,
-            require_rules=require_rules,
-        )
-        return {path: NamedSharding(mesh, spec) for path, spec in specs.items()}
-    return None
+    return Placement.from_args(
+        fn=None, device=device, shardings=shardings, mesh=mesh,
+        partition_rules=partition_rules, logical_axis_rules=logical_axis_rules,
+        allow_unused_rules=allow_unused_rules, require_rules=require_rules,
+    ).by_path(abstract_tree)
 
 
 def ambient_mesh() -> Any:

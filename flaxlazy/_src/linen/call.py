@@ -16,7 +16,9 @@ from flax.core.scope import DenyList
 from flaxlazy._src import _compat
 from flaxlazy._src import gc_pause
 from flaxlazy._src import paths
+from flaxlazy._src import placement as placement_lib
 from flaxlazy._src import specs
+from flaxlazy._src import traced_call
 from flaxlazy._src.linen import recorder as recorder_lib
 
 DEFAULT_MUTABLE = DenyList("intermediates")
@@ -69,6 +71,16 @@ def dynamic_inputs(args: tuple, kwargs: dict) -> list:
     """The array-like leaves of a call's inputs, in the order ``InitCall.inputs`` uses."""
     leaves = jax.tree_util.tree_leaves((tuple(args), dict(kwargs)))
     return [x for x in leaves if specs.is_array_like(x)]
+
+
+ACCEPTS = "a flax.linen.Module instance such as nn.Dense(4)"
+
+
+def accepts(target: Any) -> bool:
+    """Whether ``target`` is the Linen entrance's: a Linen module (a Linen class too, which
+    ``check_module`` then explains)."""
+    return isinstance(target, nn.Module) or (
+        isinstance(target, type) and issubclass(target, nn.Module))
 
 
 NOT_A_MODULE = (
@@ -310,6 +322,39 @@ def trace(call: InitCall, *, record: bool = True) -> Traced:
             ) from e
         raise
     return Traced(call, variables, found["records"])
+
+
+def _identity(variables: Any) -> Any:
+    return variables
+
+
+def trace_call(
+    module: nn.Module, args: tuple, kwargs: dict, *, fn: str,
+    placement: placement_lib.Placement, options: Mapping[str, Any], abstract: bool = False,
+) -> traced_call.TracedCall:
+    """The Linen entrance's trace: ``module.init(rngs, *inputs, **kwargs)``, abstractly.
+
+    Args:
+      module: the Linen module.
+      args: ``(rngs, *inputs)`` (or the inputs alone, with ``rngs`` in ``kwargs``).
+      kwargs: the keyword inputs (``rngs=`` is taken out of them).
+      fn: the public function, for errors.
+      placement: the call's placement; its mesh is where a model that names mesh axes is
+        traced (see ``placement.trace_for``).
+      options: ``Module.init``'s ``method``, ``mutable`` and ``capture_intermediates``.
+      abstract: shapes only (nothing recorded for a plan).
+
+    Returns:
+      A ``TracedCall`` whose ``build`` returns the variables tree as it is.
+    """
+    rngs, inputs = split_rngs_argument(args, kwargs, fn=fn)
+    call = make_call(
+        module, rngs, inputs, kwargs, method=options.get("method"),
+        mutable=options.get("mutable", DEFAULT_MUTABLE), fn=fn,
+        init_kwargs=init_options(options.get("capture_intermediates", False)),
+    )
+    traced = placement_lib.trace_for(placement.mesh, lambda: trace(call, record=not abstract))
+    return traced_call.TracedCall(traced, rngs, dynamic_inputs(inputs, kwargs), _identity)
 
 
 def init_options(capture_intermediates: Any) -> dict:

@@ -1,15 +1,16 @@
-"""The NNX entrance's trace, plan and ``materialize``: the core behind NNX in and out."""
+"""The NNX entrance's trace and plan: the core behind NNX in and out."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import flax.linen as nn
 from flax import nnx
 
-from flaxlazy._src import engine
-from flaxlazy._src import placement
+from flaxlazy._src import placement as placement_lib
 from flaxlazy._src import plan as plan_lib
+from flaxlazy._src import traced_call
 from flaxlazy._src.nnx import call as call_lib
 from flaxlazy._src.nnx import trace as trace_lib
 
@@ -30,31 +31,53 @@ def traced(ctor: Any, args: tuple, kwargs: dict, *, fn: str, logical_axis_rules:
 
 def plan(t: trace_lib.Traced, *, initializers: Any, placement_args: dict) -> plan_lib.Plan:
     """The plan of a traced constructor, placed as ``placement_args`` say."""
-    by_path = placement.resolve(t.variables, **placement_args)
     return plan_lib.build(
         t, initializers=initializers,
-        shardings=None if by_path is None else (lambda path, leaf: by_path[path]),
+        shardings=placement_lib.Placement.from_args(fn=None, **placement_args).for_plan(
+            t.variables),
     )
 
 
-def materialize(
-    ctor: Any, args: tuple, kwargs: dict, *, initializers: Any, placement_args: dict
-) -> Any:
-    """The constructed module, its values equal to ``nnx.jit(ctor)``'s where not overridden.
+def trace_call(
+    ctor: Any, args: tuple, kwargs: dict, *, fn: str, placement: placement_lib.Placement,
+    abstract: bool = False,
+) -> traced_call.TracedCall:
+    """The NNX entrance's trace: ``ctor(*args, **kwargs)``, abstractly.
 
-    The caller's ``nnx.Rngs`` ends as the constructor would have left it, and a module
-    that stores it (``self.rngs = rngs``) holds the caller's object, as after
-    ``nnx.jit`` or a direct call: the two then draw from one stream, not from two copies
-    in the same state. The trace and the module's assembly share one
-    ``nnx.update_context``, the mechanism ``nnx.jit`` uses for the same purpose.
+    A real init (``abstract=False``) must run inside ``nnx.update_context(UPDATE)``
+    (``session``) from the trace to ``build``: the trace and the module's assembly share
+    it, the mechanism ``nnx.jit`` uses so that the caller's ``nnx.Rngs`` ends as the
+    constructor would have left it, and a module that stores it (``self.rngs = rngs``)
+    holds the caller's object, as after ``nnx.jit`` or a direct call.
+
+    Args:
+      ctor: the NNX Module class or factory.
+      args: its positional arguments.
+      kwargs: its keyword arguments, ``rngs=nnx.Rngs(...)`` among them.
+      fn: the public function, for errors.
+      placement: the call's placement (its mesh, for a model that names mesh axes; its
+        logical axis rules, for NNX's logical annotations).
+      abstract: shapes only: nothing recorded, and ``build`` leaves the caller's
+        ``nnx.Rngs`` untouched.
+
+    Returns:
+      A ``TracedCall`` whose ``build`` assembles the module.
     """
-    with nnx.update_context(trace_lib.UPDATE):
-        t = placement.trace_for(placement_args.get("mesh"), lambda: traced(
-            ctor, args, kwargs, fn="materialize",
-            logical_axis_rules=placement_args.get("logical_axis_rules"), update=trace_lib.UPDATE))
-        p = plan(t, initializers=initializers, placement_args=placement_args)
-        keys = t.call.keys()
-        dyn = call_lib.dynamic_inputs(args, kwargs)
-        variables = engine.execute(p, keys, dyn)
+    t = placement_lib.trace_for(placement.mesh, lambda: traced(
+        ctor, args, kwargs, fn=fn, logical_axis_rules=placement.logical_axis_rules,
+        record=not abstract, update=None if abstract else trace_lib.UPDATE))
+    dyn = call_lib.dynamic_inputs(args, kwargs)
+    if abstract:
+        return traced_call.TracedCall(t, None, dyn, lambda v: trace_lib.build_module(t, v))
+    keys = t.call.keys()
+
+    def build(variables: Any) -> Any:
         t.update_rngs(keys, dyn)
         return trace_lib.build_module(t, variables)
+
+    return traced_call.TracedCall(t, keys, dyn, build)
+
+
+def session(abstract: bool = False) -> Any:
+    """The context a call's trace, execution and build share (see ``trace_call``)."""
+    return contextlib.nullcontext() if abstract else nnx.update_context(trace_lib.UPDATE)

@@ -36,6 +36,10 @@ class _RngsSlot:
     index: int
 
 
+ACCEPTS = (
+    "an NNX Module class (or a function returning an NNX Module) followed by its "
+    "constructor arguments"
+)
 NOT_A_CONSTRUCTOR = (
     "{fn}: `module` must be a flax.linen.Module instance, or an NNX Module class (or a "
     "function returning an NNX Module) followed by its constructor arguments, got "

@@ -1,0 +1,42 @@
+"""What an entrance's trace hands the stages after it: records, keys, inputs, a builder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+from typing import NamedTuple
+
+
+class TracedCall(NamedTuple):
+    """One public call, traced by its framework's entrance (``flaxlazy._src.entrances``).
+
+    The framework-free stages read it: ``placement`` places ``variables``, ``plan.build``
+    plans from ``records``, ``engine.execute`` draws from ``keys`` with ``inputs``, and
+    ``build`` turns the executed (or abstract) variables into what the public function
+    returns.
+
+    Attributes:
+      records: the entrance's trace (``plan.build`` reads it; ``records.variables`` is
+        the abstract variables tree).
+      keys: the root keys the values are drawn from (Linen: the ``rngs`` argument; NNX:
+        the caller's ``nnx.Rngs`` streams' keys).
+      inputs: the call's dynamic inputs (arrays or specs), in the trace's order.
+      build: ``build(variables) -> result``: Linen returns the tree; NNX assembles the
+        module (and, after a real init, leaves the caller's ``nnx.Rngs`` as the
+        constructor would).
+
+    Examples:
+      >>> call = TracedCall(records=None, keys=None, inputs=[], build=lambda v: v)
+      >>> call.build({"params": {}})
+      {'params': {}}
+    """
+
+    records: Any
+    keys: Any
+    inputs: list
+    build: Callable[[Any], Any]
+
+    @property
+    def variables(self) -> Any:
+        """The abstract variables tree the trace found."""
+        return self.records.variables
