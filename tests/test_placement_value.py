@@ -3,7 +3,9 @@
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -75,3 +77,15 @@ def test_for_plan_gives_each_path_its_sharding(mesh):
     place = placement.Placement.from_args(fn=None, mesh=mesh)
     assert place.for_plan(TREE)("params/w", None).spec == P()
     assert placement.Placement.from_args(fn=None).for_plan(TREE) is None
+
+
+def test_train_states_check_placement_once_with_the_same_wording(mesh):
+    tx, x = optax.adam(1e-3), flaxlazy.spec("f32[2,3]")
+    with pytest.raises(TypeError, match=r"^abstract_train_state: `partition_rules` need a "
+                                        r"`mesh=`; got no mesh, so they would be ignored"):
+        flaxlazy.abstract_train_state(nnx.Linear, tx, 3, 4, rngs=nnx.Rngs(0),
+                                      partition_rules=[])
+    with jax.set_mesh(mesh):  # a Linen train state is laid out on the mesh given alone
+        with pytest.raises(TypeError, match=r"^init_train_state: `partition_rules` need a"):
+            flaxlazy.init_train_state(nn.Dense(3), tx, jax.random.key(0), x,
+                                      partition_rules=[])

@@ -26,14 +26,15 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
 from flaxlazy._src import abstract as abstract_lib
+from flaxlazy._src import entrances
 from flaxlazy._src import materialize as materialize_lib
 from flaxlazy._src import paths
+from flaxlazy._src import placement as placement_lib
 from flaxlazy._src import rules as rules_lib
 from flaxlazy._src import sharding as sharding_lib
 from flaxlazy._src import sharding_checks
 from flaxlazy._src import summary as summary_lib
 from flaxlazy._src.linen import call as linen_call
-from flaxlazy._src.nnx import call as nnx_call
 from flaxlazy._src.nnx import optimizer as nnx_optimizer
 
 PARAMS = paths.PARAMS
@@ -201,28 +202,39 @@ def _with_sharding(leaf: jax.ShapeDtypeStruct, sharding: Any) -> jax.ShapeDtypeS
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
 
 
+def _start(fn: str, module: Any, **placement_args: Any
+           ) -> tuple[entrances.Entrance, placement_lib.Placement]:
+    """The entrance that takes ``module`` and the call's checked ``Placement``.
+
+    A Linen train state is laid out on the ``mesh`` given alone (a ``jax.set_mesh``
+    around the call does not stand in for it, so rules without ``mesh=`` are an error
+    there too); an NNX one is materialized as ``materialize`` would, which places on the
+    ambient mesh.
+    """
+    entrance = entrances.find(module, fn=fn)
+    place = placement_lib.Placement.from_args(
+        fn=fn, ambient=entrance is not entrances.LINEN, ways=("device", "mesh"),
+        **placement_args,
+    )
+    return entrance, place
+
+
 def _abstract(
-    fn: str, module: Any, tx: Any, rngs: Any, inputs: tuple, kwargs: dict, *, mesh: Any,
-    partition_rules: Any, logical_axis_rules: Any, allow_unused_rules: bool,
-    require_rules: bool | None, concrete: bool,
+    fn: str, module: Any, tx: Any, rngs: Any, inputs: tuple, kwargs: dict, *,
+    place: placement_lib.Placement, concrete: bool,
 ) -> tuple[TrainState, Any]:
     """The abstract train state, and the variables' shardings tree (None without a mesh)."""
     linen_call.check_module(module, fn=fn)
     check_tx(tx, fn=fn)
-    if mesh is None:
-        given = [n for n, v in ((WHAT, partition_rules),
-                                ("logical_axis_rules", logical_axis_rules),
-                                ("require_rules", require_rules)) if v is not None]
-        if given:
-            raise TypeError(f"{fn}: {' and '.join(f'`{n}`' for n in given)} need a `mesh=`.")
-    else:
+    mesh = place.given_mesh
+    if mesh is not None:
         sharding_lib.check_mesh(mesh, concrete=concrete)
-        sharding_lib.check_logical_axis_rules(logical_axis_rules)
+        sharding_lib.check_logical_axis_rules(place.logical_axis_rules)
     variables = abstract_lib.abstract_init(module, rngs, *inputs, **kwargs)
     variable_shardings = None
     if mesh is not None:
-        layout = _Layout(mesh, partition_rules, logical_axis_rules, allow_unused_rules,
-                         require_rules)
+        layout = _Layout(mesh, place.partition_rules, place.logical_axis_rules,
+                         place.allow_unused_rules, place.require_rules)
         variable_shardings = layout.variables(variables)
         variables = jax.tree.map(
             lambda leaf, sh: _with_sharding(paths.unbox(leaf), sh), variables,
@@ -296,18 +308,16 @@ def abstract_train_state(
       >>> state.opt_state[0].mu["kernel"]
       ShapeDtypeStruct(shape=(5, 3), dtype=float32)
     """
-    if nnx_call.is_nnx_target(module):
-        return _nnx_state(
-            "abstract_train_state", module, tx, args, kwargs, mesh=mesh,
-            partition_rules=partition_rules, logical_axis_rules=logical_axis_rules,
-            allow_unused_rules=allow_unused_rules, require_rules=require_rules,
-        )
-    rngs, inputs = linen_call.split_rngs_argument(args, kwargs, fn="abstract_train_state")
-    state, _ = _abstract(
-        "abstract_train_state", module, tx, rngs, inputs, kwargs, mesh=mesh,
-        partition_rules=partition_rules, logical_axis_rules=logical_axis_rules,
-        allow_unused_rules=allow_unused_rules, require_rules=require_rules, concrete=False,
+    entrance, place = _start(
+        "abstract_train_state", module, mesh=mesh, partition_rules=partition_rules,
+        logical_axis_rules=logical_axis_rules, allow_unused_rules=allow_unused_rules,
+        require_rules=require_rules,
     )
+    if entrance is entrances.NNX:
+        return _nnx_state("abstract_train_state", module, tx, args, kwargs, place=place)
+    rngs, inputs = linen_call.split_rngs_argument(args, kwargs, fn="abstract_train_state")
+    state, _ = _abstract("abstract_train_state", module, tx, rngs, inputs, kwargs,
+                         place=place, concrete=False)
     return state
 
 
@@ -363,23 +373,19 @@ def init_train_state(
       >>> int(state.step), state.params["kernel"].shape
       (0, (5, 3))
     """
-    if mesh is not None and device is not None:
-        raise TypeError("init_train_state: pass only one of `device` and `mesh`.")
-    if nnx_call.is_nnx_target(module):
-        return _nnx_state(
-            "init_train_state", module, tx, args, kwargs, mesh=mesh,
-            partition_rules=partition_rules, logical_axis_rules=logical_axis_rules,
-            allow_unused_rules=allow_unused_rules, require_rules=require_rules,
-            initializers=initializers, device=device,
-        )
-    rngs, inputs = linen_call.split_rngs_argument(args, kwargs, fn="init_train_state")
-    abstract, variable_shardings = _abstract(
-        "init_train_state", module, tx, rngs, inputs, kwargs, mesh=mesh,
+    entrance, place = _start(
+        "init_train_state", module, device=device, mesh=mesh,
         partition_rules=partition_rules, logical_axis_rules=logical_axis_rules,
-        allow_unused_rules=allow_unused_rules, require_rules=require_rules, concrete=True,
+        allow_unused_rules=allow_unused_rules, require_rules=require_rules,
     )
+    if entrance is entrances.NNX:
+        return _nnx_state("init_train_state", module, tx, args, kwargs, place=place,
+                          initializers=initializers)
+    rngs, inputs = linen_call.split_rngs_argument(args, kwargs, fn="init_train_state")
+    abstract, variable_shardings = _abstract("init_train_state", module, tx, rngs, inputs,
+                                             kwargs, place=place, concrete=True)
     variables = materialize_lib.materialize(
-        module, rngs, *inputs, initializers=initializers, device=device,
+        module, rngs, *inputs, initializers=initializers, device=place.device,
         shardings=variable_shardings, **kwargs,
     )
     params, collections = _split(variables)
@@ -387,7 +393,7 @@ def init_train_state(
     opt_state = _compiled_init(tx, opt_shardings)(params)
     return TrainState(
         step=jax.device_put(jnp.zeros((), jnp.int32), abstract.step.sharding)
-        if mesh is not None else jnp.zeros((), jnp.int32),
+        if place.given_mesh is not None else jnp.zeros((), jnp.int32),
         apply_fn=module.apply, params=params, tx=tx, opt_state=opt_state,
         collections=collections,
     )
@@ -399,28 +405,28 @@ def _compiled_init(tx: optax.GradientTransformation, shardings: Any) -> Callable
 
 
 def _nnx_state(
-    fn: str, ctor: Any, tx: Any, args: tuple, kwargs: dict, *, mesh: Any, partition_rules: Any,
-    logical_axis_rules: Any, allow_unused_rules: bool, require_rules: bool | None,
-    initializers: Any = None, device: Any = None,
+    fn: str, ctor: Any, tx: Any, args: tuple, kwargs: dict, *, place: placement_lib.Placement,
+    initializers: Any = None,
 ) -> tuple[nnx.Module, nnx.Optimizer]:
     """``(model, nnx.Optimizer)`` for an NNX constructor: real for ``init_train_state``,
     abstract (sharded ``ShapeDtypeStruct``s) for ``abstract_train_state``."""
     check_tx(tx, fn=fn)
     concrete = fn == "init_train_state"
     layout = None
+    mesh, partition_rules = place.given_mesh, place.partition_rules
     if mesh is not None:
         sharding_lib.check_mesh(mesh, concrete=concrete)
-        sharding_lib.check_logical_axis_rules(logical_axis_rules)
-        layout = _Layout(mesh, partition_rules, logical_axis_rules, allow_unused_rules,
-                         require_rules)
+        sharding_lib.check_logical_axis_rules(place.logical_axis_rules)
+        layout = _Layout(mesh, partition_rules, place.logical_axis_rules,
+                         place.allow_unused_rules, place.require_rules)
     placement = dict(mesh=mesh, partition_rules=partition_rules,
-                     logical_axis_rules=logical_axis_rules,
-                     require_rules=sharding_lib.strict(require_rules, partition_rules)
-                     if mesh is not None else require_rules,
-                     allow_unused_rules=True if mesh is not None else allow_unused_rules)
+                     logical_axis_rules=place.logical_axis_rules,
+                     require_rules=sharding_lib.strict(place.require_rules, partition_rules)
+                     if mesh is not None else place.require_rules,
+                     allow_unused_rules=True if mesh is not None else place.allow_unused_rules)
     if concrete:
         model = materialize_lib.materialize(ctor, *args, initializers=initializers,
-                                            device=device, **placement, **kwargs)
+                                            device=place.device, **placement, **kwargs)
     else:
         model = abstract_lib.abstract_init(ctor, *args, **placement, **kwargs)
     abstract_opt = nnx_optimizer.abstract_optimizer(model, tx, layout)
