@@ -27,8 +27,10 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
+from flaxlazy._src import entrances
 from flaxlazy._src import initializer_names
 from flaxlazy._src import paths
+from flaxlazy._src import placement
 from flaxlazy._src import plan as plan_lib
 from flaxlazy._src import rules as rules_lib
 from flaxlazy._src import sharding as sharding_lib
@@ -42,7 +44,6 @@ from flaxlazy._src.inspect_options import cast_dtype
 from flaxlazy._src.inspect_options import parse_bytes
 from flaxlazy._src.linen import call as linen_call
 from flaxlazy._src.nnx import api as nnx_api
-from flaxlazy._src.nnx import call as nnx_call
 from flaxlazy._src.nnx import optimizer as nnx_optimizer
 from flaxlazy._src.nnx import trace as nnx_trace
 from flaxlazy._src.report_types import BAD_SPEC
@@ -220,16 +221,16 @@ def inspect(
     """
     start = time.perf_counter()
     mesh = as_mesh(mesh)
-    given = [n for n, v in ((sharding_lib.WHAT, partition_rules),
-                            ("logical_axis_rules", logical_axis_rules),
-                            ("require_rules", require_rules)) if v is not None]
-    if mesh is None and given:
-        raise TypeError(f"inspect: {' and '.join(f'`{n}`' for n in given)} need a `mesh=`.")
+    # Checked as materialize checks them; inspect reports on the mesh given alone.
+    placement.Placement.from_args(
+        fn="inspect", mesh=mesh, partition_rules=partition_rules,
+        logical_axis_rules=logical_axis_rules, require_rules=require_rules, ambient=False,
+    )
     tx, tx_name = optimizer_for(optimizer) if optimizer is not None else (None, None)
     cast = cast_dtype(dtype) if dtype is not None else None
     memory = parse_bytes(device_memory) if device_memory is not None else None
 
-    is_nnx = nnx_call.is_nnx_target(module)
+    is_nnx = entrances.find(module, fn="inspect") is entrances.NNX
     if is_nnx:
         linen_call.reject_linen_options("inspect", method=method, mutable=mutable,
                                         capture_intermediates=False)
