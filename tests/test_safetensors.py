@@ -586,3 +586,15 @@ def test_a_reshape_that_would_copy_the_tensor_is_refused(tmp_path, no_reads):
                                          r"reshape of \[4, 2, 2\] merges axes"):
         flaxlazy.materialize(Odd(), KEY, flaxlazy.spec("f32[1,4]"), initializers={
             "v": src, "w": nn.initializers.zeros})
+
+
+@needs_8
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_example_quick_loads_what_the_naive_loop_loads(tmp_path, scan, capsys):
+    results = example.main(["--quick", "--path", str(tmp_path / "{config}"),
+                            *(["--scan"] if scan else [])])
+    assert results["max_logit_diff"] == 0.0
+    assert results["params"] == 106_816
+    out = capsys.readouterr().out
+    assert "wrote a Hugging Face-layout checkpoint" in out
+    assert "model.safetensors.index.json" in out
