@@ -598,3 +598,25 @@ def test_example_quick_loads_what_the_naive_loop_loads(tmp_path, scan, capsys):
     out = capsys.readouterr().out
     assert "wrote a Hugging Face-layout checkpoint" in out
     assert "model.safetensors.index.json" in out
+
+
+def test_inspect_command_checks_weights_from_headers_alone(tmp_path, capsys, no_reads):
+    from flaxlazy._src import cli
+
+    tiny = example.Config(256, 64, 2, 8, 4, 128)  # factories.llama_tiny's sizes
+    example.write_hf(tmp_path, example.hf_llama_tensors(tiny, BF16), 2)
+    target = str(ROOT / "examples" / "factories.py") + ":llama_tiny"
+    assert cli.main(["inspect", target, "--weights", str(tmp_path), "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "safetensors lm_head.weight T bf16->f32" in out
+    assert re.search(r"weights +.*: 21 tensors, 208\.6 KiB in 2 file\(s\); headers checked, no "
+                     r"tensor read\. The load maps at most 64\.0 KiB", out), out
+    assert cli.main(["inspect", target, "--weights", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["weights"]["tensors"] == 21
+    # A layout that does not fit: one line naming the leaf, the key and both shapes.
+    assert cli.main(["inspect", target, "--weights", str(tmp_path), "--rename", "gpt2"]) == 2
+    err = capsys.readouterr().err
+    assert "'params/embed_tokens/embedding' (float32[256,64]) maps to 'embed_tokens." in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert cli.main(["inspect", target, "--rename", "gpt2"]) == 2
+    assert "--rename needs --weights" in capsys.readouterr().err

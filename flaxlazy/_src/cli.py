@@ -56,6 +56,33 @@ def _optimizer(text: str | None, target_module: Any) -> Any:
     return tx
 
 
+def _weights(args: argparse.Namespace, target_module: Any) -> Any:
+    """``initializers=`` reading every parameter from ``--weights`` (None without it)."""
+    if args.weights is None:
+        if args.rename is not None:
+            raise UsageError("--rename needs --weights.")
+        return None
+    import flaxlazy
+
+    named = {None: flaxlazy.LLAMA_HF, "llama": flaxlazy.LLAMA_HF, "gpt2": flaxlazy.GPT2_HF}
+    rename = named[args.rename] if args.rename in named else cli_target.resolve(
+        args.rename, "--rename", target_module)
+    try:
+        return {"**": flaxlazy.from_safetensors(args.weights, rename=rename)}
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--weights/--rename: {e}") from None
+
+
+def _weights_text(summary: dict[str, Any]) -> str:
+    from flaxlazy._src import summary as summary_lib
+
+    size = summary_lib.format_bytes
+    return (f"weights          {summary['path']}: {summary['tensors']} tensors, "
+            f"{size(summary['bytes'])} in {summary['files']} file(s); headers checked, no tensor "
+            f"read. The load maps at most {size(summary['mapped_at_once'])} of them on the "
+            "host at once, besides the parameters' own buffers")
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs ``inspect`` for parsed ``args``; returns the exit status."""
     from flaxlazy._src import inspect_render
@@ -63,11 +90,19 @@ def run(args: argparse.Namespace) -> int:
     # What loading the target adds to sys.path and sys.modules lasts while its code runs.
     with cli_target.loading(), _stdout_to_stderr() if args.json else contextlib.nullcontext():
         report = _report(args)
+    weights = None
+    if args.weights is not None:
+        from flaxlazy._src.sources.from_safetensors import source as safetensors_source
+
+        weights = safetensors_source.load_summary(args.weights)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps(report.to_dict() | ({"weights": weights} if weights else {}),
+                         indent=2))
     else:
         color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
         print(report.render(color=color))
+        if weights:
+            print(_weights_text(weights))
     failures = report.failures()
     if args.strict and failures:
         groups = inspect_render.group_problems(failures, [leaf.path for leaf in report.leaves])
@@ -111,6 +146,7 @@ def _report(args: argparse.Namespace) -> Any:
     if mesh is None and (args.rules or args.logical_axis_rules or args.require_rules is not None):
         raise UsageError("--rules, --logical-axis-rules and --require-rules need a --mesh.")
     optimizer = _optimizer(args.optimizer, target_module)
+    initializers = _weights(args, target_module)
     names = [n.strip() for n in (args.rngs or "params").split(",") if n.strip()]
     if model.nnx:
         call_args = model.args
@@ -129,7 +165,8 @@ def _report(args: argparse.Namespace) -> Any:
             logical_axis_rules=refs["--logical-axis-rules"],
             allow_unused_rules=args.allow_unused_rules, require_rules=args.require_rules,
             optimizer=optimizer, dtype=args.dtype, device_memory=memory,
-            method=args.method, top=top, depth=args.depth, **call_kwargs,
+            method=args.method, top=top, depth=args.depth, initializers=initializers,
+            **call_kwargs,
         )
     except SystemExit as e:  # the model's own code: its constructor, its __call__
         raise UsageError(f"inspecting {args.target} failed: the model's code exited "

@@ -100,6 +100,13 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     p.add_argument("--optimizer", metavar="NAME|REF",
                    help="add the optimizer state: adamw, adam, sgd, adafactor, lion, or REF to "
                         "an optax transformation (or a function of no arguments returning one)")
+    p.add_argument("--weights", metavar="PATH",
+                   help="check a safetensors checkpoint (file, directory or index) against the "
+                        "model from its headers alone, nothing read: each parameter's key and "
+                        "transform (the init column), and the host memory the load needs")
+    p.add_argument("--rename", metavar="llama|gpt2|REF",
+                   help="with --weights: the rename rules, flaxlazy.LLAMA_HF (llama, the "
+                        "default), GPT2_HF (gpt2), or REF to a list of (regex, key[, transform])")
     p.add_argument("--dtype", help="cast floating parameters to this dtype (what-if), e.g. bf16")
     p.add_argument("--device-memory", metavar="SIZE",
                    help="one device's memory, e.g. 80GiB: says whether the load fits")

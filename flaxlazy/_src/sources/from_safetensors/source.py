@@ -173,6 +173,25 @@ def from_safetensors(
     return SafetensorsSource(os.fspath(path), rules, strict, tuple(unused))
 
 
+def load_summary(path: str | os.PathLike) -> dict[str, Any]:
+    """What loading from ``path`` reads, and what it maps on the host at once beside the
+    parameters themselves, from the headers alone (``flaxlazy inspect --weights``).
+
+    Returns:
+      ``{"path", "files", "tensors", "bytes", "largest_tensor", "mapped_at_once"}``: the
+      checkpoint's size, and at most one tensor mapped per loading thread.
+
+    Raises:
+      ValueError: as ``from_safetensors`` does for a missing or damaged checkpoint.
+    """
+    ckpt = files.open_checkpoint(os.fspath(path))
+    sizes = [t.nbytes for t in ckpt.tensors.values()]
+    largest = max(sizes, default=0)
+    return {"path": os.fspath(path), "files": len(ckpt.files), "tensors": len(sizes),
+            "bytes": sum(sizes), "largest_tensor": largest,
+            "mapped_at_once": min(host.workers(), len(sizes)) * largest}
+
+
 def recognizes(value: Any) -> bool:
     return isinstance(value, SafetensorsSource)
 
