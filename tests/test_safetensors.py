@@ -620,3 +620,18 @@ def test_inspect_command_checks_weights_from_headers_alone(tmp_path, capsys, no_
     assert len(err.strip().splitlines()) == 1, err
     assert cli.main(["inspect", target, "--rename", "gpt2"]) == 2
     assert "--rename needs --weights" in capsys.readouterr().err
+
+
+def test_two_sources_on_one_checkpoint_share_what_they_use(ckpts):
+    path, tensors, cfg = ckpts["f32"]
+    mlp = flaxlazy.from_safetensors(path, rename=flaxlazy.LLAMA_HF, strict=True)
+    rest = flaxlazy.from_safetensors(path, rename=flaxlazy.LLAMA_HF)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # together they read every tensor: nothing to report
+        got = flaxlazy.materialize(linen_llama(cfg), KEY, TOKENS,
+                                   initializers={"layers_*/mlp/**": mlp, "**": rest})
+    _check(got, expected(tensors, cfg, np.float32))
+    with pytest.raises(ValueError, match=r"1 checkpoint tensor not used by the model: "
+                                         r"'lm_head\.weight'"):  # the strictest decides
+        flaxlazy.materialize(linen_llama(cfg), KEY, TOKENS, initializers={
+            "lm_head/**": nn.initializers.zeros, "layers_*/mlp/**": mlp, "**": rest})

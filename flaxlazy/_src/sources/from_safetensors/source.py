@@ -300,21 +300,31 @@ def plan(query: kinds.Query, memo: dict) -> kinds.Planned:
 
 def report_unused(leaves: Sequence[Any], memo: dict) -> None:
     """Tensors of each checkpoint that no leaf reads (and ``unused=`` does not name): a
-    warning, or an error with ``strict=True``."""
+    warning, or an error with ``strict=True``. Sources reading one checkpoint (a head and
+    a body under two patterns) are reported together: a tensor one of them reads is
+    used, one any of them names in ``unused=`` is expected, and ``strict`` is the
+    strictest of theirs (True over None over False)."""
     del leaves
+    by_path: dict[str, list[tuple[SafetensorsSource, set[str]]]] = {}
     for source, used in memo.get("used", {}).items():
-        if source.strict is False:
+        by_path.setdefault(source.path, []).append((source, used))
+    for path, sources in by_path.items():
+        stricts = {source.strict for source, _ in sources}
+        strict = True if True in stricts else (None if None in stricts else False)
+        if strict is False:
             continue
-        left = sorted(k for k in _checkpoint(memo, source.path).tensors
-                      if k not in used and not any(re.fullmatch(u, k) for u in source.unused))
+        used = set().union(*(u for _, u in sources))
+        expected = [u for source, _ in sources for u in source.unused]
+        left = sorted(k for k in _checkpoint(memo, path).tensors
+                      if k not in used and not any(re.fullmatch(u, k) for u in expected))
         if not left:
             continue
         listing = ", ".join(repr(k) for k in left[:8]) + (", ..." if len(left) > 8 else "")
         message = UNUSED.format(
-            path=source.path, n=len(left), s="" if len(left) == 1 else "s", listing=listing,
-            fix=", or pass strict=False" + ("" if source.strict else
+            path=path, n=len(left), s="" if len(left) == 1 else "s", listing=listing,
+            fix=", or pass strict=False" + ("" if strict else
                                              "; strict=True makes this an error"))
-        if source.strict:
+        if strict:
             raise ValueError(message)
         warnings.warn(message, UserWarning, stacklevel=warn.user_stacklevel())
 
