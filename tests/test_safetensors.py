@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import os
@@ -9,6 +10,7 @@ import pathlib
 import re
 import struct
 import sys
+import time
 import warnings
 
 import chex
@@ -635,3 +637,29 @@ def test_two_sources_on_one_checkpoint_share_what_they_use(ckpts):
                                          r"'lm_head\.weight'"):  # the strictest decides
         flaxlazy.materialize(linen_llama(cfg), KEY, TOKENS, initializers={
             "lm_head/**": nn.initializers.zeros, "layers_*/mlp/**": mlp, "**": rest})
+
+
+def test_no_parameter_lives_in_the_file_mapping(tmp_path):
+    """jax.device_put aliases an aligned, contiguous host array rather than copying it:
+    a box handed over as a view of the mapped file would make the parameter live in the
+    file's pages (and change with the file). After a load nothing of the file is mapped."""
+    kernel = np.arange(4096, dtype=np.float32).reshape(64, 64)
+    header = {"kernel": {"dtype": "F32", "shape": [64, 64], "data_offsets": [0, 16384]},
+              "bias": {"dtype": "F32", "shape": [64], "data_offsets": [16384, 16640]}}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-(8 + len(raw)) % 4096)  # the tensors start page-aligned in the file
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(struct.pack("<Q", len(raw)) + raw + kernel.tobytes()
+                     + np.ones(64, np.float32).tobytes())
+    got = flaxlazy.materialize(nn.Dense(64), KEY, flaxlazy.spec("f32[1,64]"),
+                               initializers={"**": flaxlazy.from_safetensors(file)})
+    jax.block_until_ready(got)
+    for _ in range(100):  # a copy in flight holds its view a moment after it lands
+        gc.collect()
+        with open("/proc/self/maps") as f:
+            mapped = [line for line in f if str(file) in line]
+        if not mapped:
+            break
+        time.sleep(0.02)
+    assert not mapped, mapped
+    chex.assert_trees_all_equal(params_of(got), {"kernel": kernel, "bias": np.ones(64, np.float32)})

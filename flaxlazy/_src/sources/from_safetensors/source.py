@@ -369,13 +369,10 @@ def _assign(out: np.ndarray, src: np.ndarray) -> None:
             out[..., i:i + TILE, j:j + TILE] = src[..., i:i + TILE, j:j + TILE]
 
 
-def _copy(opened: files.Opened, read: Read, shape: tuple[int, ...], out: np.ndarray,
-          box: tuple[slice, ...]) -> None:
-    """Fills ``out`` with the elements ``box`` of the parameter (of shape ``shape``),
-    cast to ``out``'s dtype."""
-    if read.stack is None:
-        _assign(out, _read(opened, read.tensors[0], read.steps, shape, box))
-        return
+def _copy_layers(opened: files.Opened, read: Read, shape: tuple[int, ...], out: np.ndarray,
+                 box: tuple[slice, ...]) -> None:
+    """Fills ``out`` with the elements ``box`` of a stacked parameter (of shape
+    ``shape``), layer by layer from the layers' tensors, cast to ``out``'s dtype."""
     axis = read.stack
     layer_shape = shape[:axis] + shape[axis + 1:]
     rest = box[:axis] + box[axis + 1:]
@@ -389,18 +386,12 @@ def _box(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
     return tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape, strict=True))
 
 
-def _host_array(opened: files.Opened, read: Read, shape: tuple[int, ...], dtype: np.dtype,
-                box: tuple[slice, ...]) -> np.ndarray:
-    """The elements ``box`` of the parameter in a new aligned host buffer (it becomes a
-    CPU device array without another copy)."""
-    sizes = tuple(s.stop - s.start for s in box)
+def _buffer(sizes: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A new aligned host buffer (it becomes a CPU device array without another copy)."""
     buf, populate = host.aligned_empty(math.prod(sizes), dtype)
     if populate is not None:
         populate(0, buf.size)
-    out = buf.reshape(sizes)
-    if buf.size:
-        _copy(opened, read, shape, out, box)
-    return out
+    return buf.reshape(sizes)
 
 
 def _shard(opened: files.Opened, read: Read, shape: tuple[int, ...], dtype: np.dtype,
@@ -408,15 +399,25 @@ def _shard(opened: files.Opened, read: Read, shape: tuple[int, ...], dtype: np.d
     """One box of the parameter, on each of ``devices`` (None: the default device,
     uncommitted), read from the file once.
 
-    A box of one tensor in its own dtype is handed to ``jax.device_put`` as the strided
-    view of the mapped file: the runtime copies it into the device buffer, transposing
-    on the way, faster than NumPy does. A box to cast, or stacked from several tensors,
-    is copied into an aligned host buffer first.
+    A strided box of one tensor in its own dtype (a transposed weight) is handed to
+    ``jax.device_put`` as the view of the mapped file: the runtime copies it into the
+    device buffer, transposing on the way, faster than NumPy does. Any other box is
+    copied into an aligned host buffer first: a contiguous view the runtime would not
+    copy but alias (the parameter would live in the file's mapping, and change with the
+    file), a box to cast, a box stacked from several tensors.
     """
-    if read.stack is None and read.tensors[0].np_dtype() == dtype:
-        value = _read(opened, read.tensors[0], read.steps, shape, box)
+    sizes = tuple(s.stop - s.start for s in box)
+    if read.stack is None:
+        view = _read(opened, read.tensors[0], read.steps, shape, box)
+        if view.dtype == dtype and not view.flags.c_contiguous:
+            value = view
+        else:
+            value = _buffer(sizes, dtype)
+            _assign(value, view)
     else:
-        value = _host_array(opened, read, shape, dtype, box)
+        value = _buffer(sizes, dtype)
+        if value.size:
+            _copy_layers(opened, read, shape, value, box)
     first = jax.device_put(value, devices[0])
     rest = devices[1:]
     return [first, *(jax.device_put([first] * len(rest), rest) if rest else [])]
