@@ -27,7 +27,7 @@ import flaxlazy
 from flaxlazy._src import paths
 from flaxlazy._src import rules as rules_lib
 from flaxlazy._src.sources.from_safetensors import files
-from flaxlazy._src.sources.from_safetensors import source as source_lib
+from flaxlazy._src.sources.from_safetensors import shards
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -128,10 +128,10 @@ def ckpts(tmp_path_factory):
     bf16 tied in one file."""
     root = tmp_path_factory.mktemp("hf")
     out = {}
-    for name, cfg, dtype, shards in [("f32", CFG, np.float32, 3),
+    for name, cfg, dtype, n_files in [("f32", CFG, np.float32, 3),
                                      ("bf16_tied", CFG._replace(tied=True), BF16, 1)]:
         tensors = example.hf_llama_tensors(cfg, dtype, seed=len(out))
-        example.write_hf(root / name, tensors, shards, cfg.to_hf())
+        example.write_hf(root / name, tensors, n_files, cfg.to_hf())
         out[name] = (root / name, tensors, cfg)
     return out
 
@@ -291,14 +291,14 @@ def test_gpt2_layout_into_the_nnx_gpt(tmp_path):
 def test_a_sharded_tensor_is_never_read_whole(ckpts, monkeypatch):
     path, tensors, cfg = ckpts["f32"]
     reads = []
-    read = source_lib._read
+    read = shards._read
 
     def counting(opened, tensor, steps, shape, box):
         out = read(opened, tensor, steps, shape, box)
         reads.append((tensor.key, out.size))
         return out
 
-    monkeypatch.setattr(source_lib, "_read", counting)
+    monkeypatch.setattr(shards, "_read", counting)
     src = flaxlazy.from_safetensors(path, rename=flaxlazy.LLAMA_HF, strict=True)
     flaxlazy.materialize(linen_llama(cfg), KEY, TOKENS, initializers={"**": src},
                          mesh=mesh24(), partition_rules=LINEN_RULES)
@@ -373,7 +373,7 @@ def no_reads(monkeypatch):
     def fail(*args):
         raise AssertionError("tensor data was read before the checks")
 
-    monkeypatch.setattr(source_lib, "_read", fail)
+    monkeypatch.setattr(shards, "_read", fail)
 
 
 def test_missing_key_names_path_key_and_closest(ckpts, no_reads):

@@ -92,9 +92,9 @@ def run(args: argparse.Namespace) -> int:
         report = _report(args)
     weights = None
     if args.weights is not None:
-        from flaxlazy._src.sources.from_safetensors import source as safetensors_source
+        from flaxlazy._src.sources.from_safetensors import shards as safetensors_shards
 
-        weights = safetensors_source.load_summary(args.weights)
+        weights = safetensors_shards.load_summary(args.weights)
     if args.json:
         print(json.dumps(report.to_dict() | ({"weights": weights} if weights else {}),
                          indent=2))

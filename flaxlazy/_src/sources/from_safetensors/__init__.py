@@ -6,6 +6,7 @@
 * ``mapping``: rules from model paths to checkpoint keys, and the transforms (transpose,
   reshape, split, stacking layers) applied to views of the mapped tensor;
 * ``layouts``: ready-made rules for Hugging Face Llama-style and GPT-2 checkpoints;
-* ``source``: the ``Source`` itself: planning (every check, from headers alone),
-  describing, and executing (each device's shard read as the slice it needs).
+* ``source``: the ``Source`` itself: ``from_safetensors``, planning (every check, from
+  headers alone), describing, reporting unused tensors;
+* ``shards``: executing: each device's shard read as the box it needs.
 """
