@@ -89,3 +89,21 @@ def test_train_states_check_placement_once_with_the_same_wording(mesh):
         with pytest.raises(TypeError, match=r"^init_train_state: `partition_rules` need a"):
             flaxlazy.init_train_state(nn.Dense(3), tx, jax.random.key(0), x,
                                       partition_rules=[])
+
+
+def test_init_train_state_traces_the_linen_model_once():
+    calls = []
+
+    class Counted(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            calls.append(1)
+            return nn.Dense(3)(x)
+
+    x = flaxlazy.spec("f32[2,5]")
+    flaxlazy.materialize(Counted(), jax.random.key(0), x)
+    by_materialize, calls[:] = len(calls), []
+    state = flaxlazy.init_train_state(Counted(), optax.adam(1e-3), jax.random.key(0), x)
+    assert len(calls) == by_materialize  # abstract_init's trace is no longer run besides
+    reference = Counted().init(jax.random.key(0), jax.numpy.zeros((2, 5)))["params"]
+    assert (state.params["Dense_0"]["kernel"] == reference["Dense_0"]["kernel"]).all()

@@ -26,10 +26,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
 from flaxlazy._src import abstract as abstract_lib
+from flaxlazy._src import engine
 from flaxlazy._src import entrances
 from flaxlazy._src import materialize as materialize_lib
 from flaxlazy._src import paths
 from flaxlazy._src import placement as placement_lib
+from flaxlazy._src import plan as plan_lib
 from flaxlazy._src import rules as rules_lib
 from flaxlazy._src import sharding as sharding_lib
 from flaxlazy._src import sharding_checks
@@ -222,15 +224,23 @@ def _start(fn: str, module: Any, **placement_args: Any
 def _abstract(
     fn: str, module: Any, tx: Any, rngs: Any, inputs: tuple, kwargs: dict, *,
     place: placement_lib.Placement, concrete: bool,
+    abstract_variables: Callable[[], Any] | None = None,
 ) -> tuple[TrainState, Any]:
-    """The abstract train state, and the variables' shardings tree (None without a mesh)."""
+    """The abstract train state, and the variables' shardings tree (None without a mesh).
+
+    ``abstract_variables()`` gives the variables as ``abstract_init`` would (the default
+    calls it), after the module, ``tx`` and the mesh are checked.
+    """
     linen_call.check_module(module, fn=fn)
     check_tx(tx, fn=fn)
     mesh = place.given_mesh
     if mesh is not None:
         sharding_lib.check_mesh(mesh, concrete=concrete)
         sharding_lib.check_logical_axis_rules(place.logical_axis_rules)
-    variables = abstract_lib.abstract_init(module, rngs, *inputs, **kwargs)
+    if abstract_variables is None:
+        variables = abstract_lib.abstract_init(module, rngs, *inputs, **kwargs)
+    else:
+        variables = abstract_variables()
     variable_shardings = None
     if mesh is not None:
         layout = _Layout(mesh, place.partition_rules, place.logical_axis_rules,
@@ -382,12 +392,31 @@ def init_train_state(
         return _nnx_state("init_train_state", module, tx, args, kwargs, place=place,
                           initializers=initializers)
     rngs, inputs = linen_call.split_rngs_argument(args, kwargs, fn="init_train_state")
-    abstract, variable_shardings = _abstract("init_train_state", module, tx, rngs, inputs,
-                                             kwargs, place=place, concrete=True)
-    variables = materialize_lib.materialize(
-        module, rngs, *inputs, initializers=initializers, device=place.device,
-        shardings=variable_shardings, **kwargs,
+    traced = []  # the one trace, shared by the layout and the variables' plan
+
+    def abstract_variables() -> Any:
+        # What abstract_init(module, rngs, *inputs, **kwargs) returns (its messages
+        # included), from a trace that also records what the plan needs.
+        ambient = placement_lib.Placement.from_args(fn="abstract_init")
+        traced.append(entrance.trace(
+            module, (rngs, *inputs), dict(kwargs), fn="abstract_init", placement=ambient,
+            options={}, abstract=False))
+        if ambient.mesh is None:
+            return traced[0].variables
+        return sharding_lib.with_shardings(traced[0].variables, ambient.mesh,
+                                           **ambient.rules())
+
+    abstract, variable_shardings = _abstract(
+        "init_train_state", module, tx, rngs, inputs, kwargs, place=place, concrete=True,
+        abstract_variables=abstract_variables,
     )
+    # Then what materialize(module, rngs, *inputs, device=..., shardings=...) does,
+    # from the same trace.
+    place_variables = placement_lib.Placement.from_args(
+        fn="materialize", device=place.device, shardings=variable_shardings)
+    plan = plan_lib.build(traced[0].records, initializers=initializers,
+                          shardings=place_variables.for_plan(traced[0].variables))
+    variables = traced[0].build(engine.execute(plan, traced[0].keys, traced[0].inputs))
     params, collections = _split(variables)
     opt_shardings = jax.tree.map(lambda s: s.sharding, abstract.opt_state)
     opt_state = _compiled_init(tx, opt_shardings)(params)
