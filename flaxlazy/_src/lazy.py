@@ -48,7 +48,9 @@ def lazy(module: nn.Module, *, initializers: Any = None) -> Lazy:
       A ``Lazy`` of ``shapes``, ``init`` and ``apply``.
 
     Raises:
-      TypeError: if ``module`` is not a Linen module instance.
+      TypeError: if no entrance takes ``module`` (``entrances.find``), or its entrance
+        cannot initialize it (a Linen class rather than an instance, an NNX module
+        already constructed rather than its class).
 
     Examples:
       >>> import jax, jax.numpy as jnp, flax.linen as nn, flaxlazy
