@@ -1,14 +1,15 @@
 """Resident memory growth over many distinct models materialized in one process.
 
-A long-lived process (a notebook, a sweep) that materializes model after model must not
-grow without bound: flaxlazy's caches are bounded by count and bytes. This script
-materializes N small models of distinct shapes (every one compiles new code), one after
-another, and prints the resident set size (RSS) growth per model after a warm-up, for
-``flaxlazy.materialize`` and for ``jax.jit(model.init)`` side by side, each in a fresh
-process.
+A long-lived process (a notebook, a sweep, a server) that materializes model after model
+must not grow faster than with the framework's own jit-compiled init: flaxlazy's caches
+are bounded by count and bytes. This script builds N small models of distinct shapes
+(every one compiles new code), one after another, and prints the resident set size
+(RSS) growth per model after a warm-up, for ``flaxlazy.materialize`` against
+``jax.jit(model.init)`` (Linen) and against ``nnx.jit`` of the constructor (NNX), each
+in a fresh process, and the ratio flaxlazy / framework (target: at most 1.2).
 
-    python benchmarks/memory_growth.py            # 400 models each
-    python benchmarks/memory_growth.py --models 120 --json
+    python benchmarks/memory_growth.py                  # 400 models each, both frameworks
+    python benchmarks/memory_growth.py --models 200 --only nnx --json
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import os
 import subprocess
 import sys
 
+TARGET = 1.2  # growth per model of materialize / of the framework's own jit
+
 
 def rss_mib() -> float:
     with open("/proc/self/statm") as f:
@@ -26,42 +29,76 @@ def rss_mib() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def model(i: int):
+def widths(i: int) -> tuple[int, int, int, int]:
+    """Model ``i``'s input width and its three layers' widths: every model is new code."""
+    return 4 + i % 11, 16 + i, 8 + i % 7, 3 + i % 5
+
+
+def linen_model(i: int):
     import flax.linen as nn
+
+    _, a, b, c = widths(i)
 
     class Net(nn.Module):
         @nn.compact
         def __call__(self, x):
-            x = nn.relu(nn.Dense(16 + i)(x))
-            x = nn.LayerNorm()(nn.Dense(8 + i % 7)(x))
-            return nn.Dense(3 + i % 5)(x)
+            x = nn.relu(nn.Dense(a)(x))
+            x = nn.LayerNorm()(nn.Dense(b)(x))
+            return nn.Dense(c)(x)
 
     return Net()
 
 
-def run(method: str, n: int, warmup: int) -> dict:
+def nnx_model():
+    """The NNX twin of ``linen_model``: a constructor ``Net(i, rngs=...)``."""
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, i: int, *, rngs: nnx.Rngs):
+            width, a, b, c = widths(i)
+            self.first = nnx.Linear(width, a, rngs=rngs)
+            self.second = nnx.Linear(a, b, rngs=rngs)
+            self.norm = nnx.LayerNorm(b, rngs=rngs)
+            self.head = nnx.Linear(b, c, rngs=rngs)
+
+    return Net
+
+
+def make(framework: str, method: str, i: int, key, net):
+    """Model ``i``'s variables (Linen) or module (NNX), made by ``method``."""
     import jax
     import jax.numpy as jnp
 
     import flaxlazy
 
+    if framework == "linen":
+        width = widths(i)[0]
+        if method == "materialize":
+            return flaxlazy.materialize(linen_model(i), key, flaxlazy.spec((2, width)))
+        return jax.jit(linen_model(i).init)(key, jnp.zeros((2, width)))
+    from flax import nnx
+
+    if method == "materialize":
+        return nnx.state(flaxlazy.materialize(net, i, rngs=nnx.Rngs(0)))
+    return nnx.state(nnx.jit(lambda: net(i, rngs=nnx.Rngs(0)))())
+
+
+def run(framework: str, method: str, n: int, warmup: int) -> dict:
+    import jax
+
     key = jax.random.key(0)
+    net = nnx_model() if framework == "nnx" else None
     samples = []
     for i in range(n):
-        width = 4 + i % 11
-        m = model(i)
-        if method == "materialize":
-            out = flaxlazy.materialize(m, key, flaxlazy.spec((2, width)))
-        else:
-            out = jax.jit(m.init)(key, jnp.zeros((2, width)))
+        out = make(framework, method, i, key, net)
         jax.block_until_ready(out)
         del out
         samples.append(rss_mib())
     base = samples[warmup - 1]
     growth = (samples[-1] - base) / (n - warmup)
-    return {"method": method, "models": n, "warmup": warmup, "rss_start_mib": samples[0],
-            "rss_after_warmup_mib": base, "rss_end_mib": samples[-1],
-            "growth_mib_per_model": growth}
+    return {"framework": framework, "method": method, "models": n, "warmup": warmup,
+            "rss_start_mib": samples[0], "rss_after_warmup_mib": base,
+            "rss_end_mib": samples[-1], "growth_mib_per_model": growth}
 
 
 def main() -> None:
@@ -70,29 +107,46 @@ def main() -> None:
     )
     parser.add_argument("--models", type=int, default=400, help="models per process")
     parser.add_argument("--warmup", type=int, default=40, help="models before the baseline")
-    parser.add_argument("--method", choices=["materialize", "jit_init"], default=None,
+    parser.add_argument("--only", choices=["linen", "nnx"], default=None,
+                        help="one framework only")
+    parser.add_argument("--method", choices=["materialize", "jit"], default=None,
                         help="run one method in this process (internal)")
+    parser.add_argument("--framework", choices=["linen", "nnx"], default="linen",
+                        help="with --method: the framework of this process (internal)")
     parser.add_argument("--json", action="store_true", help="print JSON rows")
     args = parser.parse_args()
     if args.method:
-        print(json.dumps(run(args.method, args.models, args.warmup)))
+        print(json.dumps(run(args.framework, args.method, args.models, args.warmup)))
         return
     rows = []
-    for method in ("jit_init", "materialize"):
-        out = subprocess.run(
-            [sys.executable, __file__, "--method", method, "--models", str(args.models),
-             "--warmup", str(args.warmup)],
-            check=True, capture_output=True, text=True,
-        )
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    for framework in [args.only] if args.only else ["linen", "nnx"]:
+        for method in ("jit", "materialize"):
+            out = subprocess.run(
+                [sys.executable, __file__, "--framework", framework, "--method", method,
+                 "--models", str(args.models), "--warmup", str(args.warmup)],
+                check=True, capture_output=True, text=True,
+            )
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    ratios = {}
+    for framework in dict.fromkeys(r["framework"] for r in rows):
+        growth = {r["method"]: r["growth_mib_per_model"] for r in rows
+                  if r["framework"] == framework}
+        ratios[framework] = growth["materialize"] / max(growth["jit"], 1e-9)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps({"rows": rows, "ratios": ratios, "target": TARGET}, indent=2))
         return
-    print(f"{os.cpu_count()} CPUs; {args.models} distinct models per fresh process")
-    print(f"{'method':<12} {'RSS start':>10} {'after warm-up':>14} {'end':>8} {'MiB/model':>10}")
+    print(f"{os.cpu_count()} CPUs; {args.models} distinct models per fresh process, "
+          f"growth after {args.warmup}")
+    print(f"{'framework':<10} {'method':<12} {'RSS start':>10} {'after warm-up':>14} "
+          f"{'end':>8} {'MiB/model':>10}")
     for r in rows:
-        print(f"{r['method']:<12} {r['rss_start_mib']:>10.0f} {r['rss_after_warmup_mib']:>14.0f} "
-              f"{r['rss_end_mib']:>8.0f} {r['growth_mib_per_model']:>10.2f}")
+        print(f"{r['framework']:<10} {r['method']:<12} {r['rss_start_mib']:>10.0f} "
+              f"{r['rss_after_warmup_mib']:>14.0f} {r['rss_end_mib']:>8.0f} "
+              f"{r['growth_mib_per_model']:>10.2f}")
+    for framework, ratio in ratios.items():
+        verdict = "PASS" if ratio <= TARGET else "FAIL"
+        print(f"{framework}: materialize / jit growth = {ratio:.2f}x "
+              f"(target <= {TARGET}x) {verdict}")
 
 
 if __name__ == "__main__":

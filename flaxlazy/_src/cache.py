@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import collections
 import threading
+import weakref
 from collections.abc import Callable
 from collections.abc import Hashable
 from typing import Any
 
-_ALL: list[LRU] = []
+_ALL: list[LRU | ByObject] = []
 
 
 class LRU:
@@ -70,6 +71,47 @@ class LRU:
         with self._lock:
             self._data.clear()
             self.nbytes = 0
+
+
+class ByObject:
+    """``get(obj, make)``: ``make(obj)``, kept for as long as ``obj`` lives.
+
+    For values derived from an object that others keep alive (a jaxpr JAX caches): the
+    entry goes when the object does, and never keeps it alive. ``obj`` is compared by
+    identity (its type must not define ``__eq__``) and must take weak references.
+
+    Examples:
+      >>> class Thing: pass
+      >>> cache, thing = ByObject(), Thing()
+      >>> cache.get(thing, lambda t: 1), cache.get(thing, lambda t: 2), len(cache)
+      (1, 1, 1)
+      >>> del thing; len(cache)
+      0
+    """
+
+    def __init__(self):
+        self._data: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+        _ALL.append(self)
+
+    def get(self, obj: Any, make: Callable[[Any], Any]) -> Any:
+        with self._lock:
+            value = self._data.get(obj, _MISSING)
+        if value is _MISSING:
+            value = make(obj)
+            with self._lock:
+                value = self._data.setdefault(obj, value)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+
+_MISSING = object()
 
 
 # A jit-compiled CPU function with its wrapper holds about 2-3 MiB (measured: 100

@@ -14,6 +14,7 @@ computes something else gets its own.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from collections.abc import Hashable
 from typing import Any
@@ -40,7 +41,10 @@ _DERIVATIVE_ONLY = frozenset(
 # reshaped random block keeps its flat indices (``chunked``).
 SAME_LAYOUT = frozenset({"reshape", "broadcast_in_dim", "expand_dims", "squeeze"})
 
-_SUB_KEYS = cache_lib.LRU(1024)  # id(jaxpr) -> (jaxpr, key): jax reuses inner jaxprs
+# jaxpr -> its key, for as long as the jaxpr lives: JAX reuses inner jaxprs (a jitted
+# ``jnp`` function's, per shape) and keeps them in its own bounded caches; holding them
+# here would keep them, and what JAX caches by them, alive for longer.
+_SUB_KEYS = cache_lib.ByObject()
 
 
 class Unkeyable(Exception):
@@ -169,9 +173,11 @@ def eval_constants(closed: Any) -> list:
     """The outputs of a closed jaxpr without inputs (values computed from constants).
 
     Integer arithmetic (stream counters: ``broadcast_in_dim``, ``add``, conversions) is
-    evaluated in numpy, with XLA's wrap-around: evaluating it eagerly in JAX would
-    compile each operation for each shape (a counter batched over 48 layers, then 49).
-    Anything else is evaluated by JAX.
+    evaluated in numpy, with XLA's wrap-around, and so are the operations that only move
+    elements (``broadcast_in_dim``, ``reshape``, ``squeeze``: a ``zeros`` bias) of any
+    dtype: evaluating them eagerly in JAX would compile each operation for each shape (a
+    counter batched over 48 layers, then 49), and JAX keeps every such executable (about
+    2 MiB each) for the life of the process. Anything else is evaluated by JAX.
     """
     env = dict(zip(closed.jaxpr.constvars, closed.consts, strict=True))
     pending: list = []  # equations for JAX, evaluated together (one jaxpr, not one each)
@@ -200,7 +206,7 @@ def eval_constants(closed: Any) -> list:
                 made.update(eqn.outvars)
                 continue
             flush()  # an integer operation on their outputs: evaluate them first
-        out = _integer_op(eqn, [read(v) for v in eqn.invars])
+        out = _numpy_op(eqn, [read(v) for v in eqn.invars])
         if out is not None:
             env[eqn.outvars[0]] = out
         else:
@@ -211,15 +217,20 @@ def eval_constants(closed: Any) -> list:
 
 
 _INTEGER_OPS = {"add": np.add, "sub": np.subtract, "mul": np.multiply}
-_NUMPY_OPS = frozenset(_INTEGER_OPS) | {"convert_element_type", "broadcast_in_dim"}
+# Operations that only move or repeat elements: exact in numpy for every dtype.
+_MOVES = frozenset({"broadcast_in_dim", "reshape", "squeeze"})
+_NUMPY_OPS = frozenset(_INTEGER_OPS) | {"convert_element_type"} | _MOVES
 
 
-def _integer_op(eqn: Any, ins: list) -> np.ndarray | None:
-    """One integer operation evaluated in numpy, or None if it is not one of those."""
+def _numpy_op(eqn: Any, ins: list) -> np.ndarray | None:
+    """One operation evaluated in numpy (integer arithmetic, or moving elements of any
+    dtype), or None if it is not one of those."""
     name = eqn.primitive.name
     if name not in _NUMPY_OPS or len(eqn.outvars) != 1:
         return None
     dtype = getattr(eqn.outvars[0].aval, "dtype", None)
+    if name in _MOVES and _all_of_dtype(ins, dtype):
+        return _moved(eqn, name, np.asarray(ins[0]), dtype)
     if not _integer(dtype) or not all(map(_is_integer, ins)):
         return None
     try:
@@ -243,18 +254,46 @@ def _is_integer(x: Any) -> bool:
     return isinstance(x, int) or _integer(getattr(x, "dtype", None))
 
 
+def _all_of_dtype(ins: list, dtype: Any) -> bool:
+    """Whether every input is a concrete array (or literal) of exactly ``dtype``, a
+    numpy dtype (not a key type)."""
+    if not isinstance(dtype, np.dtype) or not ins:
+        return False
+    return all(
+        not isinstance(x, jax.core.Tracer) and not _compat.is_key_array(x)
+        and isinstance(getattr(x, "dtype", None), np.dtype) and x.dtype == dtype
+        for x in ins
+    )
+
+
 def _integer_value(eqn: Any, name: str, dtype: Any, ins: list) -> np.ndarray | None:
     if name in _INTEGER_OPS:
         a, b = (x.astype(dtype) for x in ins)
         return np.asarray(_INTEGER_OPS[name](a, b), dtype)
     if name == "convert_element_type":
         return ins[0].astype(dtype)
-    if name == "broadcast_in_dim" and eqn.params.get("sharding") is None:
-        x = ins[0]
-        shape = [1] * len(eqn.params["shape"])
-        for axis, size in zip(eqn.params["broadcast_dimensions"], x.shape, strict=True):
+    if name in _MOVES:
+        return _moved(eqn, name, ins[0].astype(dtype), dtype)
+    return None
+
+
+def _moved(eqn: Any, name: str, x: np.ndarray, dtype: Any) -> np.ndarray | None:
+    """``x`` broadcast, reshaped or squeezed as the equation says; None for a variant
+    numpy does not evaluate exactly so (a sharded result, a transposing reshape)."""
+    params = eqn.params
+    if params.get("sharding") is not None:
+        return None
+    if name == "broadcast_in_dim":
+        shape = [1] * len(params["shape"])
+        for axis, size in zip(params["broadcast_dimensions"], x.shape, strict=True):
             shape[axis] = size
-        return np.array(np.broadcast_to(x.reshape(shape), eqn.params["shape"]), dtype)
+        return np.array(np.broadcast_to(x.reshape(shape), params["shape"]), dtype)
+    if name == "reshape":
+        if params.get("dimensions") is not None:
+            return None
+        return np.array(x.reshape(params["new_sizes"]), dtype)
+    if name == "squeeze":
+        return np.array(np.squeeze(x, axis=tuple(params["dimensions"])), dtype)
     return None
 
 
@@ -285,9 +324,14 @@ def _bakeable(c: Any) -> bool:
 
 def _aval_key(aval: Any) -> tuple:
     return (
-        type(aval).__name__, tuple(getattr(aval, "shape", ())), str(getattr(aval, "dtype", "")),
+        type(aval).__name__, tuple(getattr(aval, "shape", ())), _name(getattr(aval, "dtype", "")),
         bool(getattr(aval, "weak_type", False)), _hashable(getattr(aval, "sharding", None)),
     )
+
+
+def _name(dtype: Any) -> str:
+    """A dtype's name, one string object per name (cached keys hold thousands)."""
+    return sys.intern(str(dtype))
 
 
 def _hashable(x: Any) -> Any:
@@ -305,7 +349,7 @@ def _value_key(x: Any) -> tuple:
     if _compat.is_key_array(x):
         x = jax.random.key_data(x)
     arr = np.asarray(x)
-    return ("value", type(x).__name__, str(arr.dtype), arr.shape, arr.tobytes())
+    return ("value", type(x).__name__, _name(arr.dtype), arr.shape, arr.tobytes())
 
 
 def _param_key(name: str, v: Any) -> Any:
@@ -322,7 +366,7 @@ def _param_key(name: str, v: Any) -> Any:
     if isinstance(v, (bool, int, float, complex, str, type(None))):
         return (type(v).__name__, v)
     if isinstance(v, np.dtype):
-        return ("dtype", str(v))
+        return ("dtype", _name(v))
     if isinstance(v, (np.ndarray, np.generic, jax.Array)):
         return _value_key(v)
     # Shardings, meshes, enums, dimension numbers...: hashable by value, or by identity
@@ -331,10 +375,7 @@ def _param_key(name: str, v: Any) -> Any:
 
 
 def _sub_key(jaxpr: Any) -> tuple:
-    entry = _SUB_KEYS.get(id(jaxpr), lambda: (jaxpr, _jaxpr_key(jaxpr)))
-    if entry[0] is not jaxpr:  # pragma: no cover - ids are unique while cached
-        return _jaxpr_key(jaxpr)
-    return entry[1]
+    return _SUB_KEYS.get(jaxpr, _jaxpr_key)
 
 
 def _jaxpr_key(jaxpr: Any) -> tuple:

@@ -64,8 +64,10 @@ _WINDOW = 2
 _UNIT = 16 * BLOCK
 
 # (program key, shape, dtype) -> the ``Transform``, or None (not drawn flat). An
-# entry with its key holds about 80 KiB of Python objects (measured with tracemalloc).
-_TRANSFORMS = cache_lib.LRU(1024)
+# entry with its key holds about 36 KiB of Python objects (measured with tracemalloc);
+# every model in a sweep of distinct shapes adds entries, so the bound is what a few
+# models' distinct random leaves need (ResNet-50 has 46 shapes), not more.
+_TRANSFORMS = cache_lib.LRU(256)
 
 
 class Transform(NamedTuple):
