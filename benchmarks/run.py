@@ -4,7 +4,7 @@ Linen models (``zoo.py``) and NNX constructors (``zoo_nnx.py``) run in the same 
 
 Usage::
 
-    python benchmarks/run.py                 # the whole zoo (578 s on 2 CPU cores: docs/benchmark.json)
+    python benchmarks/run.py                 # the whole zoo (its duration: docs/benchmark.json)
     python benchmarks/run.py --quick         # a smoke subset (its duration: benchmarks/README.md)
     python benchmarks/run.py --models gpt12,gpt48 --methods jit,materialize_cold
     python benchmarks/run.py --only nnx      # the NNX models only
@@ -597,7 +597,8 @@ def chart(results: list[dict], path: str) -> bool:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="flaxlazy init benchmark")
-    parser.add_argument("--quick", action="store_true", help="a smoke subset of the models and methods")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke subset of the models and methods")
     parser.add_argument("--out", default=os.path.join(HERE, "results"), help="output folder")
     parser.add_argument("--models", default="", help="comma-separated subset of models")
     parser.add_argument("--methods", default="", help="comma-separated subset of methods")
