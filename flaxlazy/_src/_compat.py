@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import threading
 import warnings
 from collections.abc import Callable
@@ -52,6 +53,7 @@ from typing import Any
 
 import jax
 import jax.extend.core as jex_core
+from flax import config as flax_config
 from flax.core import scope as flax_scope
 from jax.extend import random as jex_random
 from jax.extend.core import primitives as jex_primitives
@@ -161,6 +163,22 @@ CALL_PRIMITIVES = frozenset(
 
 # ------------------------------------------------------------------------------ flax
 Scope = flax_scope.Scope
+
+
+def static_hash(data: tuple[str | int, ...]) -> int:
+    """The uint32 that Flax's private ``_fold_in_static`` folds into a key for ``data``
+    (a variable's path), computed as Flax computes it; ``self_checks`` verifies it."""
+    m = hashlib.sha1()
+    for x in data:
+        if flax_config.flax_fix_rng_separator:
+            m.update(b"\00")
+        if isinstance(x, str):
+            m.update(x.encode("utf-8"))
+        elif isinstance(x, int):
+            m.update(x.to_bytes((x.bit_length() + 7) // 8, byteorder="big"))
+        else:
+            raise ValueError(f"Expected int or string, got: {x}")
+    return int.from_bytes(m.digest()[:4], byteorder="big")
 
 
 # ------------------------------------------------------------------------------- nnx

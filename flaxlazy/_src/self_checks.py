@@ -1,7 +1,7 @@
 """Self-checks of flaxlazy's own replay code against the installed JAX and Flax.
 
 flaxlazy recreates a Linen parameter without running ``module.init`` by folding its own
-hash of the variable's path into the root key (``linen.recorder.static_hash``), and draws
+hash of the variable's path into the root key (``_compat.static_hash``), and draws
 large leaves in chunks (``chunked``). Both agree with Flax and JAX only as long as their
 private behaviour stays as it is, so ``_compat.fast_path()`` and ``_compat.chunking_ok()``
 run the checks below once, on first use, and fall back to slower paths that are always
@@ -21,11 +21,10 @@ from flax.core import scope as flax_scope
 from flaxlazy._src import _compat
 from flaxlazy._src import chunked
 from flaxlazy._src import programs
-from flaxlazy._src.linen import recorder
 
 
 def check_key_derivation() -> None:
-    """Raises ``AssertionError`` unless Flax folds exactly ``recorder.static_hash`` into a
+    """Raises ``AssertionError`` unless Flax folds exactly ``_compat.static_hash`` into a
     parameter's key, with the same primitive, and ``Scope`` has the methods flaxlazy hooks.
 
     Compared as traced programs: nothing is compiled.
@@ -36,7 +35,7 @@ def check_key_derivation() -> None:
     spec = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
     for data in (("params", "Dense_0", "kernel"), ("Block_3", 7, "x" * 40, 2**40)):
         ours = programs.trace(
-            lambda k, d=data: jax.random.fold_in(k, np.uint32(recorder.static_hash(d))), spec
+            lambda k, d=data: jax.random.fold_in(k, np.uint32(_compat.static_hash(d))), spec
         )
         theirs = programs.trace(lambda k, d=data: flax_scope._fold_in_static(k, d), spec)
         if ours.key is None or ours.key != theirs.key:

@@ -29,33 +29,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import inspect
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import config as flax_config
 
 from flaxlazy._src import _compat
 from flaxlazy._src import paths
 from flaxlazy._src import programs
-
-
-def static_hash(data: tuple[str | int, ...]) -> int:
-    """The uint32 that Flax's ``_fold_in_static`` folds into a key for ``data``."""
-    m = hashlib.sha1()
-    for x in data:
-        if flax_config.flax_fix_rng_separator:
-            m.update(b"\00")
-        if isinstance(x, str):
-            m.update(x.encode("utf-8"))
-        elif isinstance(x, int):
-            m.update(x.to_bytes((x.bit_length() + 7) // 8, byteorder="big"))
-        else:
-            raise ValueError(f"Expected int or string, got: {x}")
-    return int.from_bytes(m.digest()[:4], byteorder="big")
 
 
 @dataclasses.dataclass
@@ -102,7 +85,7 @@ class Record:
     @property
     def fold(self) -> int | None:
         """The uint32 folded into the root key to make this variable's key."""
-        return static_hash(self.key_data) if self.takes_key and self.key_data else None
+        return _compat.static_hash(self.key_data) if self.takes_key and self.key_data else None
 
     @property
     def static_args(self) -> bool:

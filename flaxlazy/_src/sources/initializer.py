@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxlazy._src import _compat
 from flaxlazy._src import naming
 from flaxlazy._src import paths
 from flaxlazy._src import programs
-from flaxlazy._src.linen import recorder as recorder_lib
 from flaxlazy._src.sources import compiled
 from flaxlazy._src.sources import kinds
 from flaxlazy._src.sources import own
@@ -33,7 +33,7 @@ def override_key(path: str) -> int:
     A pure function of the path string: stable across processes and unchanged when other
     layers are added or removed.
     """
-    return recorder_lib.static_hash((_OVERRIDE_KEY_PREFIX, path))
+    return _compat.static_hash((_OVERRIDE_KEY_PREFIX, path))
 
 
 def layer_axes(full: tuple[int, ...], layer: tuple[int, ...]) -> tuple[int, ...] | None:
