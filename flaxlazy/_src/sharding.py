@@ -61,9 +61,9 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
+from flaxlazy._src import nnx_variables as nnx_state
 from flaxlazy._src import paths
 from flaxlazy._src import rules as rules_lib
-from flaxlazy._src.nnx import state as nnx_state
 from flaxlazy._src.sharding_checks import WHAT
 from flaxlazy._src.sharding_checks import _check_rule_values
 from flaxlazy._src.sharding_checks import check_logical_axis_rules

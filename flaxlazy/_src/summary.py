@@ -15,9 +15,9 @@ import numpy as np
 from flax.training import train_state
 from jax.sharding import NamedSharding
 
+from flaxlazy._src import nnx_variables as nnx_state
 from flaxlazy._src import paths
 from flaxlazy._src import sharding as sharding_lib
-from flaxlazy._src.nnx import state as nnx_state
 
 NOT_A_TREE = (
     "{fn}: `tree` is {what}, not a variables tree. Pass the variables' shapes, "

@@ -28,12 +28,12 @@ from flax import nnx
 
 from flaxlazy._src import _compat
 from flaxlazy._src import gc_pause
+from flaxlazy._src import nnx_variables as state_lib
 from flaxlazy._src import paths
 from flaxlazy._src import programs
 from flaxlazy._src import slicing
 from flaxlazy._src import specs
 from flaxlazy._src.nnx import call as call_lib
-from flaxlazy._src.nnx import state as state_lib
 from flaxlazy._src.sources import traced as traced_source
 
 UPDATE = "flaxlazy.materialize"  # the nnx.update_context tag of a materializing call
