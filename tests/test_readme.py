@@ -237,3 +237,31 @@ def test_readme_lists_every_example():
     listed = text[text.index("## Examples"):text.index("## Tests")]
     for script in sorted((README.parent / "examples").glob("*.py")):
         assert f"`examples/{script.name}`" in listed, script.name
+
+
+def test_readme_pipeline_table_names_every_field_of_the_interfaces():
+    # "How it works" describes the stages by their interfaces; a field added, renamed or
+    # removed must show there too.
+    from flaxlazy._src import entrances
+    from flaxlazy._src import placement
+    from flaxlazy._src.sources import kinds
+    from flaxlazy._src.sources import registry
+
+    text = README.read_text()
+    section = text[text.index("## How it works"):text.index("While tracing abstractly")]
+    rows = {line.split("|")[1].strip(): line for line in section.splitlines()
+            if line.startswith("| `")}
+    expected = {
+        "`Entrance` (`entrances.py`)": set(entrances.Entrance._fields) - {"name", "describes"},
+        "`Placement` (`placement.py`)": {"device", "shardings", "mesh"},
+        "`Source` (`sources/kinds.py`)": set(kinds.Source._fields) - {"kind"},
+    }
+    assert set(rows) == set(expected), sorted(rows)
+    for name, fields in expected.items():
+        assert all(f"`{f}`" in rows[name] for f in fields), (name, fields, rows[name])
+    for entrance in entrances.ENTRANCES:
+        assert f"`{entrance.name}/`" in section, entrance.name
+    assert {s.kind for s in registry.SOURCES} == {
+        "flax", "initializer", "array", "checkpoint", "safetensors", "traced"}, (
+        "a new source: name it in the README's Source row")
+    assert set(placement.Placement._fields) >= {"device", "shardings", "mesh"}
