@@ -1,11 +1,13 @@
 """One process of the multi-process test (``test_multiprocess.py`` starts two).
 
-Run as ``python _multiprocess_worker.py PROCESS_ID PORT OUT.json`` with
-``XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu``: it joins the
-other process with ``jax.distributed.initialize`` on 127.0.0.1, builds the global
+Run as ``python _multiprocess_worker.py PROCESS_ID PORT OUT.json [WEIGHTS.safetensors]``
+with ``XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu``: it joins
+the other process with ``jax.distributed.initialize`` on 127.0.0.1, builds the global
 8-device mesh, materializes ``Model`` directly in its shards through the plan and the
 engine, checks that this process holds only its own (addressable) shards, and writes a
-checksum per shard to ``OUT.json``.
+checksum per shard to ``OUT.json``. With ``WEIGHTS``, it then loads the parameters from
+that Hugging Face-layout file with ``flaxlazy.from_safetensors`` (``RENAME``), and
+reports their shards and every box it read from the file.
 
 Importing this module (as the test does, for the model, the rules and the checksums)
 runs nothing.
@@ -68,6 +70,81 @@ class Model(nn.Module):
         return nn.Dense(8, name="head")(x)
 
 
+# The parameters in a Hugging Face-like layout: kernels stored [out, in] (PyTorch), the
+# scan stack's layer i under ``layers.{i}.``, everything else at its path with dots.
+RENAME = [
+    (r"layers/(\w+)/kernel", r"layers.{layer}.\1.weight", "T"),
+    (r"layers/(\w+)/bias", r"layers.{layer}.\1.bias"),
+    (r"(\w+)/kernel", r"\1.weight", "T"),
+]
+
+
+def hf_tensors(params: dict) -> dict:
+    """``{checkpoint key: tensor}`` that ``RENAME`` loads back as ``params``
+    (``{"params/...": array}``)."""
+    out = {}
+    for path, value in params.items():
+        parts = path.split("/")[1:]  # inside the params collection
+        kernel = parts[-1] == "kernel"
+        name = ".".join(parts[:-1] + ["weight" if kernel else parts[-1]])
+        if parts[0] == "layers":
+            for i, layer in enumerate(value):
+                out[name.replace("layers.", f"layers.{i}.", 1)] = np.ascontiguousarray(
+                    layer.T if kernel else layer)
+        else:
+            out[name] = np.ascontiguousarray(value.T if kernel else value)
+    return out
+
+
+def load_weights(mesh: Mesh, weights: str) -> dict:
+    """``Model``'s parameters read from ``weights`` in this process's shards: a checksum
+    per shard held, and ``reads``: ``{key: [elements of each box read]}``."""
+    from flaxlazy._src.sources.from_safetensors import shards as shards_lib
+
+    reads: dict[str, list[int]] = {}
+    read = shards_lib._read
+
+    def counting(opened, tensor, steps, shape, box):
+        out = read(opened, tensor, steps, shape, box)
+        reads.setdefault(tensor.key, []).append(int(out.size))
+        return out
+
+    shards_lib._read = counting
+    try:
+        variables = flaxlazy.materialize(
+            Model(), jax.random.key(SEED), SPEC, mesh=mesh, partition_rules=RULES,
+            logical_axis_rules=LOGICAL_AXIS_RULES,
+            initializers={"**": flaxlazy.from_safetensors(weights, rename=RENAME, strict=True)},
+        )
+    finally:
+        shards_lib._read = read
+    return {"leaves": held_shards(variables, requested_shardings(mesh), "params/"),
+            "reads": reads}
+
+
+def held_shards(variables, requested: dict, prefix: str = "") -> dict:
+    """``{path: {"shape", "spec", "shards": {index: checksum}}}`` of this process's shards,
+    checking each leaf is placed as requested and holds only this process's devices."""
+    local = set(jax.local_devices())
+    leaves = {}
+    for path, array in leaf_arrays(variables).items():
+        if not path.startswith(prefix):
+            continue
+        sharding = requested[path]
+        assert array.sharding == sharding, (path, array.sharding, sharding)
+        shards = array.addressable_shards
+        assert {s.device for s in shards} == local, path  # only this process's devices
+        assert not array.is_fully_addressable, path
+        shard_shape = sharding.shard_shape(array.shape)
+        sums = {}
+        for shard in shards:
+            assert shard.data.shape == shard_shape, (path, shard.data.shape, shard_shape)
+            text, value = index_text(shard.index), checksum(np.asarray(shard.data))
+            assert sums.setdefault(text, value) == value, path  # replicas agree
+        leaves[path] = {"shape": list(array.shape), "spec": str(sharding.spec), "shards": sums}
+    return leaves
+
+
 def make_mesh(devices) -> Mesh:
     return Mesh(np.asarray(devices).reshape(MESH_SHAPE), MESH_AXES)
 
@@ -97,7 +174,7 @@ def leaf_arrays(variables) -> dict:
     return {path: nn.meta.unbox(leaf) for path, leaf in paths.flatten(variables)[0]}
 
 
-def main(process_id: int, port: int, out_path: str) -> None:
+def main(process_id: int, port: int, out_path: str, weights: str | None = None) -> None:
     if "jax_cpu_collectives_implementation" in jax.config.values:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
@@ -115,27 +192,14 @@ def main(process_id: int, port: int, out_path: str) -> None:
     )
     variables = engine.execute(plan, key, [SPEC])
 
-    local = set(jax.local_devices())
-    report = {"process_index": jax.process_index(), "sources": plan.counts(), "leaves": {}}
-    for path, array in leaf_arrays(variables).items():
-        sharding = requested[path]
-        assert array.sharding == sharding, (path, array.sharding, sharding)
-        shards = array.addressable_shards
-        assert {s.device for s in shards} == local, path  # only this process's devices
-        assert not array.is_fully_addressable, path
-        shard_shape = sharding.shard_shape(array.shape)
-        sums = {}
-        for shard in shards:
-            assert shard.data.shape == shard_shape, (path, shard.data.shape, shard_shape)
-            text, value = index_text(shard.index), checksum(np.asarray(shard.data))
-            assert sums.setdefault(text, value) == value, path  # replicas agree
-        report["leaves"][path] = {
-            "shape": list(array.shape), "spec": str(sharding.spec), "shards": sums,
-        }
+    report = {"process_index": jax.process_index(), "sources": plan.counts(),
+              "leaves": held_shards(variables, requested)}
+    if weights:
+        report["weights"] = load_weights(mesh, weights)
     with open(out_path, "w") as f:
         json.dump(report, f)
     jax.distributed.shutdown()
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], *sys.argv[4:5])

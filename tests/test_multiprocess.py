@@ -2,7 +2,8 @@
 
 Each process (``_multiprocess_worker.py``) materializes the model in its own shards and
 writes a checksum per shard; here they are compared with the same model initialized in
-this single process. The processes are killed on failure or after ``TIMEOUT_S``.
+this single process. A second run loads Hugging Face-layout weights with
+``from_safetensors``: each process reads only the boxes of its own shards. The processes are killed on failure or after ``TIMEOUT_S``.
 """
 
 import json
@@ -19,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import flaxlazy
 
 pytestmark = pytest.mark.slow  # fresh processes: run with -m slow
 
@@ -42,14 +45,15 @@ def worker_env() -> dict:
     return env
 
 
-def run_workers(tmp_path: Path) -> list[dict]:
-    """Starts both processes, waits for them (killing both on failure), reads reports."""
+def run_workers(tmp_path: Path, *extra: str) -> list[dict]:
+    """Starts both processes (``extra``: more worker arguments), waits for them (killing
+    both on failure), reads reports."""
     port, env = free_port(), worker_env()
     outs = [tmp_path / f"process_{i}.json" for i in range(worker.NUM_PROCESSES)]
     logs = [open(tmp_path / f"process_{i}.log", "w+") for i in range(worker.NUM_PROCESSES)]
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), str(i), str(port), str(out)],
+            [sys.executable, str(WORKER), str(i), str(port), str(out), *extra],
             env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
         )
         for i, (out, log) in enumerate(zip(outs, logs, strict=True))
@@ -100,29 +104,104 @@ def test_two_processes_materialize_only_their_shards(tmp_path, single_process_re
     assert "traced" not in reports[0]["sources"]  # the scan stack too: a key per layer
 
     # The shards each process should hold, from the same mesh laid out here.
-    local_mesh = worker.make_mesh(jax.devices()[:8])
-    requested = worker.requested_shardings(local_mesh)
+    requested = worker.requested_shardings(local_mesh())
     assert set(reports[0]["leaves"]) == set(single_process_reference) == set(requested)
-    split = 0
-    for path, full in single_process_reference.items():
-        sharding = requested[path]
-        owners = {}  # shard index -> the processes that hold it
-        for i, device_index in sharding.devices_indices_map(full.shape).items():
-            process = 0 if i in local_mesh.devices[0] else 1
-            owners.setdefault(worker.index_text(device_index), set()).add(process)
+    split = check_shards([r["leaves"] for r in reports], single_process_reference, requested)
+    assert split >= 3  # embed/kernel, and the 'embed'-split layers of the scan stack
+
+
+def local_mesh():
+    return worker.make_mesh(jax.devices()[:8])
+
+
+def owners(sharding, shape: tuple, mesh) -> dict[str, set[int]]:
+    """Each shard's index (as text) -> the processes holding it (process 0: the mesh's
+    first row of devices, as in the workers)."""
+    out: dict[str, set[int]] = {}
+    for device, index in sharding.devices_indices_map(shape).items():
+        process = 0 if device in mesh.devices[0] else 1
+        out.setdefault(worker.index_text(index), set()).add(process)
+    return out
+
+
+def check_shards(held_by_process: list[dict], full: dict, requested: dict) -> int:
+    """Each process holds exactly its shards of every leaf in ``held_by_process[p]``, each
+    equal to the same slice of ``full[path]``; returns how many leaves are split between
+    the processes."""
+    mesh, split = local_mesh(), 0
+    for path in held_by_process[0]:
+        value, sharding = full[path], requested[path]
+        by_index = owners(sharding, value.shape, mesh)
         expected_by_index = {
-            worker.index_text(index): worker.checksum(full[index])
-            for index in sharding.devices_indices_map(full.shape).values()
+            worker.index_text(index): worker.checksum(value[index])
+            for index in sharding.devices_indices_map(value.shape).values()
         }
-        for p, report in enumerate(reports):
-            leaf = report["leaves"][path]
-            assert leaf["shape"] == list(full.shape) and leaf["spec"] == str(sharding.spec)
+        for p, leaves in enumerate(held_by_process):
+            leaf = leaves[path]
+            assert leaf["shape"] == list(value.shape) and leaf["spec"] == str(sharding.spec)
             held = leaf["shards"]
-            assert set(held) == {k for k, procs in owners.items() if p in procs}, path
+            assert set(held) == {k for k, procs in by_index.items() if p in procs}, path
             for index, got in held.items():
                 want = expected_by_index[index]
                 assert got["sha256"] == want["sha256"], (path, index, got, want)
                 np.testing.assert_allclose(got["sum"], want["sum"], rtol=1e-6)
-        if any(len(procs) == 1 for procs in owners.values()):
+        if any(len(procs) == 1 for procs in by_index.values()):
             split += 1  # some shard of this leaf lives in one process only
-    assert split >= 3  # embed/kernel, and the 'embed'-split layers of the scan stack
+    return split
+
+
+def test_two_processes_load_safetensors_reading_only_their_shards(tmp_path):
+    # Hugging Face-layout weights (kernels [out, in], the scan stack one tensor per layer):
+    # each process reads from the file only the boxes its own devices hold, each once.
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices here to lay out the reference mesh")
+    from safetensors.numpy import save_file
+
+    requested = worker.requested_shardings(local_mesh())
+    rng = np.random.default_rng(0)
+    params = {path: rng.standard_normal(leaf.shape).astype(np.float32)
+              for path, leaf in shapes_of_params().items()}
+    weights = tmp_path / "model.safetensors"
+    save_file(worker.hf_tensors(params), str(weights))
+    reports = run_workers(tmp_path, str(weights))
+
+    loaded = [r["weights"] for r in reports]
+    split = check_shards([w["leaves"] for w in loaded], params, requested)
+    assert split >= 3
+    mesh = local_mesh()
+    for p, report in enumerate(loaded):
+        want = {}  # key -> elements of the distinct boxes this process holds, per tensor
+        for path, value in params.items():
+            boxes = {k for k, procs in owners(requested[path], value.shape, mesh).items()
+                     if p in procs}
+            for text in boxes:
+                box = [tuple(int(x) if x else n for x, n in zip(part.split(":"), (0, dim),
+                                                                strict=True))
+                       for part, dim in zip(text.split(","), value.shape, strict=True)]
+                sizes = [stop - start for start, stop in box]
+                for key, elements in box_reads(path, box, sizes):
+                    want.setdefault(key, []).append(elements)
+        got = report["reads"]
+        assert set(got) == set(want) == set(worker.hf_tensors(params)), p
+        for key in want:
+            assert sorted(got[key]) == sorted(want[key]), (p, key, got[key], want[key])
+
+
+def shapes_of_params() -> dict:
+    shapes = flaxlazy.abstract_init(worker.Model(), jax.random.key(worker.SEED), worker.SPEC)
+    return {path: jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype)
+            for path, leaf in worker.leaf_arrays(shapes).items() if path.startswith("params/")}
+
+
+def box_reads(path: str, box: list[tuple[int, int]], sizes: list[int]):
+    """The checkpoint keys a box of ``path`` is read from, with the elements of each read:
+    one read of the box, or for the scan stack one per layer in it, of the rest."""
+    key = "/".join(path.split("/")[1:])
+    kernel = key.endswith("/kernel")
+    name = ".".join(key.split("/")[:-1] + ["weight" if kernel else key.split("/")[-1]])
+    if key.startswith("layers/"):
+        rest = int(np.prod(sizes[1:]))
+        for i in range(*box[0]):
+            yield name.replace("layers.", f"layers.{i}.", 1), rest
+    else:
+        yield name, int(np.prod(sizes))
