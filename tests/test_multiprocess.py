@@ -3,7 +3,8 @@
 Each process (``_multiprocess_worker.py``) materializes the model in its own shards and
 writes a checksum per shard; here they are compared with the same model initialized in
 this single process. A second run loads Hugging Face-layout weights with
-``from_safetensors``: each process reads only the boxes of its own shards. The processes are killed on failure or after ``TIMEOUT_S``.
+``from_safetensors``: each process reads only the boxes of its own shards. The
+processes are killed on failure or after ``TIMEOUT_S``.
 """
 
 import json

@@ -73,12 +73,19 @@ def abstract_init(
         logical_axis_rules=logical_axis_rules, allow_unused_rules=allow_unused_rules,
         require_rules=require_rules,
     )
-    entrance = entrances.find(module, fn="abstract_init")
-    traced = entrance.trace(
-        module, args, kwargs, fn="abstract_init", placement=place, abstract=True,
-        options=dict(method=method, mutable=mutable,
-                     capture_intermediates=capture_intermediates),
-    )
+    return run("abstract_init", module, args, kwargs, place=place,
+               options=dict(method=method, mutable=mutable,
+                            capture_intermediates=capture_intermediates))
+
+
+def run(fn: str, module: Any, args: tuple, kwargs: dict, *, place: placement.Placement,
+        options: dict | None = None) -> Any:
+    """``abstract_init``'s pipeline for a public function ``fn`` (named in its errors):
+    the target's entrance traces the call abstractly; leaves carry their shardings where
+    ``place`` has a mesh."""
+    entrance = entrances.find(module, fn=fn)
+    traced = entrance.trace(module, args, kwargs, fn=fn, placement=place, abstract=True,
+                            options=options or {})
     variables = traced.variables
     if place.mesh is not None:
         variables = sharding_lib.with_shardings(variables, place.mesh, **place.rules())

@@ -126,13 +126,20 @@ def materialize(
         partition_rules=partition_rules, logical_axis_rules=logical_axis_rules,
         allow_unused_rules=allow_unused_rules, require_rules=require_rules,
     )
-    entrance = entrances.find(module, fn="materialize")
+    return run("materialize", module, args, kwargs, place=place, initializers=initializers,
+               options=dict(method=method, mutable=mutable,
+                            capture_intermediates=capture_intermediates))
+
+
+def run(fn: str, module: Any, args: tuple, kwargs: dict, *, place: placement.Placement,
+        initializers: Any = None, options: dict | None = None) -> Any:
+    """``materialize``'s pipeline for a public function ``fn`` (named in its errors): the
+    target's entrance traces the call, the plan places each leaf as ``place`` says, the
+    engine creates them."""
+    entrance = entrances.find(module, fn=fn)
     with entrance.session(False):
-        traced = entrance.trace(
-            module, args, kwargs, fn="materialize", placement=place, abstract=False,
-            options=dict(method=method, mutable=mutable,
-                         capture_intermediates=capture_intermediates),
-        )
+        traced = entrance.trace(module, args, kwargs, fn=fn, placement=place,
+                                abstract=False, options=options or {})
         plan = plan_lib.build(traced.records, initializers=initializers,
                               shardings=place.for_plan(traced.variables))
         return traced.build(engine.execute(plan, traced.keys, traced.inputs))

@@ -448,16 +448,15 @@ def _nnx_state(
         sharding_lib.check_logical_axis_rules(place.logical_axis_rules)
         layout = _Layout(mesh, partition_rules, place.logical_axis_rules,
                          place.allow_unused_rules, place.require_rules)
-    placement = dict(mesh=mesh, partition_rules=partition_rules,
-                     logical_axis_rules=place.logical_axis_rules,
-                     require_rules=sharding_lib.strict(place.require_rules, partition_rules)
-                     if mesh is not None else place.require_rules,
-                     allow_unused_rules=True if mesh is not None else place.allow_unused_rules)
+    if mesh is not None:  # rules unused by the model may be the optimizer's: checked below
+        place = place._replace(
+            allow_unused_rules=True,
+            require_rules=sharding_lib.strict(place.require_rules, partition_rules))
     if concrete:
-        model = materialize_lib.materialize(ctor, *args, initializers=initializers,
-                                            device=place.device, **placement, **kwargs)
+        model = materialize_lib.run(fn, ctor, args, kwargs, place=place,
+                                    initializers=initializers)
     else:
-        model = abstract_lib.abstract_init(ctor, *args, **placement, **kwargs)
+        model = abstract_lib.run(fn, ctor, args, kwargs, place=place)
     abstract_opt = nnx_optimizer.abstract_optimizer(model, tx, layout)
     if layout is not None:
         names = [p for p, _ in paths.flatten(summary_lib.as_tree(model))[0]]
