@@ -281,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
 
     # 3. Each leaf has the planned sharding, and each device holds a shard, not a copy.
-    planned = flaxlazy.shardings(shapes, mesh, PARTITION_RULES)
+    planned = flaxlazy.shardings(shapes, mesh, partition_rules=PARTITION_RULES)
     for path in (
         "wte/embedding",
         "block_0/attn/qkv/kernel",

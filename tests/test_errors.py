@@ -7,6 +7,7 @@ may surface as an AttributeError or a traceback from inside JAX, Flax or Optax.
 
 import re
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -160,7 +161,8 @@ def test_mesh_that_is_not_a_mesh(bad, match):
     with pytest.raises(TypeError, match=expected):
         flaxlazy.materialize(Net(), KEY, X, mesh=bad, partition_rules=[("**", P())])
     with pytest.raises(TypeError, match=expected):
-        flaxlazy.shardings(flaxlazy.abstract_init(Net(), KEY, X), bad, [("**", P())])
+        flaxlazy.shardings(flaxlazy.abstract_init(Net(), KEY, X), bad,
+                           partition_rules=[("**", P())])
     with pytest.raises(TypeError, match=r"`mesh` must be"):
         flaxlazy.summary(flaxlazy.abstract_init(Net(), KEY, X), mesh=bad)
 
@@ -171,7 +173,8 @@ def test_abstract_mesh_for_shapes_but_not_for_arrays():
     shapes = flaxlazy.abstract_init(Net(), KEY, X, mesh=mesh, partition_rules=rules)
     kernel = shapes["params"]["head"]["kernel"]
     assert kernel.sharding == NamedSharding(mesh, P(None, "model"))
-    assert flaxlazy.shardings(shapes, mesh, rules)["params"]["Dense_0"]["bias"].spec == P()
+    tree = flaxlazy.shardings(shapes, mesh, partition_rules=rules)
+    assert tree["params"]["Dense_0"]["bias"].spec == P()
     assert "on each of 8 devices" in flaxlazy.summary(shapes)
     with pytest.raises(TypeError, match=r"`mesh` must be a jax\.sharding\.Mesh, got "
                                         r"AbstractMesh.*describes shapes only"):
@@ -352,3 +355,20 @@ def test_initializer_factory_on_a_stacked_leaf_suggests_calling_it():
     with pytest.raises(TypeError, match=rf"Did you mean `{name}\(\)`"):
         flaxlazy.materialize(Stack(), KEY, flaxlazy.spec("f32[2,4]"),
                              initializers={"**/kernel": nn.initializers.xavier_uniform})
+
+
+def test_shardings_takes_rules_by_keyword_and_warns_on_positional_ones():
+    # Every other flaxlazy function takes its options by keyword; rules by position still
+    # work for now, with a warning saying what to write instead.
+    mesh = Mesh(np.array(jax.devices()[:1]), ("model",))
+    shapes = flaxlazy.abstract_init(Net(), KEY, X)
+    rules = [("**/kernel", P(None, "model")), ("**", P())]
+    want = flaxlazy.shardings(shapes, mesh, partition_rules=rules)
+    deprecated = r"shardings: rules passed by position are deprecated; pass partition_rules="
+    with pytest.warns(DeprecationWarning, match=deprecated):
+        got = flaxlazy.shardings(shapes, mesh, rules)
+    chex.assert_trees_all_equal(got, want)
+    with pytest.raises(TypeError, match=r"shardings: `partition_rules` given both by position"):
+        flaxlazy.shardings(shapes, mesh, rules, partition_rules=rules)
+    with pytest.raises(TypeError, match=r"got 5 positional arguments\. Pass partition_rules="):
+        flaxlazy.shardings(shapes, mesh, rules, None, None)

@@ -467,7 +467,7 @@ def test_partition_rules_on_rng_state_are_checked(rule, match):
             fn(Layer, 8, rngs=nnx.Rngs(0), mesh=mesh, partition_rules=rules)
     with pytest.raises(ValueError, match=match):
         flaxlazy.shardings(flaxlazy.abstract_init(Layer, 8, rngs=nnx.Rngs(0)),
-                           mesh, rules)
+                           mesh, partition_rules=rules)
     # A broad rule that shards arrays leaves the RNG state replicated, as before.
     model = flaxlazy.materialize(Layer, 8, rngs=nnx.Rngs(0), mesh=mesh,
                                  partition_rules=[("**", P("model"))])

@@ -79,7 +79,7 @@ def test_summary_reports_bytes_per_device(mesh):
 
 def test_shardings_tree_and_device_sharding(mesh):
     key = jax.random.key(0)
-    tree = flaxlazy.shardings(flaxlazy.abstract_init(Model(), key, X), mesh, RULES)
+    tree = flaxlazy.shardings(flaxlazy.abstract_init(Model(), key, X), mesh, partition_rules=RULES)
     got = flaxlazy.materialize(Model(), key, X, shardings=tree)
     for leaf, sh in zip(jax.tree.leaves(got), jax.tree.leaves(tree), strict=True):
         assert leaf.sharding == sh
@@ -187,7 +187,7 @@ def test_printed_path_patterns_on_a_mesh(mesh):
     assert got["params"]["Dense_0"]["kernel"].sharding.spec == P(None, "model")
     assert got["params"]["Dense_0"]["bias"].sharding.spec == P("model")
     chex.assert_trees_all_equal(jax.device_get(got["params"]["Dense_0"]["bias"]), np.ones(64))
-    tree = flaxlazy.shardings(shapes, mesh, rules)
+    tree = flaxlazy.shardings(shapes, mesh, partition_rules=rules)
     assert tree["params"]["Dense_0"]["bias"].spec == P("model")
 
 

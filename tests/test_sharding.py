@@ -413,17 +413,18 @@ def test_collection_qualified_partition_rules():
     printed = next(r.split()[0] for r in flaxlazy.summary(shapes_of(Plain())).splitlines()
                    if r.startswith("params/up/kernel"))
     rules = [(printed, P(None, "model")), ("params/**", P()), ("batch_stats/**", P())]
-    tree = flaxlazy.shardings(shapes_of(Plain()), mesh, rules)
+    tree = flaxlazy.shardings(shapes_of(Plain()), mesh, partition_rules=rules)
     assert tree["params"]["up"]["kernel"].spec == P(None, "model")
     variables = flaxlazy.materialize(Plain(), key, X, mesh=mesh, partition_rules=rules)
     assert variables["params"]["up"]["kernel"].sharding.spec == P(None, "model")
     assert variables["params"]["head"]["kernel"].sharding.spec == P()
     with pytest.raises(ValueError, match=r"key 'params/\*\*' of the nested-dict form .* "
                                          r"contains '\*'"):
-        flaxlazy.shardings(shapes_of(Plain()), mesh, {"params": {"**": P()}, "batch_stats": P()})
+        flaxlazy.shardings(shapes_of(Plain()), mesh,
+                           partition_rules={"params": {"**": P()}, "batch_stats": P()})
     # A qualified glob never matches another collection.
     with pytest.raises(ValueError, match=r"no partition rule matches 'batch_stats/BatchNorm_0/"):
-        flaxlazy.shardings(shapes_of(Plain()), mesh, [("params/**", P())])
+        flaxlazy.shardings(shapes_of(Plain()), mesh, partition_rules=[("params/**", P())])
 
 
 # --------------------------------------------------------------------------
@@ -556,7 +557,7 @@ def test_shardings_tree_feeds_jit():
     mesh = make_mesh((2, 4), ("data", "model"))
     model, key = Annotated(), jax.random.key(0)
     shapes = shapes_of(model)
-    tree = sharding_lib.shardings(shapes, mesh, None, logical_rules(mesh))
+    tree = sharding_lib.shardings(shapes, mesh, logical_axis_rules=logical_rules(mesh))
     flat_tree = jax.tree_util.tree_flatten_with_path(tree)[0]
     assert all(isinstance(s, NamedSharding) for _, s in flat_tree)
     assert jax.tree.structure(tree) == jax.tree.structure(nn.meta.unbox(shapes))

@@ -47,6 +47,7 @@ by its paths as they are. Results are keyed by the full, collection-qualified pa
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
@@ -64,6 +65,7 @@ from jax.sharding import PartitionSpec
 from flaxlazy._src import nnx_variables as nnx_state
 from flaxlazy._src import paths
 from flaxlazy._src import rules as rules_lib
+from flaxlazy._src import warn
 from flaxlazy._src.sharding_checks import WHAT
 from flaxlazy._src.sharding_checks import _check_rule_values
 from flaxlazy._src.sharding_checks import check_logical_axis_rules
@@ -409,9 +411,9 @@ def partition_specs(
 def shardings(
     abstract_tree: Any,
     mesh: Mesh | AbstractMesh,
+    *positional_rules: Any,
     partition_rules: Mapping | Sequence[tuple[Any, PartitionSpec]] | None = None,
     logical_axis_rules: Sequence[tuple[str, Any]] | None = None,
-    *,
     allow_unused_rules: bool = False,
     require_rules: bool | None = None,
 ) -> Any:
@@ -429,6 +431,9 @@ def shardings(
         module or ``nnx.State`` (the result is then an ``nnx.State`` of shardings, for
         ``nnx.jit``'s ``in_shardings``/``out_shardings`` or ``nnx.update``).
       mesh: the ``jax.sharding.Mesh`` (an ``AbstractMesh`` works too).
+      *positional_rules: deprecated: ``partition_rules`` and ``logical_axis_rules``
+        passed by position (a ``DeprecationWarning``); pass them by keyword, as every
+        other flaxlazy function takes its options.
       partition_rules: as in ``partition_specs``.
       logical_axis_rules: as in ``partition_specs``.
       allow_unused_rules: as in ``partition_specs``.
@@ -438,7 +443,8 @@ def shardings(
       The tree of ``NamedSharding``s.
 
     Raises:
-      ValueError, TypeError: as ``partition_specs``.
+      ValueError, TypeError: as ``partition_specs``; a rule given both by position and
+        by keyword, or more than two positional rules.
 
     Examples:
       >>> import jax, numpy as np, flax.linen as nn, flaxlazy
@@ -451,10 +457,14 @@ def shardings(
       >>> tree["params"]["kernel"].spec, tree["params"]["bias"].spec
       (P(None, 'model'), P())
     """
+    if positional_rules:
+        partition_rules, logical_axis_rules = _by_keyword(
+            positional_rules, partition_rules, logical_axis_rules)
     if nnx_state.is_nnx(abstract_tree):  # an nnx.State of shardings, like nnx.state(model)
         tree = nnx_state.as_variables(abstract_tree)
         found = dict(paths.flatten(shardings(
-            tree, mesh, partition_rules, logical_axis_rules,
+            tree, mesh, partition_rules=partition_rules,
+            logical_axis_rules=logical_axis_rules,
             allow_unused_rules=allow_unused_rules, require_rules=require_rules,
         ))[0])
         return nnx_state.like_state(abstract_tree, found)
@@ -467,6 +477,31 @@ def shardings(
     return jax.tree_util.tree_unflatten(
         treedef, [NamedSharding(mesh, specs[path]) for path, _ in flat]
     )
+
+
+_NAMES = ("partition_rules", "logical_axis_rules")
+
+
+def _by_keyword(positional: tuple, partition_rules: Any, logical_axis_rules: Any
+                ) -> tuple[Any, Any]:
+    """``shardings``' rules given by position, as keywords, with a deprecation warning."""
+    if len(positional) > len(_NAMES):
+        raise TypeError(
+            f"shardings: takes the tree and the mesh by position and the rest by keyword; "
+            f"got {2 + len(positional)} positional arguments. Pass "
+            f"partition_rules=... and logical_axis_rules=... by keyword.")
+    given = dict(zip(_NAMES, positional, strict=False))
+    keywords = {"partition_rules": partition_rules, "logical_axis_rules": logical_axis_rules}
+    for name in given:
+        if keywords[name] is not None:
+            raise TypeError(f"shardings: `{name}` given both by position and by keyword.")
+    names = ", ".join(f"{n}=..." for n in given)
+    warnings.warn(
+        f"shardings: rules passed by position are deprecated; pass {names} by keyword, as "
+        f"every other flaxlazy function takes its options.", DeprecationWarning,
+        stacklevel=warn.user_stacklevel())
+    keywords.update(given)
+    return keywords["partition_rules"], keywords["logical_axis_rules"]
 
 
 def with_shardings(
