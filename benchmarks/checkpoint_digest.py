@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxlazy._src import checkpoint
-from flaxlazy._src import integrity
 from flaxlazy._src import paths
+from flaxlazy._src.checkpoint import integrity
+from flaxlazy._src.checkpoint import orbax_io
 
 
 def gpt2_medium_tree(layers: int, seed: int = 0) -> dict:
@@ -48,8 +48,8 @@ def gpt2_medium_tree(layers: int, seed: int = 0) -> dict:
 
 def plain_orbax_save(path: str, tree: dict) -> None:
     """The write ``save`` wraps: same Orbax handler, no checksums, no rename."""
-    ocp = checkpoint._orbax()
-    registry = checkpoint._save_registry(ocp)
+    ocp = orbax_io._orbax()
+    registry = orbax_io._save_registry(ocp)
     handler = ocp.PyTreeCheckpointHandler(
         **({} if registry is None else {"type_handler_registry": registry})
     )
@@ -85,7 +85,7 @@ def main() -> None:
         gbytes = sum(x.nbytes for _, x in flat) / 1e9
         times["crc32 alone"] = [timed(integrity.record, flat)]
 
-        saves = [("save: Orbax only", plain_orbax_save), ("save: flaxlazy", checkpoint.save)]
+        saves = [("save: Orbax only", plain_orbax_save), ("save: flaxlazy", orbax_io.save)]
         for r in range(args.repeats):  # alternate the order, so drift hits both alike
             for name, fn in saves[:: 1 if r % 2 == 0 else -1]:
                 path = os.path.join(root, f"{r}-{name[6:11]}")
@@ -96,18 +96,18 @@ def main() -> None:
         del tree, flat  # one tree in memory at a time
         ckpt = os.path.join(root, f"{args.repeats - 1}-flaxl")
 
-        targets = checkpoint.entries(ckpt)
+        targets = orbax_io.entries(ckpt)
         digests, hidden = os.path.join(ckpt, integrity.DIGESTS), os.path.join(root, "digests")
-        timed(checkpoint.read, ckpt, targets)  # warm the page cache
+        timed(orbax_io.read, ckpt, targets)  # warm the page cache
         for _ in range(args.repeats):
             os.rename(digests, hidden)  # a checkpoint without checksums reads unchecked
             times.setdefault("read: unchecked", []).append(
-                timed(checkpoint.read, ckpt, targets))
+                timed(orbax_io.read, ckpt, targets))
             os.rename(hidden, digests)
             times.setdefault("read: checked", []).append(
-                timed(checkpoint.read, ckpt, targets))
+                timed(orbax_io.read, ckpt, targets))
         # The check alone, on data already read (what "checked" adds, without I/O noise).
-        digests, arrays = integrity.load(ckpt), checkpoint.read(ckpt, targets)
+        digests, arrays = integrity.load(ckpt), orbax_io.read(ckpt, targets)
         times["check alone"] = [timed(check_all, ckpt, digests, arrays)]
         del arrays
     finally:

@@ -8,15 +8,15 @@ Zero-cost shapes with ``abstract_init``, compiled materialization equal to
 from flaxlazy._src import self_checks as _self_checks  # noqa: F401
 from flaxlazy._src.abstract import abstract_init
 from flaxlazy._src.cache import clear_caches
-from flaxlazy._src.checkpoint import save
+from flaxlazy._src.checkpoint.orbax_io import save
+from flaxlazy._src.checkpoint.restore import CheckpointSource
+from flaxlazy._src.checkpoint.restore import from_checkpoint
+from flaxlazy._src.checkpoint.restore import restore
 from flaxlazy._src.inspect_report import inspect
 from flaxlazy._src.lazy import Lazy
 from flaxlazy._src.lazy import lazy
 from flaxlazy._src.materialize import materialize
 from flaxlazy._src.report_types import Report
-from flaxlazy._src.restore import CheckpointSource
-from flaxlazy._src.restore import from_checkpoint
-from flaxlazy._src.restore import restore
 from flaxlazy._src.sharding import shardings
 from flaxlazy._src.sources.from_safetensors.layouts import GPT2_HF
 from flaxlazy._src.sources.from_safetensors.layouts import LLAMA_HF

@@ -22,9 +22,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import flaxlazy
-from flaxlazy._src import checkpoint
-from flaxlazy._src import checkpoint_paths
-from flaxlazy._src import integrity
+from flaxlazy._src.checkpoint import folders
+from flaxlazy._src.checkpoint import integrity
+from flaxlazy._src.checkpoint import orbax_io
 
 # A failed Orbax read leaves coroutines that were never awaited (an Orbax quirk): they are
 # collected after each test here, and their "exception ignored" reports are not ours.
@@ -100,10 +100,10 @@ def _fail_after_write(monkeypatch, tree):
 def _fail_rename(monkeypatch, tree):
     # The rename that puts the new checkpoint at the path fails: the swap, or (without
     # it) the rename in after the old checkpoint was moved aside.
-    rename, rename2 = os.rename, checkpoint_paths._rename2
+    rename, rename2 = os.rename, folders._rename2
 
     def placing(src, dst):
-        return (os.path.basename(src) == checkpoint_paths.NEW and checkpoint_paths.STAGING
+        return (os.path.basename(src) == folders.NEW and folders.STAGING
                 in os.path.basename(os.path.dirname(src)) and not os.path.lexists(dst))
 
     def fake_rename(src, dst):
@@ -112,13 +112,13 @@ def _fail_rename(monkeypatch, tree):
         return rename(src, dst)
 
     def fake_rename2(src, dst, flags):
-        swap = flags == checkpoint_paths._RENAME_EXCHANGE and checkpoint_paths._renameat2
-        if placing(src, dst) or (swap and checkpoint_paths.STAGING in src):
+        swap = flags == folders._RENAME_EXCHANGE and folders._renameat2
+        if placing(src, dst) or (swap and folders.STAGING in src):
             raise PermissionError("rename refused")
         return rename2(src, dst, flags)
 
     monkeypatch.setattr(os, "rename", fake_rename)
-    monkeypatch.setattr(checkpoint_paths, "_rename2", fake_rename2)
+    monkeypatch.setattr(folders, "_rename2", fake_rename2)
     return tree, PermissionError
 
 
@@ -129,10 +129,10 @@ def _unsupported_leaf(monkeypatch, tree):
 @pytest.fixture(params=["swap", "two-renames"])
 def renames(request, monkeypatch):
     """Linux swaps the old checkpoint out in one rename; elsewhere, two renames."""
-    if request.param == "swap" and checkpoint_paths._renameat2 is None:
+    if request.param == "swap" and folders._renameat2 is None:
         pytest.skip("no renameat2 here")
     if request.param == "two-renames":
-        monkeypatch.setattr(checkpoint_paths, "_renameat2", None)
+        monkeypatch.setattr(folders, "_renameat2", None)
     return request.param
 
 
@@ -146,7 +146,7 @@ def test_failed_overwrite_keeps_old_checkpoint(ckpt, monkeypatch, fail, renames)
         flaxlazy.save(ckpt, tree, force=True)
     monkeypatch.undo()
     if renames == "two-renames":
-        monkeypatch.setattr(checkpoint_paths, "_renameat2", None)
+        monkeypatch.setattr(folders, "_renameat2", None)
     assert os.listdir(ckpt.parent) == ["ckpt"]  # no temporary directories left
     _assert_holds(ckpt, OLD)
     flaxlazy.save(ckpt, NEW, force=True)  # and the next save works
@@ -163,11 +163,11 @@ def test_unsupported_leaf_is_named(tmp_path):
 def test_interrupted_save_is_recovered(ckpt):
     # Killed between its two renames (where the filesystem cannot swap): the old
     # checkpoint moved into the save's own folder, the complete new one beside it.
-    folder = f"{ckpt}{checkpoint_paths.STAGING}-123-0000abcd"
+    folder = f"{ckpt}{folders.STAGING}-123-0000abcd"
     os.mkdir(folder)
-    aside = os.path.join(folder, f"{checkpoint_paths.OLD}-0")
+    aside = os.path.join(folder, f"{folders.OLD}-0")
     os.rename(ckpt, aside)
-    flaxlazy.save(os.path.join(folder, checkpoint_paths.NEW), NEW)
+    flaxlazy.save(os.path.join(folder, folders.NEW), NEW)
     with pytest.raises(FileNotFoundError, match=re.escape(f"previous checkpoint at {aside}")):
         flaxlazy.restore(ckpt, _target(OLD))
     with pytest.raises(FileExistsError, match="force=True"):  # the old one is back first
@@ -191,7 +191,7 @@ def test_flipped_bytes_are_detected(tmp_path, values):
     with pytest.raises(ValueError, match=match):
         flaxlazy.restore(path, {"params": {"w": jax.ShapeDtypeStruct(data.shape, data.dtype)}})
     # Entries that are intact still read.
-    assert checkpoint.read(path, {"params/b": jax.ShapeDtypeStruct((2,), jnp.float32)})
+    assert orbax_io.read(path, {"params/b": jax.ShapeDtypeStruct((2,), jnp.float32)})
 
 
 def test_sharded_save_checked_in_any_layout(tmp_path):
@@ -202,12 +202,12 @@ def test_sharded_save_checked_in_any_layout(tmp_path):
     flaxlazy.save(path, {"w": jax.device_put(data, NamedSharding(mesh, P("data")))})
     assert len(integrity.load(str(path))["w"][2]) == 8
     for sharding in (None, NamedSharding(mesh, P(None, "data")), NamedSharding(mesh, P())):
-        got = checkpoint.read(path, {"w": jax.ShapeDtypeStruct(data.shape, data.dtype,
+        got = orbax_io.read(path, {"w": jax.ShapeDtypeStruct(data.shape, data.dtype,
                                                                sharding=sharding)})
         chex.assert_trees_all_equal(np.asarray(got["w"]), data)
     _flip_middle(path)
     with pytest.raises(ValueError, match=rf"{re.escape(str(path))} .*entry 'w'"):
-        checkpoint.read(path, {"w": jax.ShapeDtypeStruct(data.shape, data.dtype)})
+        orbax_io.read(path, {"w": jax.ShapeDtypeStruct(data.shape, data.dtype)})
 
 
 def test_block_read_partly_here_is_read_whole(tmp_path):
@@ -238,7 +238,7 @@ def test_wider_saved_dtype_is_checked(tmp_path):
     # numpy int64, read as jax int32 (x64 off): checked at int64, then cast.
     path = tmp_path / "ckpt"
     flaxlazy.save(path, {"ids": np.arange(5), "x": 1.5})
-    got = checkpoint.read(path, checkpoint.entries(path))
+    got = orbax_io.read(path, orbax_io.entries(path))
     chex.assert_trees_all_equal(got, {"ids": jnp.arange(5), "x": jnp.float32(1.5)})
 
 
@@ -293,10 +293,10 @@ def test_checksums_without_the_record_are_still_checked(tmp_path):
         info = json.load(f)
     del info["custom_metadata"][integrity.MARKER]
     (path / "_METADATA").write_text(json.dumps(info))
-    chex.assert_trees_all_equal(checkpoint.read(path, checkpoint.entries(path))["w"], data)
+    chex.assert_trees_all_equal(orbax_io.read(path, orbax_io.entries(path))["w"], data)
     _flip_middle(path)
     with pytest.raises(ValueError, match="entry 'w' differs from what was saved"):
-        checkpoint.read(path, checkpoint.entries(path))
+        orbax_io.read(path, orbax_io.entries(path))
 
 
 # ------------------------------------------------------------------ damaged checkpoints
@@ -353,14 +353,14 @@ def test_damaged_checkpoint_has_one_clear_error(tmp_path, damage):
                              initializers={"**": flaxlazy.from_checkpoint(path)})
     if damage in ("garbage-metadata", "no-manifest", "no-metadata"):
         with pytest.raises(ValueError, match=match):
-            checkpoint.entries(path)
+            orbax_io.entries(path)
 
 
 def test_path_without_checkpoint_is_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         flaxlazy.restore(tmp_path / "nothing", {"w": jax.ShapeDtypeStruct((2,), jnp.float32)})
     with pytest.raises(FileNotFoundError, match="not an Orbax PyTree checkpoint"):
-        checkpoint.entries(tmp_path)
+        orbax_io.entries(tmp_path)
 
 
 # ------------------------------------------------------------------- argument errors
@@ -447,7 +447,7 @@ def test_unused_entries_left_out_on_purpose_are_silenced_with_strict_false(tmp_p
 def test_directory_of_other_files_is_no_checkpoint_not_a_damaged_one(tmp_path):
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(FileNotFoundError, match="no _METADATA"):
-        checkpoint.read(tmp_path, {})
+        orbax_io.read(tmp_path, {})
 
 
 # --------------------------------------------------------------------- two processes
@@ -456,7 +456,7 @@ import json, os, sys
 import jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import orbax.checkpoint as ocp
-from flaxlazy._src import checkpoint, integrity
+from flaxlazy._src.checkpoint import integrity, orbax_io
 
 pid, port, root = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 if "jax_cpu_collectives_implementation" in jax.config.values:
@@ -471,12 +471,12 @@ def array(data, spec):
 
 def read(spec):
     target = jax.ShapeDtypeStruct(full.shape, full.dtype, sharding=NamedSharding(mesh, spec))
-    w = checkpoint.read(path, {"w": target})["w"]
+    w = orbax_io.read(path, {"w": target})["w"]
     return all(np.array_equal(np.asarray(s.data), full[s.index]) for s in w.addressable_shards)
 
 path, report = os.path.join(root, "ckpt"), {}
-checkpoint.save(path, {"w": array(-full, P("data", "model")), "step": 1})
-checkpoint.save(path, {"w": array(full, P("data", "model")), "step": 2}, force=True)
+orbax_io.save(path, {"w": array(-full, P("data", "model")), "step": 1})
+orbax_io.save(path, {"w": array(full, P("data", "model")), "step": 2}, force=True)
 report["listing"] = sorted(n for n in os.listdir(root) if not n.startswith("process_"))
 report["checksum files"] = sorted(os.listdir(os.path.join(path, integrity.DIGESTS)))
 report["reads"] = [read(spec) for spec in (P("data", "model"), P("model", "data"), P())]

@@ -13,9 +13,9 @@ from jax.sharding import PartitionSpec as P
 from jax.sharding import SingleDeviceSharding
 
 from flaxlazy._src import paths
-from flaxlazy._src.checkpoint import entries
-from flaxlazy._src.checkpoint import read
-from flaxlazy._src.checkpoint import save
+from flaxlazy._src.checkpoint.orbax_io import entries
+from flaxlazy._src.checkpoint.orbax_io import read
+from flaxlazy._src.checkpoint.orbax_io import save
 
 needs_8 = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices")
 

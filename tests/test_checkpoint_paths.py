@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import flaxlazy
-from flaxlazy._src import checkpoint_paths
+from flaxlazy._src.checkpoint import folders
 
 TREE = {"w": np.arange(6.0, dtype=np.float32)}
 
@@ -89,7 +89,7 @@ def test_force_replaces_a_damaged_checkpoint(tmp_path):
 # ------------------------------------------------------------------------ racing writers
 TRIALS = 2
 # Linux swaps the old checkpoint out in one rename; elsewhere two renames are used.
-RENAMES = ["swap", "two-renames"] if checkpoint_paths._renameat2 is not None else ["two-renames"]
+RENAMES = ["swap", "two-renames"] if folders._renameat2 is not None else ["two-renames"]
 
 
 def _tree(writer):
@@ -104,12 +104,12 @@ RACE = f"""
 import os
 import numpy as np
 import flaxlazy
-from flaxlazy._src import checkpoint_paths
+from flaxlazy._src.checkpoint import folders
 
-renameat2 = checkpoint_paths._renameat2
+renameat2 = folders._renameat2
 try:
     for renames in {RENAMES!r}:
-        checkpoint_paths._renameat2 = renameat2 if renames == "swap" else None
+        folders._renameat2 = renameat2 if renames == "swap" else None
         for trial in range({TRIALS}):
             for force in (False, True):
                 path = os.path.join(root, f"{{renames}}-{{trial}}-{{force}}", "ckpt")
@@ -123,7 +123,7 @@ try:
                     outcome = f"{{type(e).__name__}}: {{e}}"
                 results.put((path, force, writer, outcome))
 finally:
-    checkpoint_paths._renameat2 = renameat2
+    folders._renameat2 = renameat2
 """
 
 EXIT = "results.close(); results.join_thread(); os._exit(0)"  # skip JAX's slow shutdown

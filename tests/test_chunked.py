@@ -12,8 +12,8 @@ from jax.sharding import PartitionSpec as P
 
 import flaxlazy
 from flaxlazy._src import _compat
-from flaxlazy._src import chunked
-from flaxlazy._src.sources import flat
+from flaxlazy._src.draw import chunked
+from flaxlazy._src.draw import flat
 
 INITS = {
     "lecun_normal": nn.initializers.lecun_normal(),

@@ -17,9 +17,9 @@ import flaxlazy
 from flaxlazy._src import compiles
 from flaxlazy._src import programs
 from flaxlazy._src.compiles import count_compiles
-from flaxlazy._src.sources import flat
-from flaxlazy._src.sources import host
-from flaxlazy._src.sources import keys as keys_lib
+from flaxlazy._src.draw import flat
+from flaxlazy._src.draw import host
+from flaxlazy._src.draw import keys as keys_lib
 
 INITS = {
     "lecun_normal": nn.initializers.lecun_normal(),

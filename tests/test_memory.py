@@ -41,7 +41,7 @@ class Net(nn.Module):
         return nn.Dense(3 + self.width % 4)(nn.relu(nn.Dense(64 + self.width)(x)))
 
 from flaxlazy._src import cache
-from flaxlazy._src.sources import flat
+from flaxlazy._src.draw import flat
 
 samples, sizes = [], []
 for i in range(N):

@@ -22,7 +22,7 @@ from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 import flaxlazy
-from flaxlazy._src import chunked
+from flaxlazy._src.draw import chunked
 
 MESHES = [(1, 1), (2, 1), (1, 2), (2, 2), (1, 4), (4, 1), (2, 4), (4, 2), (8, 1), (1, 8)]
 QUICK = {(1, 1), (2, 1), (2, 2), (2, 4)}  # 1, 2, 4 and 8 devices; the rest with -m slow

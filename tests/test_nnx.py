@@ -25,8 +25,8 @@ from nnx_models import values
 import flaxlazy
 from flaxlazy._src import summary as summary_lib
 from flaxlazy._src.compiles import count_compiles
+from flaxlazy._src.draw import flat
 from flaxlazy._src.nnx import api as nnx_api
-from flaxlazy._src.sources import flat
 from flaxlazy._src.sources import initializer
 
 

@@ -21,8 +21,8 @@ from jax.sharding import PartitionSpec as P
 import flaxlazy
 from flaxlazy._src import materialize as materialize_lib
 from flaxlazy._src.compiles import count_compiles
+from flaxlazy._src.draw import flat
 from flaxlazy._src.linen import call as linen_call
-from flaxlazy._src.sources import flat
 
 X = jax.ShapeDtypeStruct((2, 48), jnp.float32)
 KEYS = pytest.mark.parametrize("make_key", [jax.random.key, jax.random.PRNGKey],

@@ -38,7 +38,8 @@ Python's cyclic garbage collector is also paused, process-wide, while any thread
 that switch is not a private API and is counted in ``gc_pause.py``.
 
 The supported versions are declared in ``pyproject.toml``; Orbax internals are used by
-``checkpoint.py`` and ``integrity.py`` only through the ``orbax_*`` functions here.
+``checkpoint/orbax_io.py`` and ``checkpoint/integrity.py`` only through the ``orbax_*``
+functions here.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ _DERIVATIVE_ONLY = frozenset(
 
 # Primitives that keep a row-major array's elements in order (a ``reshape`` without
 # ``dimensions``) or only repeat them: a reshaped fill stays a fill (``fill_value``), a
-# reshaped random block keeps its flat indices (``chunked``).
+# reshaped random block keeps its flat indices (``draw.chunked``).
 SAME_LAYOUT = frozenset({"reshape", "broadcast_in_dim", "expand_dims", "squeeze"})
 
 # jaxpr -> its key, for as long as the jaxpr lives: JAX reuses inner jaxprs (a jitted

@@ -2,7 +2,7 @@
 
 flaxlazy recreates a Linen parameter without running ``module.init`` by folding its own
 hash of the variable's path into the root key (``_compat.static_hash``), and draws
-large leaves in chunks (``chunked``). Both agree with Flax and JAX only as long as their
+large leaves in chunks (``draw.chunked``). Both agree with Flax and JAX only as long as their
 private behaviour stays as it is, so ``_compat.fast_path()`` and ``_compat.chunking_ok()``
 run the checks below once, on first use, and fall back to slower paths that are always
 right where one fails. They run flaxlazy code, so they live here, above ``_compat`` (which
@@ -19,8 +19,8 @@ import numpy as np
 from flax.core import scope as flax_scope
 
 from flaxlazy._src import _compat
-from flaxlazy._src import chunked
 from flaxlazy._src import programs
+from flaxlazy._src.draw import chunked
 
 
 def check_key_derivation() -> None:

@@ -6,8 +6,8 @@ see ``programs``) and the leaf's sharding, so a 48-layer model compiles about as
 functions as a 2-layer one, and an initializer that computes anything else is never
 served another's code. Each folds its leaf's static fold value into its stream's root
 key inside that compiled function, exactly as the framework derives the key (for a
-stacked leaf, after splitting it per layer: ``keys.leaf_key``). Large random leaves are
-drawn in chunks (``chunked``).
+stacked leaf, after splitting it per layer: ``draw.keys.leaf_key``). Large random leaves
+are drawn in chunks (``draw.chunked``), and leaves on one CPU device flat (``draw.flat``).
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ import numpy as np
 
 from flaxlazy._src import _compat
 from flaxlazy._src import cache as cache_lib
-from flaxlazy._src import chunked
 from flaxlazy._src import compile_context
 from flaxlazy._src import programs
-from flaxlazy._src.sources import flat
-from flaxlazy._src.sources import keys as keys_lib
+from flaxlazy._src.draw import chunked
+from flaxlazy._src.draw import flat
+from flaxlazy._src.draw import keys as keys_lib
 from flaxlazy._src.sources import kinds
 
 
@@ -162,7 +162,7 @@ def _groups(plan: Any, indices: list[int], *, cold: bool = False
 
 
 def _flat(leaf: Any) -> flat.Transform | None:
-    """The leaf's transform if it is drawn flat (``flat``) when its root key allows it:
+    """The leaf's transform if it is drawn flat (``draw.flat``) when its root key allows it:
     one layer's, for a leaf stacked per layer."""
     layer = flat.one_layer(leaf)
     if math.prod(layer.shape) < flat.MIN_ELEMENTS or not flat.on_one_cpu(leaf.sharding):

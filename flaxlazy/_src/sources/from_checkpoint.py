@@ -13,9 +13,9 @@ from typing import Any
 
 import jax
 
-from flaxlazy._src import checkpoint
 from flaxlazy._src import paths
-from flaxlazy._src import restore
+from flaxlazy._src.checkpoint import orbax_io
+from flaxlazy._src.checkpoint import restore
 from flaxlazy._src.sources import kinds
 
 PARAMS = paths.PARAMS
@@ -49,7 +49,7 @@ def _checkpoint_entry(source, path: str, shape, dtype, entries: dict) -> str:
 def _entries(memo: dict, path: str) -> dict:
     """The checkpoint's entries, read once per plan (``memo``: this source's)."""
     if path not in memo:
-        memo[path] = checkpoint.entries(path)
+        memo[path] = orbax_io.entries(path)
     return memo[path]
 
 
@@ -94,7 +94,7 @@ def execute(plan: Any, indices: list[int], context: kinds.Context) -> dict[int, 
         reads.setdefault(source.path, {})[entry] = (i, target)
     out = {}
     for path, wanted in reads.items():
-        arrays = checkpoint.read(path, {entry: target for entry, (_, target) in wanted.items()})
+        arrays = orbax_io.read(path, {entry: target for entry, (_, target) in wanted.items()})
         for entry, (i, _) in wanted.items():
             out[i] = arrays[entry]
     return out

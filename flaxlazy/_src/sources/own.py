@@ -22,8 +22,8 @@ import jax.numpy as jnp
 from flaxlazy._src import naming
 from flaxlazy._src import paths
 from flaxlazy._src import programs
+from flaxlazy._src.draw import keys as keys_lib
 from flaxlazy._src.sources import compiled
-from flaxlazy._src.sources import keys as keys_lib
 from flaxlazy._src.sources import kinds
 
 

@@ -18,8 +18,8 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
+from flaxlazy._src.draw import host
 from flaxlazy._src.sources import compiled
-from flaxlazy._src.sources import host
 from flaxlazy._src.sources import kinds
 from flaxlazy._src.sources.from_safetensors import files
 from flaxlazy._src.sources.from_safetensors import mapping

@@ -19,9 +19,9 @@ import jax
 from flax import nnx
 
 from flaxlazy._src import _compat
-from flaxlazy._src import checkpoint
 from flaxlazy._src import paths
 from flaxlazy._src import warn
+from flaxlazy._src.checkpoint import orbax_io
 
 UNCONSUMED = (
     "from_checkpoint({path!r}): {n} checkpoint entr{ies} under {where} not used by the "
@@ -232,7 +232,7 @@ def restore(path: str | os.PathLike, target: Any) -> Any:
       Traceback (most recent call last):
       TypeError: restore: target leaf 'w' is 3 (int), not an array or jax.ShapeDtypeStruct...
     """
-    if checkpoint.nnx_object(target):
+    if orbax_io.nnx_object(target):
         graphdef, state = nnx.split(target)  # shared variables appear once in ``state``
         return nnx.merge(graphdef, restore(path, state))
     leaves, treedef = jax.tree_util.tree_flatten_with_path(
@@ -252,7 +252,7 @@ def restore(path: str | os.PathLike, target: Any) -> Any:
         )
     nones = [name for name, leaf in flat if leaf is None]
     if nones:
-        saved = checkpoint.entries(path)
+        saved = orbax_io.entries(path)
         for name in nones:
             under = [e for e in saved if not name or e == name or e.startswith(name + paths.SEP)]
             if under:
@@ -264,7 +264,7 @@ def restore(path: str | os.PathLike, target: Any) -> Any:
     keys = {n: t for n, t in targets.items() if _compat.is_key_array(t)}
     for name, target in keys.items():  # Orbax stores PRNG keys as their raw data
         targets[name] = _key_data_target(target)
-    arrays = checkpoint.read(path, targets)
+    arrays = orbax_io.read(path, targets)
     for name, target in keys.items():
         arrays[name] = jax.random.wrap_key_data(arrays[name],
                                                 impl=_compat.key_impl(target.dtype))

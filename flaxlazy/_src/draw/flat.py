@@ -24,7 +24,8 @@ serves every layer.
 
 The blocks are copied into an aligned host buffer of the leaf's shape, which becomes the
 device array without another copy. So this serves leaves placed on one CPU device, drawn
-outside any trace; the others run one compiled function per program (``compiled``).
+outside any trace; the others run one compiled function per program
+(``sources.compiled``).
 A call's blocks, of all its leaves, are shared out among the CPU cores (``draw_all``;
 the buffers and threads are in ``host``).
 Values are bit-identical to the leaf's whole draw.
@@ -45,10 +46,10 @@ from jax import lax
 
 from flaxlazy._src import _compat
 from flaxlazy._src import cache as cache_lib
-from flaxlazy._src import chunked
 from flaxlazy._src import compile_context
 from flaxlazy._src import programs
-from flaxlazy._src.sources import host
+from flaxlazy._src.draw import chunked
+from flaxlazy._src.draw import host
 
 # Elements per block: large enough that dispatch is a small share of a block's work,
 # small enough that a small leaf's rounding up to one block costs well under 1 ms.

@@ -8,7 +8,7 @@ sequence items by index, ``NamedTuple`` and dataclass fields by name), so the na
 A checkpoint cannot be lost or silently corrupted:
 
 * ``save`` writes the new checkpoint in a folder of its own beside ``path`` and moves it
-  into place by one rename only once it is complete (``checkpoint_paths``), so a save
+  into place by one rename only once it is complete (``folders``), so a save
   that fails, at any point, leaves the checkpoint already at ``path`` as it was; of two
   saves racing to one path exactly one wins (with ``force``, the last one, whole). It
   refuses paths whose folder must never be replaced (empty, the working directory or
@@ -57,9 +57,9 @@ from flax import nnx
 from flax.core import meta
 
 from flaxlazy._src import _compat
-from flaxlazy._src import checkpoint_paths
-from flaxlazy._src import integrity
 from flaxlazy._src import paths
+from flaxlazy._src.checkpoint import folders
+from flaxlazy._src.checkpoint import integrity
 
 _ORBAX_FILES = ("manifest.ocdbt", "_CHECKPOINT_METADATA", "commit_success.txt", "d")
 
@@ -191,7 +191,7 @@ def save(path: str | os.PathLike, tree: Any, *, force: bool = False) -> None:
     The checkpoint is written in a folder of this save's own beside ``path``
     (``<path>.flaxlazy-tmp-<pid>-<random>``) and moved to ``path`` by one rename once
     complete (with ``force``, swapped with the old one, which is then deleted; see
-    ``checkpoint_paths``). A failed save leaves ``path`` as it was and its folder
+    ``folders``). A failed save leaves ``path`` as it was and its folder
     removed; of two saves racing to one new path, one wins and the other raises
     ``FileExistsError`` (with ``force``, the last one wins, whole). With several
     processes, all write into process 0's folder and process 0 renames. A CRC-32 per
@@ -235,7 +235,7 @@ def save(path: str | os.PathLike, tree: Any, *, force: bool = False) -> None:
       FileExistsError: save: ... exists and is a folder, not a checkpoint...
     """
     ocp = _orbax()
-    path = checkpoint_paths.target(path)
+    path = folders.target(path)
     if nnx_object(tree):
         tree = nnx.state(tree)  # saved as Flax NNX saves: nnx.state(model)
     tree = meta.unbox(tree)
@@ -249,12 +249,12 @@ def save(path: str | os.PathLike, tree: Any, *, force: bool = False) -> None:
             raise TypeError(_UNSUPPORTED.format(path=p, kind=type(leaf).__name__))
     primary = jax.process_index() == 0
     if primary:  # a save killed mid-replace left the old checkpoint aside: put it back
-        checkpoint_paths.recover(path)
+        folders.recover(path)
     _barrier(ocp, "recovered")
-    checkpoint_paths.check_existing(path, force=force)
-    tag = checkpoint_paths.token_text(_from_process_0(checkpoint_paths.token_numbers()))
-    private = checkpoint_paths.private_folder(path, tag, create=primary)
-    new = os.path.join(private, checkpoint_paths.NEW)
+    folders.check_existing(path, force=force)
+    tag = folders.token_text(_from_process_0(folders.token_numbers()))
+    private = folders.private_folder(path, tag, create=primary)
+    new = os.path.join(private, folders.NEW)
     with _compat.orbax_quiet():
         threads = _compat.orbax_threads()
         try:
@@ -274,13 +274,13 @@ def save(path: str | os.PathLike, tree: Any, *, force: bool = False) -> None:
                 integrity.write(new, records.result())
             _barrier(ocp, "written")
             if primary:
-                checkpoint_paths.place(new, path, force=force)
-                checkpoint_paths.remove_quietly(private)  # holds the replaced one, if any
+                folders.place(new, path, force=force)
+                folders.remove_quietly(private)  # holds the replaced one, if any
             _barrier(ocp, "replaced")
         except BaseException as e:
             _wait_for_orbax_writes(threads)
             if primary:
-                checkpoint_paths.discard(private, path)
+                folders.discard(private, path)
             failure = _write_failure(path, e)
             if failure is e:
                 raise
@@ -306,7 +306,7 @@ def _open(path: str) -> tuple[Any, dict]:
 
     ocp = _orbax()
     if not os.path.isdir(path):
-        aside = checkpoint_paths.stranded(path)
+        aside = folders.stranded(path)
         hint = (
             f" An interrupted save left the previous checkpoint at {aside[-1]}; the next "
             "`flaxlazy.save` to this path moves it back, or rename it yourself."
