@@ -78,3 +78,25 @@ def test_lazy_apply_comes_from_the_entrance():
     model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
     x = jax.numpy.ones((1, 2))
     assert (entrances.NNX.apply(nnx.Linear)(model, x) == model(x)).all()
+
+
+@pytest.mark.parametrize("entrance, target, args, kwargs", [
+    pytest.param(entrances.LINEN, nn.Dense(3), (jax.random.key(0), X), {}, id="linen"),
+    pytest.param(entrances.NNX, nnx.Linear, (5, 3), {"rngs": nnx.Rngs(0)}, id="nnx"),
+])
+def test_an_abstract_trace_records_for_a_plan_when_asked(entrance, target, args, kwargs):
+    # inspect's trace: shapes only (the caller's objects untouched), yet planned from.
+    place = placement.Placement.from_args(fn="f")
+    rngs = kwargs.get("rngs")
+    before = None if rngs is None else [
+        (p, v.get_value()) for p, v in nnx.to_flat_state(nnx.state(rngs))]
+    bare = entrance.trace(target, args, dict(kwargs), fn="f", placement=place, options={},
+                          abstract=True)
+    call = entrance.trace(target, args, dict(kwargs), fn="f", placement=place, options={},
+                          abstract=True, record=True)
+    assert not bare.records.records and call.records.records
+    assert call.keys is None or call.keys is args[0]
+    assert call.records.rngs_update_compiles is False
+    if rngs is not None:
+        after = [(p, v.get_value()) for p, v in nnx.to_flat_state(nnx.state(rngs))]
+        assert after == before

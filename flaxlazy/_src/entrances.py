@@ -34,10 +34,13 @@ class Entrance(NamedTuple):
         (then every other error about it is this entrance's to give).
       check: ``check(target, *, fn)``: raises a ``TypeError`` unless the target can be
         initialized (e.g. a Linen class instead of an instance).
-      trace: ``trace(target, args, kwargs, *, fn, placement, options, abstract) ->
-        TracedCall``: the public call's arguments traced abstractly. ``options`` are
-        Linen's ``Module.init`` options (``method``, ``mutable``,
-        ``capture_intermediates``); ``abstract`` asks for shapes only.
+      trace: ``trace(target, args, kwargs, *, fn, placement, options, abstract,
+        record=None) -> TracedCall``: the public call's arguments traced abstractly.
+        ``options`` are Linen's ``Module.init`` options (``method``, ``mutable``,
+        ``capture_intermediates``); ``abstract`` asks for shapes only (the caller's
+        objects untouched, ``build`` returns an abstract result); ``record`` whether the
+        trace records how each variable is created, for a plan (default: ``not
+        abstract``; ``inspect`` plans from an abstract trace).
       session: ``session(abstract) -> context manager`` that a call's trace, execution
         and ``build`` run inside.
       apply: ``apply(target) -> callable``: ``Lazy.apply``, how the initialized model is
@@ -55,21 +58,23 @@ class Entrance(NamedTuple):
 
 def _linen_trace(target: Any, args: tuple, kwargs: dict, *, fn: str,
                  placement: placement_lib.Placement, options: Mapping[str, Any],
-                 abstract: bool = False) -> traced_call.TracedCall:
+                 abstract: bool = False, record: bool | None = None
+                 ) -> traced_call.TracedCall:
     return linen_call.trace_call(target, args, kwargs, fn=fn, placement=placement,
-                                 options=options, abstract=abstract)
+                                 options=options, abstract=abstract, record=record)
 
 
 def _nnx_trace(target: Any, args: tuple, kwargs: dict, *, fn: str,
                placement: placement_lib.Placement, options: Mapping[str, Any],
-               abstract: bool = False) -> traced_call.TracedCall:
+               abstract: bool = False, record: bool | None = None
+               ) -> traced_call.TracedCall:
     linen_call.reject_linen_options(  # Linen's Module.init options mean nothing here
         fn, method=options.get("method"),
         mutable=options.get("mutable", linen_call.DEFAULT_MUTABLE),
         capture_intermediates=options.get("capture_intermediates", False),
     )
     return nnx_api.trace_call(target, args, kwargs, fn=fn, placement=placement,
-                              abstract=abstract)
+                              abstract=abstract, record=record)
 
 
 def _call(model: Any, *args: Any, **kwargs: Any) -> Any:

@@ -254,6 +254,7 @@ class Traced:
     # The core's view (shared with the NNX entrance): roots, overrides, the fallback.
     override_stream = PARAMS
     checkpoint_subtree = PARAMS  # from_checkpoint's default: a saved variables dict
+    rngs_update_compiles = False  # the caller's keys are values: nothing to update
 
     @property
     def n_rng(self) -> int:
@@ -331,6 +332,7 @@ def _identity(variables: Any) -> Any:
 def trace_call(
     module: nn.Module, args: tuple, kwargs: dict, *, fn: str,
     placement: placement_lib.Placement, options: Mapping[str, Any], abstract: bool = False,
+    record: bool | None = None,
 ) -> traced_call.TracedCall:
     """The Linen entrance's trace: ``module.init(rngs, *inputs, **kwargs)``, abstractly.
 
@@ -342,7 +344,9 @@ def trace_call(
       placement: the call's placement; its mesh is where a model that names mesh axes is
         traced (see ``placement.trace_for``).
       options: ``Module.init``'s ``method``, ``mutable`` and ``capture_intermediates``.
-      abstract: shapes only (nothing recorded for a plan).
+      abstract: shapes only (by default nothing recorded for a plan).
+      record: whether to record how each variable is created, for a plan (default:
+        ``not abstract``).
 
     Returns:
       A ``TracedCall`` whose ``build`` returns the variables tree as it is.
@@ -353,7 +357,8 @@ def trace_call(
         mutable=options.get("mutable", DEFAULT_MUTABLE), fn=fn,
         init_kwargs=init_options(options.get("capture_intermediates", False)),
     )
-    traced = placement_lib.trace_for(placement.mesh, lambda: trace(call, record=not abstract))
+    record = not abstract if record is None else record
+    traced = placement_lib.trace_for(placement.mesh, lambda: trace(call, record=record))
     return traced_call.TracedCall(traced, rngs, dynamic_inputs(inputs, kwargs), _identity)
 
 

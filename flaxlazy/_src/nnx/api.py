@@ -40,7 +40,7 @@ def plan(t: trace_lib.Traced, *, initializers: Any, placement_args: dict) -> pla
 
 def trace_call(
     ctor: Any, args: tuple, kwargs: dict, *, fn: str, placement: placement_lib.Placement,
-    abstract: bool = False,
+    abstract: bool = False, record: bool | None = None,
 ) -> traced_call.TracedCall:
     """The NNX entrance's trace: ``ctor(*args, **kwargs)``, abstractly.
 
@@ -57,15 +57,18 @@ def trace_call(
       fn: the public function, for errors.
       placement: the call's placement (its mesh, for a model that names mesh axes; its
         logical axis rules, for NNX's logical annotations).
-      abstract: shapes only: nothing recorded, and ``build`` leaves the caller's
-        ``nnx.Rngs`` untouched.
+      abstract: shapes only: ``build`` leaves the caller's ``nnx.Rngs`` untouched (and
+        by default nothing is recorded).
+      record: whether to slice the trace into per-leaf records, for a plan (default:
+        ``not abstract``).
 
     Returns:
       A ``TracedCall`` whose ``build`` assembles the module.
     """
     t = placement_lib.trace_for(placement.mesh, lambda: traced(
         ctor, args, kwargs, fn=fn, logical_axis_rules=placement.logical_axis_rules,
-        record=not abstract, update=None if abstract else trace_lib.UPDATE))
+        record=not abstract if record is None else record,
+        update=None if abstract else trace_lib.UPDATE))
     dyn = call_lib.dynamic_inputs(args, kwargs)
     if abstract:
         return traced_call.TracedCall(t, None, dyn, lambda v: trace_lib.build_module(t, v))
