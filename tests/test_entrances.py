@@ -100,3 +100,21 @@ def test_an_abstract_trace_records_for_a_plan_when_asked(entrance, target, args,
     if rngs is not None:
         after = [(p, v.get_value()) for p, v in nnx.to_flat_state(nnx.state(rngs))]
         assert after == before
+
+
+@pytest.mark.parametrize("entrance, target, args, kwargs", [
+    pytest.param(entrances.LINEN, nn.Dense(3), (jax.random.key(0), X), {}, id="linen"),
+    pytest.param(entrances.NNX, nnx.Linear, (5, 3), {"rngs": nnx.Rngs(0)}, id="nnx"),
+])
+def test_an_abstract_trace_gives_the_train_states_optimizer(entrance, target, args, kwargs):
+    import optax
+
+    place = placement.Placement.from_args(fn="f")
+    call = entrance.trace(target, args, dict(kwargs), fn="f", placement=place, options={},
+                          abstract=True)
+    values = dict(flaxlazy._src.paths.flatten(call.variables)[0])
+    opt, params, step = call.abstract_optimizer(optax.adam(1e-3), values)
+    assert params["kernel"].shape == (5, 3) and params["bias"].shape == (3,)
+    mu = opt[0].mu if entrance is entrances.LINEN else opt["0"]["mu"]
+    assert mu["kernel"].shape == (5, 3)
+    assert step.shape == () and jax.numpy.issubdtype(step.dtype, jax.numpy.integer)

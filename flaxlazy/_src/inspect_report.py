@@ -23,7 +23,6 @@ import flax.linen as nn
 import jax
 import numpy as np
 import optax
-from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
@@ -35,6 +34,7 @@ from flaxlazy._src import plan as plan_lib
 from flaxlazy._src import rules as rules_lib
 from flaxlazy._src import sharding as sharding_lib
 from flaxlazy._src import sharding_checks
+from flaxlazy._src import specs as specs_lib
 from flaxlazy._src import summary as summary_lib
 from flaxlazy._src import train_state as train_state_lib
 from flaxlazy._src.inspect_options import BAD_OPTIMIZER
@@ -43,13 +43,8 @@ from flaxlazy._src.inspect_options import as_mesh
 from flaxlazy._src.inspect_options import cast_dtype
 from flaxlazy._src.inspect_options import parse_bytes
 from flaxlazy._src.linen import call as linen_call
-from flaxlazy._src.nnx import api as nnx_api
-from flaxlazy._src.nnx import optimizer as nnx_optimizer
-from flaxlazy._src.nnx import trace as nnx_trace
 from flaxlazy._src.report_types import BAD_SPEC
 from flaxlazy._src.report_types import FAIL_MARK
-from flaxlazy._src.report_types import LINEN
-from flaxlazy._src.report_types import NNX
 from flaxlazy._src.report_types import OPTIMIZER
 from flaxlazy._src.report_types import STEP
 from flaxlazy._src.report_types import UNCOVERED
@@ -222,7 +217,7 @@ def inspect(
     start = time.perf_counter()
     mesh = as_mesh(mesh)
     # Checked as materialize checks them; inspect reports on the mesh given alone.
-    placement.Placement.from_args(
+    place = placement.Placement.from_args(
         fn="inspect", mesh=mesh, partition_rules=partition_rules,
         logical_axis_rules=logical_axis_rules, require_rules=require_rules, ambient=False,
     )
@@ -230,19 +225,14 @@ def inspect(
     cast = cast_dtype(dtype) if dtype is not None else None
     memory = parse_bytes(device_memory) if device_memory is not None else None
 
-    is_nnx = entrances.find(module, fn="inspect") is entrances.NNX
-    if is_nnx:
-        linen_call.reject_linen_options("inspect", method=method, mutable=mutable,
-                                        capture_intermediates=False)
-        traced = nnx_api.traced(module, args, kwargs, fn="inspect",
-                                logical_axis_rules=logical_axis_rules)
-        model, inputs = model_name(module), traced.call.inputs
-    else:
-        rngs, inputs = linen_call.split_rngs_argument(args, kwargs, fn="inspect")
-        call = linen_call.make_call(module, rngs, inputs, kwargs, method=method,
-                                    mutable=mutable, fn="inspect")
-        traced = linen_call.trace(call)
-        model, inputs = type(module).__name__, call.inputs
+    # The trace materialize plans from, shapes only (the caller's objects untouched), as
+    # inspect has always traced it: without its mesh (``placement.trace_for``).
+    entrance = entrances.find(module, fn="inspect")
+    traced = entrance.trace(module, args, kwargs, fn="inspect",
+                            placement=place._replace(mesh=None),
+                            options=dict(method=method, mutable=mutable),
+                            abstract=True, record=True)
+    records, inputs = traced.records, [specs_lib.to_spec(x) for x in traced.inputs]
     flat = paths.flatten(traced.variables)[0]
 
     # Placement of the variables, problems collected in the order materialize meets them.
@@ -260,10 +250,10 @@ def inspect(
         specs = {path: (c.spec, _MARKS.get(c.kind, "")) for path, c in choices.items()}
     sharding_of = {p: NamedSharding(mesh, specs[p][0] if specs[p][1] != FAIL_MARK
                                     else PartitionSpec()) for p, _ in flat} if mesh else {}
-    plan = plan_lib.build(traced, initializers=initializers,
+    plan = plan_lib.build(records, initializers=initializers,
                           shardings=(lambda p, _: sharding_of[p]) if mesh else None)
 
-    names = initializer_names.Names(traced, initializers)
+    names = initializer_names.Names(records, initializers)
     leaves, abstract = [], {}
     for leaf, (path, _) in zip(plan.leaves, flat, strict=True):
         leaf_dtype = leaf.dtype
@@ -280,45 +270,43 @@ def inspect(
         layout = train_state_lib._Layout(
             mesh, partition_rules, logical_axis_rules, allow_unused_rules, require_rules,
         ) if mesh is not None else None
-        if is_nnx:
-            opt, params, step = _nnx_optimizer_state(traced, tx, abstract)
-        else:
-            opt, params, step = _linen_optimizer_state(traced.variables, tx, abstract)
+        opt, params, step = traced.abstract_optimizer(tx, abstract)
         opt_leaves, opt_problems = _optimizer_leaves(opt, params, step, mesh, layout)
         leaves += opt_leaves
         unused_names += [leaf.path for leaf in opt_leaves if leaf.source == OPTIMIZER]
     unused = [] if allow_unused_rules or mesh is None else _unused_rules(rules, unused_names)
-    # materialize checks unused rules first. Linen's init_train_state lays out the
-    # variables, checks unused rules, then places the optimizer state; NNX's materializes
-    # the module, places the optimizer state, then checks unused rules.
+    # materialize checks unused rules first; init_train_state, in its entrance's order.
     if tx is None:
         problems = unused + leaf_problems
-    elif is_nnx:
-        problems = leaf_problems + opt_problems + unused
     else:
-        problems = leaf_problems + unused + opt_problems
+        problems = train_state_lib.problem_order(
+            entrance, variables=leaf_problems, unused=unused, optimizer=opt_problems)
     return Report(
-        model=model,
+        model=model_name(module),
         inputs=tuple(_fmt(tuple(x.shape), x.dtype) for x in inputs),
         mesh=tuple((str(k), int(v)) for k, v in mesh.shape.items()) if mesh else None,
         optimizer=tx_name, dtype=None if cast is None else cast.name,
         leaves=tuple(leaves),
         compiles=_compiles(plan, tx is not None,
-                           rngs_update=is_nnx and traced.rngs_update_compiles),
+                           rngs_update=records.rngs_update_compiles),
         problems=tuple(problems), device_memory=memory,
         seconds=time.perf_counter() - start, top=top, depth=depth,
-        framework=NNX if is_nnx else LINEN,
+        framework=entrance.name,
     )
 
 
 def model_name(ctor: Any) -> str:
-    """The name an NNX constructor goes by: its class's or function's (through partials).
+    """The name a model goes by: an NNX constructor's class's or function's (through
+    partials), a Linen module's class's.
 
     Examples:
       >>> import functools
+      >>> import flax.linen as nn
       >>> from flax import nnx
       >>> model_name(nnx.Linear), model_name(functools.partial(nnx.Linear, 4))
       ('Linear', 'Linear')
+      >>> model_name(nn.Dense(3))
+      'Dense'
     """
     while isinstance(ctor, functools.partial):
         ctor = ctor.func
@@ -351,32 +339,3 @@ def _optimizer_leaves(opt, params, step, mesh, layout) -> tuple[list[LeafReport]
                                None if mesh is None else PartitionSpec(), "", mesh))
     return leaves, problems
 
-
-def _linen_optimizer_state(variables: Any, tx: Any, abstract: dict) -> tuple[Any, Any, Any]:
-    """``(opt_state, params, step)``, abstract, as Linen's ``init_train_state`` makes them:
-    ``tx.init`` of the unboxed params (cast dtype, with their shardings)."""
-    flat, treedef = paths.flatten(variables)
-    tree = jax.tree_util.tree_unflatten(treedef, [abstract[p] for p, _ in flat])
-    params, _ = train_state_lib._split(tree)
-    return (jax.eval_shape(tx.init, params), params,
-            jax.ShapeDtypeStruct((), np.dtype(np.int32)))
-
-
-def _nnx_optimizer_state(traced: nnx_trace.Traced, tx: Any, abstract: dict
-                         ) -> tuple[Any, Any, Any]:
-    """``(opt_state, params, step)``, abstract, as NNX's ``init_train_state`` makes them:
-    the ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` of the abstract model, its state and
-    the model's params as the plain nested dicts its layout places."""
-    model = traced.module(abstract)
-    optimizer = nnx_optimizer.abstract_optimizer(model, tx, None)
-    flat = list(nnx.to_flat_state(nnx.state(optimizer)))
-    opt = nnx_optimizer._plain([(p[1:], v) for p, v in flat if p[0] == OPT_STATE])
-    params = nnx_optimizer._plain(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    steps = [v.get_value() for p, v in flat if p[0] != OPT_STATE]
-    if len(steps) != 1:  # pragma: no cover - depends on flax's nnx.Optimizer
-        raise NotImplementedError(
-            "inspect: this flax version's nnx.Optimizer holds "
-            f"{[paths.SEP.join(map(str, p)) for p, _ in flat if p[0] != OPT_STATE]} besides "
-            "its opt_state; inspect knows only `step`."
-        )
-    return opt, params, steps[0]

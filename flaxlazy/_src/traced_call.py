@@ -1,8 +1,9 @@
-"""What an entrance's trace hands the stages after it: records, keys, inputs, a builder."""
+"""What an entrance's trace hands the stages after it: records, keys, inputs, builders."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 from typing import NamedTuple
 
@@ -24,6 +25,12 @@ class TracedCall(NamedTuple):
       build: ``build(variables) -> result``: Linen returns the tree; NNX assembles the
         module (and, after a real init, leaves the caller's ``nnx.Rngs`` as the
         constructor would).
+      abstract_optimizer: ``abstract_optimizer(tx, values) -> (opt_state, params,
+        step)``, after an abstract trace: the abstract optimizer state the framework's
+        ``init_train_state`` creates for the variables ``values`` (``{path:
+        ShapeDtypeStruct}``), the parameters it mirrors as the plain tree its layout
+        places, and the step (Linen: ``tx.init`` of the unboxed ``params``; NNX: the
+        state of ``nnx.Optimizer(model, tx, wrt=nnx.Param)``). ``inspect`` reads it.
 
     Examples:
       >>> call = TracedCall(records=None, keys=None, inputs=[], build=lambda v: v)
@@ -35,6 +42,7 @@ class TracedCall(NamedTuple):
     keys: Any
     inputs: list
     build: Callable[[Any], Any]
+    abstract_optimizer: Callable[[Any, Mapping[str, Any]], tuple] | None = None
 
     @property
     def variables(self) -> Any:

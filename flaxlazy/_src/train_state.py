@@ -200,6 +200,26 @@ class _Layout:
         return NamedSharding(self.mesh, PartitionSpec())
 
 
+def problem_order(entrance: entrances.Entrance, *, variables: list, unused: list,
+                  optimizer: list) -> list:
+    """Placement problems in the order ``init_train_state`` meets them for ``entrance``'s
+    targets (``inspect`` lists them so).
+
+    A Linen train state lays out the variables, checks for unused rules, then places the
+    optimizer state (``_abstract``); an NNX one materializes the module, places the
+    optimizer state, then checks for unused rules (``_nnx_state``).
+
+    Args:
+      entrance: the target's entrance.
+      variables: the problems placing the variables.
+      unused: the rules matching nothing.
+      optimizer: the problems placing the optimizer state.
+    """
+    if entrance is entrances.NNX:
+        return variables + optimizer + unused
+    return variables + unused + optimizer
+
+
 def _with_sharding(leaf: jax.ShapeDtypeStruct, sharding: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -19,6 +20,7 @@ from flaxlazy._src import paths
 from flaxlazy._src import placement as placement_lib
 from flaxlazy._src import specs
 from flaxlazy._src import traced_call
+from flaxlazy._src.linen import optimizer as optimizer_lib
 from flaxlazy._src.linen import recorder as recorder_lib
 
 DEFAULT_MUTABLE = DenyList("intermediates")
@@ -349,7 +351,8 @@ def trace_call(
         ``not abstract``).
 
     Returns:
-      A ``TracedCall`` whose ``build`` returns the variables tree as it is.
+      A ``TracedCall`` whose ``build`` returns the variables tree as it is, and whose
+      ``abstract_optimizer`` is a ``flaxlazy.TrainState``'s.
     """
     rngs, inputs = split_rngs_argument(args, kwargs, fn=fn)
     call = make_call(
@@ -359,7 +362,9 @@ def trace_call(
     )
     record = not abstract if record is None else record
     traced = placement_lib.trace_for(placement.mesh, lambda: trace(call, record=record))
-    return traced_call.TracedCall(traced, rngs, dynamic_inputs(inputs, kwargs), _identity)
+    return traced_call.TracedCall(
+        traced, rngs, dynamic_inputs(inputs, kwargs), _identity,
+        functools.partial(optimizer_lib.abstract_state, traced.variables))
 
 
 def init_options(capture_intermediates: Any) -> dict:

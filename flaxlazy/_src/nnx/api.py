@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -12,6 +13,7 @@ from flaxlazy._src import placement as placement_lib
 from flaxlazy._src import plan as plan_lib
 from flaxlazy._src import traced_call
 from flaxlazy._src.nnx import call as call_lib
+from flaxlazy._src.nnx import optimizer as optimizer_lib
 from flaxlazy._src.nnx import trace as trace_lib
 
 
@@ -63,7 +65,8 @@ def trace_call(
         ``not abstract``).
 
     Returns:
-      A ``TracedCall`` whose ``build`` assembles the module.
+      A ``TracedCall`` whose ``build`` assembles the module (and, when ``abstract``,
+      whose ``abstract_optimizer`` is the ``nnx.Optimizer``'s).
     """
     t = placement_lib.trace_for(placement.mesh, lambda: traced(
         ctor, args, kwargs, fn=fn, logical_axis_rules=placement.logical_axis_rules,
@@ -71,7 +74,8 @@ def trace_call(
         update=None if abstract else trace_lib.UPDATE))
     dyn = call_lib.dynamic_inputs(args, kwargs)
     if abstract:
-        return traced_call.TracedCall(t, None, dyn, lambda v: trace_lib.build_module(t, v))
+        return traced_call.TracedCall(t, None, dyn, lambda v: trace_lib.build_module(t, v),
+                                      functools.partial(optimizer_lib.abstract_state, t))
     keys = t.call.keys()
 
     def build(variables: Any) -> Any:

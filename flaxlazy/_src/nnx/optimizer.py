@@ -3,6 +3,7 @@ the parameters it mirrors (the same layout rules as Linen's ``TrainState``)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -78,3 +79,30 @@ def opt_state_paths(optimizer: Any) -> list[str]:
         for state_path, _ in nnx.to_flat_state(nnx.state(optimizer))
         if state_path[0] == OPT_STATE
     ]
+
+
+def abstract_state(traced: Any, tx: optax.GradientTransformation,
+                   values: Mapping[str, Any]) -> tuple[Any, Any, Any]:
+    """``(opt_state, params, step)``, abstract, as NNX's ``init_train_state`` makes them:
+    the ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` of the abstract model, its state and
+    the model's params as the plain nested dicts its layout places.
+
+    Args:
+      traced: the constructor's abstract trace (``nnx.trace.Traced``, traced without the
+        caller's ``nnx.Rngs``: the model gets copies).
+      tx: the optax transformation.
+      values: ``{path: jax.ShapeDtypeStruct}``, each variable as the model holds it.
+    """
+    model = traced.module(values)
+    optimizer = abstract_optimizer(model, tx, None)
+    flat = list(nnx.to_flat_state(nnx.state(optimizer)))
+    opt = _plain([(p[1:], v) for p, v in flat if p[0] == OPT_STATE])
+    params = _plain(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    steps = [v.get_value() for p, v in flat if p[0] != OPT_STATE]
+    if len(steps) != 1:  # pragma: no cover - depends on flax's nnx.Optimizer
+        raise NotImplementedError(
+            "inspect: this flax version's nnx.Optimizer holds "
+            f"{[paths.SEP.join(map(str, p)) for p, _ in flat if p[0] != OPT_STATE]} besides "
+            "its opt_state; inspect knows only `step`."
+        )
+    return opt, params, steps[0]
