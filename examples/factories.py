@@ -5,7 +5,7 @@ constructor with its arguments, ``(GPT, args, kwargs)``, and is what ``flaxlazy 
 is pointed at (``FILE.py:FACTORY`` or ``package.module:FACTORY``); an NNX Module class
 such as ``GPT`` can be named directly, its arguments given with ``--arg``/``--kwarg``.
 Nothing is allocated: the 64-device layout of a Llama-2-7B-sized model with its AdamW
-state is checked in seconds on a laptop, from the repository root::
+state is checked without allocating it, from the repository root::
 
     flaxlazy inspect examples/factories.py:llama7b --mesh data=8,model=8 \\
         --rules LLAMA_RULES --optimizer adamw --device-memory 80GiB

@@ -25,7 +25,7 @@ On a CPU-only machine the script simulates 8 devices by setting
 Run it from the repository root::
 
     pip install -e ".[examples]"
-    python examples/load_pretrained.py           # a 34M-parameter checkpoint, ~10 s
+    python examples/load_pretrained.py           # a 34M-parameter checkpoint (how long: README)
     python examples/load_pretrained.py --scan    # the same, layers stacked
     python examples/load_pretrained.py --quick   # a tiny one (CI smoke test)
     python examples/load_pretrained.py --path ~/models/Llama-3.2-1B   # a real one

@@ -21,7 +21,7 @@ whenever there are enough of them for the mesh.
 Run it from the repository root::
 
     pip install -e .
-    python examples/shard_gpt.py             # GPT-2 small sizes, ~1 min on 2 CPU cores
+    python examples/shard_gpt.py             # GPT-2 small sizes (how long: README)
     python examples/shard_gpt.py --quick     # a tiny model (CI smoke test)
     python examples/shard_gpt.py --mesh 4,2  # 4-way data x 2-way model parallelism
     python examples/shard_gpt.py --help      # layers, width, heads, vocab, sequence, batch

@@ -26,7 +26,7 @@ on a host with 8 or more accelerators it runs on them unchanged.
 Run it from the repository root::
 
     pip install -e ".[examples]"
-    python examples/train_lm.py                # ~5 min on 2 CPU cores: loss 4.9 -> ~1.5
+    python examples/train_lm.py                # loss 4.9 -> ~1.5 (how long: README)
     python examples/train_lm.py --resume       # 500 more steps from the latest checkpoint
     python examples/train_lm.py --quick        # a tiny model, 60 steps (CI smoke test)
     python examples/train_lm.py --help         # sizes, steps, mesh, checkpoints, sampling

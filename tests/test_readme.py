@@ -18,7 +18,9 @@ inspect`` transcript is run too and compared line by line, all but its timing li
 
 import contextlib
 import dataclasses
+import importlib.util
 import io
+import json
 import os
 import pathlib
 import re
@@ -232,11 +234,25 @@ def test_readme_inspect_transcript_is_what_the_command_prints(monkeypatch):
             assert g.rstrip() == w.rstrip()
 
 
-def test_readme_lists_every_example():
+def test_readme_lists_every_example_with_how_long_it_takes():
+    # The durations have one source: docs/examples.json, which benchmarks/examples.py
+    # writes; the README quotes it as that script prints it.
+    spec = importlib.util.spec_from_file_location(
+        "examples_timing", README.parent / "benchmarks" / "examples.py")
+    timing = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(timing)
+    results = json.loads((README.parent / "docs" / "examples.json").read_text())["results"]
+    cells = timing.readme_cells(results)
     text = README.read_text()
     listed = text[text.index("## Examples"):text.index("## Tests")]
-    for script in sorted((README.parent / "examples").glob("*.py")):
-        assert f"`examples/{script.name}`" in listed, script.name
+    rows = {line.split("`")[1]: line for line in listed.splitlines()
+            if line.startswith("| `examples/")}
+    scripts = sorted((README.parent / "examples").glob("*.py"))
+    assert sorted(rows) == [f"examples/{s.name}" for s in scripts]
+    assert sorted(cells) == sorted(timing.scripts()) == [s.stem for s in scripts]
+    for name, cell in cells.items():
+        default, quick = cell.removesuffix(")").split(" (`--quick`: ")
+        assert rows[f"examples/{name}.py"].endswith(f"| {default} ({quick}) |"), name
 
 
 def test_readme_pipeline_table_names_every_field_of_the_interfaces():
