@@ -37,6 +37,7 @@ from flaxlazy._src import sharding as sharding_lib
 from flaxlazy._src import sharding_checks
 from flaxlazy._src import summary as summary_lib
 from flaxlazy._src.linen import call as linen_call
+from flaxlazy._src.linen import optimizer as linen_optimizer
 from flaxlazy._src.nnx import optimizer as nnx_optimizer
 
 PARAMS = paths.PARAMS
@@ -71,16 +72,6 @@ class TrainState(train_state.TrainState):
     """
 
     collections: Any = struct.field(default_factory=dict)
-
-
-def _unbox(tree: Any) -> Any:
-    return jax.tree.map(paths.unbox, tree, is_leaf=paths.is_box)
-
-
-def _split(variables: Any) -> tuple[Any, dict]:
-    variables = _unbox(dict(variables))
-    params = variables.pop(PARAMS, {})
-    return params, variables
 
 
 def _mirror(opt_path: str, shape, param_shapes: dict[str, Any]) -> str | None:
@@ -270,7 +261,7 @@ def _abstract(
             lambda leaf, sh: _with_sharding(paths.unbox(leaf), sh), variables,
             variable_shardings, is_leaf=paths.is_box,
         )
-    params, collections = _split(variables)
+    params, collections = linen_optimizer.split(variables)
     opt = jax.eval_shape(tx.init, params)
     if mesh is not None:
         opt_names = [f"{OPT_STATE}{paths.SEP}{p}" for p, _ in paths.flatten(opt)[0]]
@@ -437,7 +428,7 @@ def init_train_state(
     plan = plan_lib.build(traced[0].records, initializers=initializers,
                           shardings=place_variables.for_plan(traced[0].variables))
     variables = traced[0].build(engine.execute(plan, traced[0].keys, traced[0].inputs))
-    params, collections = _split(variables)
+    params, collections = linen_optimizer.split(variables)
     opt_shardings = jax.tree.map(lambda s: s.sharding, abstract.opt_state)
     opt_state = _compiled_init(tx, opt_shardings)(params)
     return TrainState(

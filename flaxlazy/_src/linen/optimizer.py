@@ -12,6 +12,14 @@ import optax
 from flaxlazy._src import paths
 
 
+def split(variables: Any) -> tuple[Any, dict]:
+    """``(params, other collections)`` of a variables tree, Flax boxes removed: what a
+    ``flaxlazy.TrainState`` holds as ``params`` and ``collections``."""
+    variables = jax.tree.map(paths.unbox, dict(variables), is_leaf=paths.is_box)
+    params = variables.pop(paths.PARAMS, {})
+    return params, variables
+
+
 def abstract_state(variables: Any, tx: optax.GradientTransformation,
                    values: Mapping[str, Any]) -> tuple[Any, Any, Any]:
     """``(opt_state, params, step)``, abstract, as Linen's ``init_train_state`` makes them:
@@ -32,8 +40,6 @@ def abstract_state(variables: Any, tx: optax.GradientTransformation,
       (ShapeDtypeStruct(shape=(2,), dtype=float32), ShapeDtypeStruct(shape=(), dtype=int32))
     """
     flat, treedef = paths.flatten(variables)
-    tree = jax.tree_util.tree_unflatten(treedef, [values[p] for p, _ in flat])
-    tree = jax.tree.map(paths.unbox, dict(tree), is_leaf=paths.is_box)
-    params = tree.pop(paths.PARAMS, {})
+    params, _ = split(jax.tree_util.tree_unflatten(treedef, [values[p] for p, _ in flat]))
     return (jax.eval_shape(tx.init, params), params,
             jax.ShapeDtypeStruct((), np.dtype(np.int32)))
