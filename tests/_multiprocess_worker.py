@@ -79,20 +79,30 @@ RENAME = [
 ]
 
 
+def hf_key(path: str, layer: int | None = None) -> str:
+    """The checkpoint key ``RENAME`` reads parameter ``path`` (``"params/..."``) from; for
+    the scan stack, its layer ``layer``'s."""
+    parts = path.split("/")[1:]  # inside the params collection
+    name = ".".join(parts[:-1] + ["weight" if parts[-1] == "kernel" else parts[-1]])
+    return name if layer is None else name.replace("layers.", f"layers.{layer}.", 1)
+
+
+def is_stacked(path: str) -> bool:
+    """Whether parameter ``path`` is the scan stack's, stored one tensor per layer."""
+    return path.split("/")[1] == "layers"
+
+
 def hf_tensors(params: dict) -> dict:
     """``{checkpoint key: tensor}`` that ``RENAME`` loads back as ``params``
-    (``{"params/...": array}``)."""
+    (``{"params/...": array}``): kernels stored transposed, the stack per layer."""
     out = {}
     for path, value in params.items():
-        parts = path.split("/")[1:]  # inside the params collection
-        kernel = parts[-1] == "kernel"
-        name = ".".join(parts[:-1] + ["weight" if kernel else parts[-1]])
-        if parts[0] == "layers":
+        stored = (lambda x: x.T) if path.endswith("/kernel") else (lambda x: x)
+        if is_stacked(path):
             for i, layer in enumerate(value):
-                out[name.replace("layers.", f"layers.{i}.", 1)] = np.ascontiguousarray(
-                    layer.T if kernel else layer)
+                out[hf_key(path, i)] = np.ascontiguousarray(stored(layer))
         else:
-            out[name] = np.ascontiguousarray(value.T if kernel else value)
+            out[hf_key(path)] = np.ascontiguousarray(stored(value))
     return out
 
 

@@ -197,12 +197,9 @@ def shapes_of_params() -> dict:
 def box_reads(path: str, box: list[tuple[int, int]], sizes: list[int]):
     """The checkpoint keys a box of ``path`` is read from, with the elements of each read:
     one read of the box, or for the scan stack one per layer in it, of the rest."""
-    key = "/".join(path.split("/")[1:])
-    kernel = key.endswith("/kernel")
-    name = ".".join(key.split("/")[:-1] + ["weight" if kernel else key.split("/")[-1]])
-    if key.startswith("layers/"):
+    if worker.is_stacked(path):
         rest = int(np.prod(sizes[1:]))
         for i in range(*box[0]):
-            yield name.replace("layers.", f"layers.{i}.", 1), rest
+            yield worker.hf_key(path, i), rest
     else:
-        yield name, int(np.prod(sizes))
+        yield worker.hf_key(path), int(np.prod(sizes))
