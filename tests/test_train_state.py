@@ -9,9 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 from flax.training import train_state as flax_train_state
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
+from nnx_models import KeepsRngs
 
 import flaxlazy
 
@@ -196,3 +198,76 @@ def test_collection_qualified_rules_for_parameters(mesh):
                                       mesh=mesh, partition_rules=rules)
     assert state.params["Dense_0"]["kernel"].sharding.spec == P(None, "model")
     assert state.opt_state[0].nu["head"]["kernel"].sharding.spec == P("model")
+
+
+class NNXNet(nnx.Module):
+    """Net in NNX: two linears around a batch norm, the head named ``head``."""
+
+    def __init__(self, *, rngs):
+        self.Dense_0 = nnx.Linear(16, 32, rngs=rngs)
+        self.bn = nnx.BatchNorm(32, rngs=rngs)
+        self.head = nnx.Linear(32, 8, rngs=rngs)
+
+
+ORDER_CASES = {
+    "linen": (Net(), (jax.random.key(0), X), {}),
+    "nnx": (NNXNet, (), {"rngs": nnx.Rngs(0)}),
+}
+
+
+@pytest.mark.parametrize("entrance", list(ORDER_CASES))
+def test_both_entrances_meet_placement_problems_in_one_order(entrance, mesh):
+    """A rule matching nothing and an optimizer leaf no rule covers: every train state,
+    Linen or NNX, real or abstract, stops on the unused rule first, and inspect lists the
+    two problems in that order (train_state.PROBLEM_ORDER)."""
+    module, args, kwargs = ORDER_CASES[entrance]
+    tx = optax.adafactor(1e-3, min_dim_size_to_factor=4)  # factored moments: no mirror
+    rules = [("params/**", P()), ("batch_stats/**", P()), ("nothere/kernel", P())]
+    for fn in (flaxlazy.init_train_state, flaxlazy.abstract_train_state):
+        with pytest.raises(ValueError, match=r"nothere/kernel.* matches no"):
+            fn(module, tx, *args, mesh=mesh, partition_rules=rules, **kwargs)
+        with pytest.raises(ValueError, match=r"optimizer state leaves .* mirror no parameter"):
+            fn(module, tx, *args, mesh=mesh, partition_rules=rules, allow_unused_rules=True,
+               **kwargs)
+    report = flaxlazy.inspect(module, *args, mesh=mesh.abstract_mesh, partition_rules=rules,
+                              optimizer=tx, **kwargs)
+    assert [p.kind for p in report.problems][:2] == ["unused_rule", "uncovered"]
+
+
+def test_nnx_train_state_leaves_the_callers_rngs_as_the_constructor_does():
+    """The optimizer is laid out from a model apart from the caller's objects: the
+    caller's nnx.Rngs ends as after the constructor, and the model holds that object."""
+    tx = optax.adam(1e-3)
+    rngs, reference_rngs = nnx.Rngs(0, dropout=1), nnx.Rngs(0, dropout=1)
+    reference = KeepsRngs(rngs=reference_rngs)
+    model, optimizer = flaxlazy.init_train_state(KeepsRngs, tx, rngs=rngs)
+    assert model.rngs is rngs
+    chex.assert_trees_all_equal(nnx.state(rngs), nnx.state(reference_rngs))
+    chex.assert_trees_all_equal(nnx.state(model, nnx.Param), nnx.state(reference, nnx.Param))
+    expected = nnx.Optimizer(reference, tx, wrt=nnx.Param)
+    chex.assert_trees_all_equal(nnx.state(optimizer), nnx.state(expected))
+    abstract_rngs = nnx.Rngs(0, dropout=1)
+    before = nnx.state(abstract_rngs)
+    flaxlazy.abstract_train_state(KeepsRngs, tx, rngs=abstract_rngs)
+    chex.assert_trees_all_equal(nnx.state(abstract_rngs), before)  # shapes only: untouched
+
+
+@pytest.mark.parametrize("entrance", list(ORDER_CASES))
+def test_a_train_state_traces_the_model_once(entrance):
+    module, args, kwargs = ORDER_CASES[entrance]
+    calls = []
+    if entrance == "nnx":
+        def module(*, rngs):  # noqa: F811 - the NNX constructor, counted
+            calls.append(1)
+            return NNXNet(rngs=rngs)
+    else:
+        class Counted(nn.Module):
+            @nn.compact
+            def __call__(self, x):
+                calls.append(1)
+                return Net()(x)
+        module = Counted()
+    for fn in (flaxlazy.init_train_state, flaxlazy.abstract_train_state):
+        calls.clear()
+        fn(module, optax.adam(1e-3), *args, **kwargs)
+        assert len(calls) == 1, fn.__name__

@@ -45,6 +45,9 @@ class Entrance(NamedTuple):
         and ``build`` run inside.
       apply: ``apply(target) -> callable``: ``Lazy.apply``, how the initialized model is
         run.
+      train_state_ambient: whether, for a train state, the mesh of a ``jax.set_mesh``
+        around the call stands in for ``mesh=`` (NNX, as ``materialize``); a Linen
+        train state is laid out on the ``mesh`` given alone.
     """
 
     name: str
@@ -54,6 +57,7 @@ class Entrance(NamedTuple):
     trace: Callable[..., traced_call.TracedCall]
     session: Callable[[bool], AbstractContextManager[Any]]
     apply: Callable[[Any], Callable[..., Any]]
+    train_state_ambient: bool
 
 
 def _linen_trace(target: Any, args: tuple, kwargs: dict, *, fn: str,
@@ -90,6 +94,7 @@ LINEN = Entrance(
     trace=_linen_trace,
     session=lambda abstract=False: contextlib.nullcontext(),
     apply=lambda module: module.apply,
+    train_state_ambient=False,
 )
 NNX = Entrance(
     name="nnx",
@@ -99,6 +104,7 @@ NNX = Entrance(
     trace=_nnx_trace,
     session=nnx_api.session,
     apply=lambda ctor: _call,
+    train_state_ambient=True,
 )
 ENTRANCES: tuple[Entrance, ...] = (LINEN, NNX)
 

@@ -267,7 +267,7 @@ def inspect(
 
     opt_problems, unused_names = [], [p for p, _ in flat]
     if tx is not None:
-        layout = train_state_lib._Layout(
+        layout = train_state_lib.Layout(
             mesh, partition_rules, logical_axis_rules, allow_unused_rules, require_rules,
         ) if mesh is not None else None
         opt, params, step = traced.abstract_optimizer(tx, abstract)
@@ -275,12 +275,12 @@ def inspect(
         leaves += opt_leaves
         unused_names += [leaf.path for leaf in opt_leaves if leaf.source == OPTIMIZER]
     unused = [] if allow_unused_rules or mesh is None else _unused_rules(rules, unused_names)
-    # materialize checks unused rules first; init_train_state, in its entrance's order.
+    # materialize checks unused rules first; init_train_state, in its own order.
     if tx is None:
         problems = unused + leaf_problems
     else:
-        problems = train_state_lib.problem_order(
-            entrance, variables=leaf_problems, unused=unused, optimizer=opt_problems)
+        found = {"variables": leaf_problems, "unused": unused, "optimizer": opt_problems}
+        problems = [p for stage in train_state_lib.PROBLEM_ORDER for p in found[stage]]
     return Report(
         model=model_name(module),
         inputs=tuple(_fmt(tuple(x.shape), x.dtype) for x in inputs),

@@ -26,11 +26,19 @@ class TracedCall(NamedTuple):
         module (and, after a real init, leaves the caller's ``nnx.Rngs`` as the
         constructor would).
       abstract_optimizer: ``abstract_optimizer(tx, values) -> (opt_state, params,
-        step)``, after an abstract trace: the abstract optimizer state the framework's
-        ``init_train_state`` creates for the variables ``values`` (``{path:
-        ShapeDtypeStruct}``), the parameters it mirrors as the plain tree its layout
-        places, and the step (Linen: ``tx.init`` of the unboxed ``params``; NNX: the
-        state of ``nnx.Optimizer(model, tx, wrt=nnx.Param)``). ``inspect`` reads it.
+        step)``: the abstract optimizer state the framework's train state holds for the
+        variables ``values`` (``{path: ShapeDtypeStruct}``, with the dtype and sharding
+        each will have), the parameters it mirrors as the plain tree the train-state
+        layout places, and the step (Linen: ``tx.init`` of the unboxed ``params``; NNX:
+        the state of ``nnx.Optimizer(model, tx, wrt=nnx.Param)``). ``init_train_state``
+        places the optimizer state from it before anything is computed; ``inspect``
+        reports it.
+      train_state: ``train_state(result, tx, opt_state, step, *, placed) -> state``:
+        the framework's train state of ``build``'s result (Linen: a
+        ``flaxlazy.TrainState``; NNX: ``(model, nnx.Optimizer)``), ``opt_state`` and
+        ``step`` as ``abstract_optimizer`` gave them, each leaf carrying its sharding
+        when ``placed``. After an abstract trace the state is abstract; otherwise the
+        optimizer state is created compiled, in those shardings.
 
     Examples:
       >>> call = TracedCall(records=None, keys=None, inputs=[], build=lambda v: v)
@@ -43,6 +51,7 @@ class TracedCall(NamedTuple):
     inputs: list
     build: Callable[[Any], Any]
     abstract_optimizer: Callable[[Any, Mapping[str, Any]], tuple] | None = None
+    train_state: Callable[..., Any] | None = None
 
     @property
     def variables(self) -> Any:

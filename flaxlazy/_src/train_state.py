@@ -17,28 +17,20 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
-from flax import struct
-from flax.training import train_state
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
-from flaxlazy._src import abstract as abstract_lib
 from flaxlazy._src import engine
 from flaxlazy._src import entrances
-from flaxlazy._src import materialize as materialize_lib
 from flaxlazy._src import paths
 from flaxlazy._src import placement as placement_lib
 from flaxlazy._src import plan as plan_lib
 from flaxlazy._src import rules as rules_lib
 from flaxlazy._src import sharding as sharding_lib
 from flaxlazy._src import sharding_checks
-from flaxlazy._src import summary as summary_lib
-from flaxlazy._src.linen import call as linen_call
 from flaxlazy._src.linen import optimizer as linen_optimizer
-from flaxlazy._src.nnx import optimizer as nnx_optimizer
 
 PARAMS = paths.PARAMS
 OPT_STATE = "opt_state"
@@ -61,17 +53,7 @@ NOT_A_TX = (
 )
 
 
-class TrainState(train_state.TrainState):
-    """``flax.training.train_state.TrainState`` plus the model's other collections.
-
-    Attributes:
-      step, apply_fn, params, tx, opt_state: as in Flax's ``TrainState`` (``params`` is
-        the unboxed ``params`` collection).
-      collections: the non-``params`` collections ``module.init`` created (e.g.
-        ``{"batch_stats": ...}``), unboxed; empty for most models.
-    """
-
-    collections: Any = struct.field(default_factory=dict)
+TrainState = linen_optimizer.TrainState
 
 
 def _mirror(opt_path: str, shape, param_shapes: dict[str, Any]) -> str | None:
@@ -112,8 +94,9 @@ def check_tx(tx: Any, *, fn: str) -> None:
     raise TypeError(NOT_A_TX.format(fn=fn, got=got, hint=hint))
 
 
-class _Layout:
-    """Where every leaf of a train state goes: variables, then optimizer state."""
+class Layout:
+    """Where the optimizer-state leaves of a train state go, on a given mesh (see the
+    module docstring); the variables are placed as ``materialize`` places them."""
 
     def __init__(self, mesh, partition_rules, logical_axis_rules, allow_unused_rules,
                  require_rules):
@@ -131,17 +114,10 @@ class _Layout:
             qualified=True,
         )
 
-    def variables(self, variables: Any) -> Any:
-        """The tree of ``NamedSharding``s for the variables (boxes replaced)."""
-        choices = sharding_lib.choose(
-            variables, self.mesh, partition_rules=self.rules if self.given else None,
-            logical_axis_rules=self.logical_axis_rules, allow_unused_rules=True,
-            require_rules=self.require,
-        )
-        flat, treedef = paths.flatten(variables)
-        return jax.tree_util.tree_unflatten(
-            treedef, [NamedSharding(self.mesh, choices[path].spec) for path, _ in flat]
-        )
+    @property
+    def replicated(self) -> NamedSharding:
+        """The sharding of a scalar: replicated."""
+        return NamedSharding(self.mesh, PartitionSpec())
 
     def opt_state(self, abstract_opt: Any, abstract_params: Any) -> Any:
         """A sharding per optimizer-state leaf (see the module docstring)."""
@@ -191,88 +167,77 @@ class _Layout:
         return NamedSharding(self.mesh, PartitionSpec())
 
 
-def problem_order(entrance: entrances.Entrance, *, variables: list, unused: list,
-                  optimizer: list) -> list:
-    """Placement problems in the order ``init_train_state`` meets them for ``entrance``'s
-    targets (``inspect`` lists them so).
-
-    A Linen train state lays out the variables, checks for unused rules, then places the
-    optimizer state (``_abstract``); an NNX one materializes the module, places the
-    optimizer state, then checks for unused rules (``_nnx_state``).
-
-    Args:
-      entrance: the target's entrance.
-      variables: the problems placing the variables.
-      unused: the rules matching nothing.
-      optimizer: the problems placing the optimizer state.
-    """
-    if entrance is entrances.NNX:
-        return variables + optimizer + unused
-    return variables + unused + optimizer
+# The order in which a train state meets placement problems (``inspect`` lists them so):
+# the variables' placement, then partition rules that match neither a variable nor an
+# optimizer-state leaf, then the optimizer state's placement.
+PROBLEM_ORDER = ("variables", "unused", "optimizer")
 
 
 def _with_sharding(leaf: jax.ShapeDtypeStruct, sharding: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
 
 
-def _start(fn: str, module: Any, **placement_args: Any
-           ) -> tuple[entrances.Entrance, placement_lib.Placement]:
-    """The entrance that takes ``module`` and the call's checked ``Placement``.
+def _placed(variables: Any, by_path: dict[str, Any] | None) -> Any:
+    """The abstract ``variables`` with each leaf carrying its sharding (boxes kept)."""
+    if by_path is None:
+        return variables
+    flat, treedef = paths.flatten(variables)
+    out = []
+    for path, leaf in flat:
+        sds = _with_sharding(paths.unbox(leaf), by_path[path])
+        out.append(leaf.replace_boxed(sds) if paths.is_box(leaf) else sds)
+    return jax.tree_util.tree_unflatten(treedef, out)
 
-    A Linen train state is laid out on the ``mesh`` given alone (a ``jax.set_mesh``
-    around the call does not stand in for it, so rules without ``mesh=`` are an error
-    there too); an NNX one is materialized as ``materialize`` would, which places on the
-    ambient mesh.
+
+def run(fn: str, module: Any, tx: Any, args: tuple, kwargs: dict, *, abstract: bool,
+        initializers: Any = None, **placement_args: Any) -> Any:
+    """The train-state pipeline, one for every entrance, for the public function ``fn``.
+
+    The target's entrance traces the call once. In this order: the module, ``tx`` and
+    the placement arguments are checked; the variables are placed as ``materialize``
+    places them; the optimizer state is laid out from the abstract optimizer state
+    (``TracedCall.abstract_optimizer``), unused rules checked first (``PROBLEM_ORDER``);
+    then, unless ``abstract``, the plan is executed; the entrance assembles its train
+    state (``TracedCall.train_state``).
     """
     entrance = entrances.find(module, fn=fn)
     place = placement_lib.Placement.from_args(
-        fn=fn, ambient=entrance is not entrances.LINEN, ways=("device", "mesh"),
-        **placement_args,
-    )
-    return entrance, place
-
-
-def _abstract(
-    fn: str, module: Any, tx: Any, rngs: Any, inputs: tuple, kwargs: dict, *,
-    place: placement_lib.Placement, concrete: bool,
-    abstract_variables: Callable[[], Any] | None = None,
-) -> tuple[TrainState, Any]:
-    """The abstract train state, and the variables' shardings tree (None without a mesh).
-
-    ``abstract_variables()`` gives the variables as ``abstract_init`` would (the default
-    calls it), after the module, ``tx`` and the mesh are checked.
-    """
-    linen_call.check_module(module, fn=fn)
+        fn=fn, ambient=entrance.train_state_ambient, ways=("device", "mesh"),
+        **placement_args)
+    entrance.check(module, fn=fn)
     check_tx(tx, fn=fn)
-    mesh = place.given_mesh
-    if mesh is not None:
-        sharding_lib.check_mesh(mesh, concrete=concrete)
+    layout = None
+    if place.given_mesh is not None:
+        sharding_lib.check_mesh(place.given_mesh, concrete=not abstract)
         sharding_lib.check_logical_axis_rules(place.logical_axis_rules)
-    if abstract_variables is None:
-        variables = abstract_lib.abstract_init(module, rngs, *inputs, **kwargs)
-    else:
-        variables = abstract_variables()
-    variable_shardings = None
-    if mesh is not None:
-        layout = _Layout(mesh, place.partition_rules, place.logical_axis_rules,
-                         place.allow_unused_rules, place.require_rules)
-        variable_shardings = layout.variables(variables)
-        variables = jax.tree.map(
-            lambda leaf, sh: _with_sharding(paths.unbox(leaf), sh), variables,
-            variable_shardings, is_leaf=paths.is_box,
-        )
-    params, collections = linen_optimizer.split(variables)
-    opt = jax.eval_shape(tx.init, params)
-    if mesh is not None:
-        opt_names = [f"{OPT_STATE}{paths.SEP}{p}" for p, _ in paths.flatten(opt)[0]]
-        layout.check_unused([p for p, _ in paths.flatten(variables)[0]] + opt_names)
-        opt = jax.tree.map(_with_sharding, opt, layout.opt_state(opt, params))
-    step_sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec())
-    state = TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=step_sharding),
-        apply_fn=module.apply, params=params, tx=tx, opt_state=opt, collections=collections,
-    )
-    return state, variable_shardings
+        layout = Layout(place.given_mesh, place.partition_rules, place.logical_axis_rules,
+                        place.allow_unused_rules, place.require_rules)
+        # Rules the variables leave unused may be the optimizer state's: checked below.
+        place = place._replace(allow_unused_rules=True, require_rules=layout.require)
+    with entrance.session(abstract):
+        traced = entrance.trace(module, args, kwargs, fn=fn, placement=place, options={},
+                                abstract=abstract)
+        flat = paths.flatten(traced.variables)[0]
+        by_path = place.by_path(traced.variables)
+        sharding_of = (lambda path, _: None) if by_path is None else (
+            lambda path, _: by_path[path])
+        values = {path: _with_sharding(paths.unbox(leaf), sharding_of(path, leaf))
+                  for path, leaf in flat}
+        opt_state, params, step = traced.abstract_optimizer(tx, values)
+        if layout is not None:
+            opt_names = [f"{OPT_STATE}{paths.SEP}{p}" for p, _ in paths.flatten(opt_state)[0]]
+            layout.check_unused([p for p, _ in flat] + opt_names)
+            opt_state = jax.tree.map(_with_sharding, opt_state,
+                                     layout.opt_state(opt_state, params))
+            step = _with_sharding(step, layout.replicated)
+        if abstract:
+            variables = _placed(traced.variables, by_path)
+        else:
+            plan = plan_lib.build(traced.records, initializers=initializers,
+                                  shardings=None if by_path is None else sharding_of)
+            variables = engine.execute(plan, traced.keys, traced.inputs)
+        return traced.train_state(traced.build(variables), tx, opt_state, step,
+                                  placed=layout is not None)
 
 
 def abstract_train_state(
@@ -329,17 +294,9 @@ def abstract_train_state(
       >>> state.opt_state[0].mu["kernel"]
       ShapeDtypeStruct(shape=(5, 3), dtype=float32)
     """
-    entrance, place = _start(
-        "abstract_train_state", module, mesh=mesh, partition_rules=partition_rules,
-        logical_axis_rules=logical_axis_rules, allow_unused_rules=allow_unused_rules,
-        require_rules=require_rules,
-    )
-    if entrance is entrances.NNX:
-        return _nnx_state("abstract_train_state", module, tx, args, kwargs, place=place)
-    rngs, inputs = linen_call.split_rngs_argument(args, kwargs, fn="abstract_train_state")
-    state, _ = _abstract("abstract_train_state", module, tx, rngs, inputs, kwargs,
-                         place=place, concrete=False)
-    return state
+    return run("abstract_train_state", module, tx, args, kwargs, abstract=True, mesh=mesh,
+               partition_rules=partition_rules, logical_axis_rules=logical_axis_rules,
+               allow_unused_rules=allow_unused_rules, require_rules=require_rules)
 
 
 def init_train_state(
@@ -394,84 +351,7 @@ def init_train_state(
       >>> int(state.step), state.params["kernel"].shape
       (0, (5, 3))
     """
-    entrance, place = _start(
-        "init_train_state", module, device=device, mesh=mesh,
-        partition_rules=partition_rules, logical_axis_rules=logical_axis_rules,
-        allow_unused_rules=allow_unused_rules, require_rules=require_rules,
-    )
-    if entrance is entrances.NNX:
-        return _nnx_state("init_train_state", module, tx, args, kwargs, place=place,
-                          initializers=initializers)
-    rngs, inputs = linen_call.split_rngs_argument(args, kwargs, fn="init_train_state")
-    traced = []  # the one trace, shared by the layout and the variables' plan
-
-    def abstract_variables() -> Any:
-        # What abstract_init(module, rngs, *inputs, **kwargs) returns (its messages
-        # included), from a trace that also records what the plan needs.
-        ambient = placement_lib.Placement.from_args(fn="abstract_init")
-        traced.append(entrance.trace(
-            module, (rngs, *inputs), dict(kwargs), fn="abstract_init", placement=ambient,
-            options={}, abstract=False))
-        if ambient.mesh is None:
-            return traced[0].variables
-        return sharding_lib.with_shardings(traced[0].variables, ambient.mesh,
-                                           **ambient.rules())
-
-    abstract, variable_shardings = _abstract(
-        "init_train_state", module, tx, rngs, inputs, kwargs, place=place, concrete=True,
-        abstract_variables=abstract_variables,
-    )
-    # Then what materialize(module, rngs, *inputs, device=..., shardings=...) does,
-    # from the same trace.
-    place_variables = placement_lib.Placement.from_args(
-        fn="materialize", device=place.device, shardings=variable_shardings)
-    plan = plan_lib.build(traced[0].records, initializers=initializers,
-                          shardings=place_variables.for_plan(traced[0].variables))
-    variables = traced[0].build(engine.execute(plan, traced[0].keys, traced[0].inputs))
-    params, collections = linen_optimizer.split(variables)
-    opt_shardings = jax.tree.map(lambda s: s.sharding, abstract.opt_state)
-    opt_state = _compiled_init(tx, opt_shardings)(params)
-    return TrainState(
-        step=jax.device_put(jnp.zeros((), jnp.int32), abstract.step.sharding)
-        if place.given_mesh is not None else jnp.zeros((), jnp.int32),
-        apply_fn=module.apply, params=params, tx=tx, opt_state=opt_state,
-        collections=collections,
-    )
-
-
-def _compiled_init(tx: optax.GradientTransformation, shardings: Any) -> Callable:
-    has_sharding = any(s is not None for s in jax.tree.leaves(shardings))
-    return jax.jit(tx.init, out_shardings=shardings if has_sharding else None)
-
-
-def _nnx_state(
-    fn: str, ctor: Any, tx: Any, args: tuple, kwargs: dict, *, place: placement_lib.Placement,
-    initializers: Any = None,
-) -> tuple[nnx.Module, nnx.Optimizer]:
-    """``(model, nnx.Optimizer)`` for an NNX constructor: real for ``init_train_state``,
-    abstract (sharded ``ShapeDtypeStruct``s) for ``abstract_train_state``."""
-    check_tx(tx, fn=fn)
-    concrete = fn == "init_train_state"
-    layout = None
-    mesh, partition_rules = place.given_mesh, place.partition_rules
-    if mesh is not None:
-        sharding_lib.check_mesh(mesh, concrete=concrete)
-        sharding_lib.check_logical_axis_rules(place.logical_axis_rules)
-        layout = _Layout(mesh, partition_rules, place.logical_axis_rules,
-                         place.allow_unused_rules, place.require_rules)
-    if mesh is not None:  # rules unused by the model may be the optimizer's: checked below
-        place = place._replace(
-            allow_unused_rules=True,
-            require_rules=sharding_lib.strict(place.require_rules, partition_rules))
-    if concrete:
-        model = materialize_lib.run(fn, ctor, args, kwargs, place=place,
-                                    initializers=initializers)
-    else:
-        model = abstract_lib.run(fn, ctor, args, kwargs, place=place)
-    abstract_opt = nnx_optimizer.abstract_optimizer(model, tx, layout)
-    if layout is not None:
-        names = [p for p, _ in paths.flatten(summary_lib.as_tree(model))[0]]
-        layout.check_unused(names + nnx_optimizer.opt_state_paths(abstract_opt))
-    if not concrete:
-        return model, abstract_opt
-    return model, nnx_optimizer.init_optimizer(model, tx, abstract_opt)
+    return run("init_train_state", module, tx, args, kwargs, abstract=False,
+               initializers=initializers, device=device, mesh=mesh,
+               partition_rules=partition_rules, logical_axis_rules=logical_axis_rules,
+               allow_unused_rules=allow_unused_rules, require_rules=require_rules)

@@ -352,7 +352,7 @@ def trace_call(
 
     Returns:
       A ``TracedCall`` whose ``build`` returns the variables tree as it is, and whose
-      ``abstract_optimizer`` is a ``flaxlazy.TrainState``'s.
+      ``abstract_optimizer`` and ``train_state`` are a ``flaxlazy.TrainState``'s.
     """
     rngs, inputs = split_rngs_argument(args, kwargs, fn=fn)
     call = make_call(
@@ -364,7 +364,8 @@ def trace_call(
     traced = placement_lib.trace_for(placement.mesh, lambda: trace(call, record=record))
     return traced_call.TracedCall(
         traced, rngs, dynamic_inputs(inputs, kwargs), _identity,
-        functools.partial(optimizer_lib.abstract_state, traced.variables))
+        functools.partial(optimizer_lib.abstract_state, traced.variables),
+        functools.partial(optimizer_lib.assemble, module, abstract=abstract))
 
 
 def init_options(capture_intermediates: Any) -> dict:

@@ -65,24 +65,26 @@ def trace_call(
         ``not abstract``).
 
     Returns:
-      A ``TracedCall`` whose ``build`` assembles the module (and, when ``abstract``,
-      whose ``abstract_optimizer`` is the ``nnx.Optimizer``'s).
+      A ``TracedCall`` whose ``build`` assembles the module, and whose
+      ``abstract_optimizer`` and ``train_state`` are the ``nnx.Optimizer``'s.
     """
     t = placement_lib.trace_for(placement.mesh, lambda: traced(
         ctor, args, kwargs, fn=fn, logical_axis_rules=placement.logical_axis_rules,
         record=not abstract if record is None else record,
         update=None if abstract else trace_lib.UPDATE))
     dyn = call_lib.dynamic_inputs(args, kwargs)
+    optimizer = functools.partial(optimizer_lib.abstract_state, t)
+    train_state = functools.partial(optimizer_lib.assemble, abstract=abstract)
     if abstract:
         return traced_call.TracedCall(t, None, dyn, lambda v: trace_lib.build_module(t, v),
-                                      functools.partial(optimizer_lib.abstract_state, t))
+                                      optimizer, train_state)
     keys = t.call.keys()
 
     def build(variables: Any) -> Any:
         t.update_rngs(keys, dyn)
         return trace_lib.build_module(t, variables)
 
-    return traced_call.TracedCall(t, keys, dyn, build)
+    return traced_call.TracedCall(t, keys, dyn, build, optimizer, train_state)
 
 
 def session(abstract: bool = False) -> Any:

@@ -151,11 +151,18 @@ class Traced:
         caller's ``nnx.Rngs`` objects the constructor stored (or their streams) are put
         back in the module, their values set to the module's, as ``nnx.jit`` does.
         """
-        flat = nnx.from_flat_state([(e.state_path, _value(e, values)) for e in self.entries])
         if self.update is None:
-            return nnx.merge(self.graphdef, flat)
+            return self.detached(values)
         with nnx.merge_context(self.update, False) as outer:  # (4)
-            return outer.merge(self.graphdef, flat)
+            return outer.merge(self.graphdef, self._flat(values))
+
+    def detached(self, values: Mapping[str, Any]) -> Any:
+        """The module with ``values`` in its variables, apart from the caller's objects:
+        new ``nnx.Rngs`` and all, whatever ``update`` (as for ``nnx.eval_shape``)."""
+        return nnx.merge(self.graphdef, self._flat(values))
+
+    def _flat(self, values: Mapping[str, Any]) -> Any:
+        return nnx.from_flat_state([(e.state_path, _value(e, values)) for e in self.entries])
 
     def _rng_updates(self) -> list[tuple[Any, _Entry, Any]]:
         """``(caller's Rngs, entry, value)`` for each RNG variable the constructor leaves
