@@ -273,3 +273,28 @@ def test_linen_out_sharding_on_explicit_mesh_matches_jit_init(how):
         assert g.sharding.is_equivalent_to(w.sharding, g.ndim), (name, g.sharding, w.sharding)
         assert a.sharding.is_equivalent_to(w.sharding, g.ndim), (name, a.sharding, w.sharding)
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+@pytest.mark.parametrize("entrance", ["linen", "nnx"])
+def test_inspect_traces_a_model_naming_mesh_axes_under_its_mesh(entrance):
+    """``out_sharding=`` needs the mesh to trace: inspect traces such a model again under
+    its mesh, as materialize does, a concrete one or an AbstractMesh (no devices
+    needed), and reports each leaf where materialize puts it, from the same plan."""
+    mesh = _explicit_mesh()
+    if entrance == "nnx":
+        module, args, kwargs = _OutSharded, (), {"rngs": nnx.Rngs(0)}
+        got = nnx.state(flaxlazy.materialize(_OutSharded, rngs=nnx.Rngs(0), mesh=mesh))
+        placed = {f"params/{k}": v.get_value().sharding for k, v in got.items()}
+    else:
+        module, kwargs = _LinenOutSharded(), {}
+        args = (jax.random.key(0), flaxlazy.spec("f32[2,16]"))
+        got = flaxlazy.materialize(module, *args, mesh=mesh)
+        placed = {f"params/{k}": v.sharding for k, v in got["params"].items()}
+    reports = [flaxlazy.inspect(module, *args, mesh=m, **kwargs)
+               for m in (mesh, mesh.abstract_mesh)]
+    assert reports[0].leaves == reports[1].leaves
+    assert reports[0].compiles == reports[1].compiles
+    for leaf in reports[1].leaves:
+        assert NamedSharding(mesh, leaf.spec).is_equivalent_to(placed[leaf.path], 2), leaf.path
+        assert leaf.source == "flax", leaf.path
+    assert reports[1].problems == ()

@@ -345,6 +345,32 @@ def concrete_mesh() -> Any:
     return mesh_lib.get_concrete_mesh()
 
 
+def eager_outside_abstract_mesh() -> Any:
+    """A context in which a value computed eagerly at trace time needs no devices.
+
+    Under an ``AbstractMesh`` alone (``jax.sharding.use_abstract_mesh``, as ``inspect``
+    traces on a mesh it may not have), JAX refuses to compute anything eagerly; inside
+    this context the abstract mesh is set aside, and everything else is as it was.
+    """
+    mesh = concrete_mesh()
+    if jax.sharding.get_abstract_mesh().empty or (mesh is not None and not mesh.empty):
+        return contextlib.nullcontext()
+    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ()))
+
+
+def needs_mesh_devices(eqn: Any) -> bool:
+    """Whether evaluating a jaxpr equation traced under a mesh needs that mesh's devices,
+    which this context lacks (traced under an ``AbstractMesh`` alone): JAX would not run
+    it. Its outputs are laid out on the mesh, or JAX recorded the mesh with it (its
+    ``ctx``, a ``jit``'s ``ctx_mesh``)."""
+    concrete = concrete_mesh()
+    if concrete is not None and not concrete.empty:
+        return False
+    meshes = [getattr(getattr(v.aval, "sharding", None), "mesh", None) for v in eqn.outvars]
+    meshes += [eqn.params.get("ctx_mesh"), getattr(eqn.ctx, "cur_abstract_mesh", None)]
+    return any(mesh is not None and not mesh.empty for mesh in meshes)
+
+
 def legacy_mesh() -> Any:
     """The mesh of a deprecated ``with mesh:`` block around this call (empty if none)."""
     from jax._src import mesh as mesh_lib

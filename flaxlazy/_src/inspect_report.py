@@ -225,11 +225,11 @@ def inspect(
     cast = cast_dtype(dtype) if dtype is not None else None
     memory = parse_bytes(device_memory) if device_memory is not None else None
 
-    # The trace materialize plans from, shapes only (the caller's objects untouched), as
-    # inspect has always traced it: without its mesh (``placement.trace_for``).
+    # The trace materialize plans from, shapes only (the caller's objects untouched):
+    # without the mesh, and again under it for a model that names its axes
+    # (``placement.trace_for``).
     entrance = entrances.find(module, fn="inspect")
-    traced = entrance.trace(module, args, kwargs, fn="inspect",
-                            placement=place._replace(mesh=None),
+    traced = entrance.trace(module, args, kwargs, fn="inspect", placement=place,
                             options=dict(method=method, mutable=mutable),
                             abstract=True, record=True)
     records, inputs = traced.records, [specs_lib.to_spec(x) for x in traced.inputs]

@@ -219,7 +219,8 @@ def trace_for(mesh: Any, trace: Callable[[], T]) -> T:
     XLA folds constants: ``normal(0.02)`` moves by an ULP in a quarter of its elements on
     2 devices and not on 1.) Only a model that cannot be traced without the mesh, one
     that names its axes (``out_sharding=P(...)``, ``reshard``), is traced again inside
-    ``jax.set_mesh(mesh)``, as ``nnx.jit`` would trace it there. Inside a ``jax.set_mesh``
+    ``jax.set_mesh(mesh)``, as ``nnx.jit`` would trace it there (an ``AbstractMesh``
+    under JAX's abstract-mesh context: shapes only). Inside a ``jax.set_mesh``
     already, the model is traced there, as the user's own ``nnx.jit`` would be.
     """
     if mesh is None or ambient_mesh() is not None:
@@ -229,8 +230,16 @@ def trace_for(mesh: Any, trace: Callable[[], T]) -> T:
     except Exception as e:  # noqa: BLE001 - retried only if the error names a mesh
         if "mesh" not in str(e).lower():
             raise
-    with jax.set_mesh(mesh):
+    with _under(mesh):
         return trace()
+
+
+def _under(mesh: Any) -> Any:
+    """The context a model is traced in on ``mesh``: ``jax.set_mesh`` for a ``Mesh``, JAX's
+    abstract-mesh context for an ``AbstractMesh`` (``inspect`` traces on one)."""
+    if isinstance(mesh, jax.sharding.Mesh):
+        return jax.set_mesh(mesh)
+    return jax.sharding.use_abstract_mesh(mesh)
 
 
 def broadcast(shardings_tree: Any, abstract_tree: Any) -> dict[str, Any]:

@@ -222,6 +222,19 @@ _MOVES = frozenset({"broadcast_in_dim", "reshape", "squeeze"})
 _NUMPY_OPS = frozenset(_INTEGER_OPS) | {"convert_element_type"} | _MOVES
 
 
+def in_numpy(eqn: Any) -> bool:
+    """Whether ``eval_constants`` evaluates ``eqn`` in numpy, by its types: integer
+    arithmetic, or an operation that moves elements of one dtype."""
+    name = eqn.primitive.name
+    if name not in _NUMPY_OPS or len(eqn.outvars) != 1:
+        return False
+    dtype = getattr(eqn.outvars[0].aval, "dtype", None)
+    dtypes = [getattr(v.aval, "dtype", None) for v in eqn.invars]
+    if name in _MOVES and isinstance(dtype, np.dtype) and all(d == dtype for d in dtypes):
+        return eqn.params.get("sharding") is None  # see _moved
+    return _integer(dtype) and all(map(_integer, dtypes))
+
+
 def _numpy_op(eqn: Any, ins: list) -> np.ndarray | None:
     """One operation evaluated in numpy (integer arithmetic, or moving elements of any
     dtype), or None if it is not one of those."""

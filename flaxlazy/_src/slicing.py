@@ -105,8 +105,9 @@ class Analysis:
                 _compat.is_literal(v) or v in known for v in eqn.invars
             ):
                 continue
-            if any(not hasattr(v.aval, "shape")
-                   or np.prod(v.aval.shape, dtype=int) > FOLD_ELEMENTS for v in eqn.outvars):
+            if (_compat.needs_mesh_devices(eqn) and not programs.in_numpy(eqn)) or any(
+                    not hasattr(v.aval, "shape")
+                    or np.prod(v.aval.shape, dtype=int) > FOLD_ELEMENTS for v in eqn.outvars):
                 continue
             foldable.append(eqn)
             for v in eqn.outvars:

@@ -237,7 +237,7 @@ def _concrete_counters() -> contextlib.AbstractContextManager:
     def call(original, self):
         if isinstance(self.count.get_value(), jax.core.Tracer):
             return original(self)
-        with jax.ensure_compile_time_eval():
+        with jax.ensure_compile_time_eval(), _compat.eager_outside_abstract_mesh():
             return original(self)
 
     return _compat.thread_patches({"flax.nnx.rnglib.RngStream.__call__": call})
