@@ -241,12 +241,12 @@ def inspect(
     if mesh is not None:
         found: list[tuple[str, str]] = []
         choices = sharding_lib.choose(
-            traced.variables, mesh, partition_rules=partition_rules,
+            traced.variables, mesh, partition_rules=place.partition_rules,
             logical_axis_rules=logical_axis_rules, allow_unused_rules=True,
             require_rules=require_rules, problems=found,
         )
         leaf_problems = [Problem(kind, message) for kind, message in found]
-        rules = rules_lib.normalize(partition_rules, what=sharding_lib.WHAT)
+        rules = place.partition_rules or []
         specs = {path: (c.spec, _MARKS.get(c.kind, "")) for path, c in choices.items()}
     sharding_of = {p: NamedSharding(mesh, specs[p][0] if specs[p][1] != FAIL_MARK
                                     else PartitionSpec()) for p, _ in flat} if mesh else {}
@@ -267,9 +267,7 @@ def inspect(
 
     opt_problems, unused_names = [], [p for p, _ in flat]
     if tx is not None:
-        layout = train_state_lib.Layout(
-            mesh, partition_rules, logical_axis_rules, allow_unused_rules, require_rules,
-        ) if mesh is not None else None
+        layout = train_state_lib.Layout(place) if mesh is not None else None
         opt, params, step = traced.abstract_optimizer(tx, abstract)
         opt_leaves, opt_problems = _optimizer_leaves(opt, params, step, mesh, layout)
         leaves += opt_leaves

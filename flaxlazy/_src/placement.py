@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec
 
 from flaxlazy._src import _compat
 from flaxlazy._src import paths
+from flaxlazy._src import rules as rules_lib
 from flaxlazy._src import sharding as sharding_lib
 
 T = TypeVar("T")
@@ -48,8 +49,10 @@ class Placement(NamedTuple):
       shardings: a ``Sharding`` or a pytree prefix of them, or None.
       mesh: the resolved ``Mesh`` (given or ambient), or None.
       given_mesh: the ``mesh`` argument as given (None inside ``jax.set_mesh`` alone).
-      partition_rules, logical_axis_rules, allow_unused_rules, require_rules: as given;
-        see ``flaxlazy.materialize``.
+      partition_rules: the rules as ``rules.normalize`` gives them (a list of ``Rule``s
+        in priority order, normalized once for every stage), or None when not given.
+      logical_axis_rules, allow_unused_rules, require_rules: as given; see
+        ``flaxlazy.materialize``.
 
     Examples:
       >>> import jax, numpy as np
@@ -105,7 +108,8 @@ class Placement(NamedTuple):
         Raises:
           TypeError: more than one of ``device``, ``shardings`` and ``mesh``; rules
             without a mesh (they would be ignored); a ``device`` that is no
-            ``jax.Device`` or ``Sharding``.
+            ``jax.Device`` or ``Sharding``; ``partition_rules`` in no accepted form.
+          ValueError: a malformed glob in ``partition_rules``.
         """
         prefix = f"{fn}: " if fn else ""
         given = [n for n, v in (("device", device), ("shardings", shardings), ("mesh", mesh))
@@ -131,6 +135,8 @@ class Placement(NamedTuple):
                     f"`device` must be a jax.Device (e.g. jax.devices('cpu')[0]) or a "
                     f"jax.sharding.Sharding, got {device!r}."
                 )
+        if partition_rules is not None:  # normalized once, here, for every stage
+            partition_rules = rules_lib.normalize(partition_rules, what=sharding_lib.WHAT)
         return cls(fn, device, shardings, resolved, mesh, partition_rules,
                    logical_axis_rules, allow_unused_rules, require_rules)
 

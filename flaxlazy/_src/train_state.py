@@ -98,14 +98,13 @@ class Layout:
     """Where the optimizer-state leaves of a train state go, on a given mesh (see the
     module docstring); the variables are placed as ``materialize`` places them."""
 
-    def __init__(self, mesh, partition_rules, logical_axis_rules, allow_unused_rules,
-                 require_rules):
-        self.mesh = mesh
-        self.logical_axis_rules = logical_axis_rules
-        self.allow_unused = allow_unused_rules
-        self.require = sharding_lib.strict(require_rules, partition_rules)
-        self.given = partition_rules is not None
-        self.rules = rules_lib.normalize(partition_rules, what=WHAT)
+    def __init__(self, place: placement_lib.Placement):
+        """The layout of a call's ``Placement`` (its given mesh; rules normalized)."""
+        self.mesh = place.given_mesh
+        self.logical_axis_rules = place.logical_axis_rules
+        self.allow_unused = place.allow_unused_rules
+        self.require = sharding_lib.strict(place.require_rules, place.partition_rules)
+        self.rules = place.partition_rules or []
 
     def check_unused(self, names: list[str]) -> None:
         """Every rule must match a variable or an optimizer-state leaf (unless allowed)."""
@@ -210,8 +209,7 @@ def run(fn: str, module: Any, tx: Any, args: tuple, kwargs: dict, *, abstract: b
     if place.given_mesh is not None:
         sharding_lib.check_mesh(place.given_mesh, concrete=not abstract)
         sharding_lib.check_logical_axis_rules(place.logical_axis_rules)
-        layout = Layout(place.given_mesh, place.partition_rules, place.logical_axis_rules,
-                        place.allow_unused_rules, place.require_rules)
+        layout = Layout(place)
         # Rules the variables leave unused may be the optimizer state's: checked below.
         place = place._replace(allow_unused_rules=True, require_rules=layout.require)
     with entrance.session(abstract):
