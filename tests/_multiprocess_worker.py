@@ -23,13 +23,12 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from plans import plan_of
 
 import flaxlazy
 from flaxlazy._src import engine
-from flaxlazy._src import materialize as materialize_lib
 from flaxlazy._src import paths
 from flaxlazy._src import sharding as sharding_lib
-from flaxlazy._src.linen import call as linen_call
 
 NUM_PROCESSES = 2
 MESH_SHAPE = (2, 4)  # 'data' spans the two processes, 'model' the devices of one
@@ -196,10 +195,7 @@ def main(process_id: int, port: int, out_path: str, weights: str | None = None) 
     requested = requested_shardings(mesh)
 
     key = jax.random.key(SEED)
-    call = linen_call.make_call(Model(), key, (SPEC,), {})
-    plan = materialize_lib.make_plan(
-        call, shardings=lambda path, leaf: requested[path]
-    )
+    plan = plan_of(Model(), key, SPEC, shardings=lambda path, leaf: requested[path])
     variables = engine.execute(plan, key, [SPEC])
 
     report = {"process_index": jax.process_index(), "sources": plan.counts(),

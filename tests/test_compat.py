@@ -7,12 +7,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
+from plans import plan_of
 
 import flaxlazy
 from flaxlazy._src import _compat
-from flaxlazy._src import materialize as materialize_lib
 from flaxlazy._src.compiles import count_compiles
-from flaxlazy._src.linen import call as linen_call
 
 X = flaxlazy.spec("f32[2,5]")
 
@@ -46,10 +45,9 @@ def test_fallback_warns_once_and_gives_jit_init_values(monkeypatch):
     with pytest.warns(RuntimeWarning, match=r"fails flaxlazy's self-check \(check_x"):
         got = flaxlazy.materialize(Net(), key, X)
     chex.assert_trees_all_equal(got, jax.jit(Net().init)(key, jnp.zeros(X.shape)))
-    call = linen_call.make_call(Net(), key, (X,), {})
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per process
-        plan = materialize_lib.make_plan(call)
+        plan = plan_of(Net(), key, X)
         again = flaxlazy.materialize(Net(), key, X, initializers={"**/bias": nn.initializers.zeros})
     assert set(plan.counts()) == {"traced"}  # no replay without a passing self-check
     chex.assert_trees_all_equal(again["params"]["Dense_0"]["bias"], jnp.zeros(7))

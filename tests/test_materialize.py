@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import models
 import numpy as np
 import pytest
+from plans import plan_of
 
 import flaxlazy
 from flaxlazy._src import _compat
-from flaxlazy._src import materialize as materialize_lib
 from flaxlazy._src import plan as plan_lib
 from flaxlazy._src.compiles import count_compiles
 from flaxlazy._src.linen import call as linen_call
@@ -52,8 +52,7 @@ class Scanned(nn.Module):
 
 def _plan(module, *inputs, initializers=None, rngs=None, **kwargs):
     rngs = jax.random.key(0) if rngs is None else rngs
-    call = linen_call.make_call(module, rngs, inputs, kwargs)
-    return materialize_lib.make_plan(call, initializers=initializers)
+    return plan_of(module, rngs, *inputs, initializers=initializers, **kwargs)
 
 
 def test_flax_static_hash_matches_flax():
@@ -377,8 +376,7 @@ def test_override_without_params_key():
 def test_repeated_calls_rebuild_plans_but_reuse_compiled_code():
     # Plans are never cached (they hold arrays, closures and checkpoint entries); the
     # compiled initializers are, keyed by the program they compute.
-    call = linen_call.make_call(Net(), jax.random.key(0), (X,), {})
-    assert materialize_lib.make_plan(call) is not materialize_lib.make_plan(call)
+    assert plan_of(Net(), jax.random.key(0), X) is not plan_of(Net(), jax.random.key(0), X)
     init = {"**/bias": nn.initializers.ones}
     first = flaxlazy.materialize(Net(), jax.random.key(0), X, initializers=init)
     with count_compiles() as c:
@@ -394,8 +392,7 @@ def test_remat_parameters_replay_alone_bit_identical_and_flat_in_depth():
     # outside, so they take the per-parameter fast path, not the traced run.
     key, x = jax.random.key(3), flaxlazy.spec("f32[2,8]")
     for depth in (2, 12):
-        call = linen_call.make_call(models.RematStack(depth), key, (x,), {})
-        assert materialize_lib.make_plan(call).counts() == {"flax": 6 * depth + 2}
+        assert plan_of(models.RematStack(depth), key, x).counts() == {"flax": 6 * depth + 2}
         got = flaxlazy.materialize(models.RematStack(depth), key, x)
         want = jax.jit(models.RematStack(depth).init)(key, jnp.zeros(x.shape))
         chex.assert_trees_all_equal(got, want)
@@ -415,5 +412,5 @@ def test_remat_with_static_args_and_scan_of_remat_stay_exact():
         got = flaxlazy.materialize(case.module, rngs, *case.args, **case.kwargs)
         want = jax.jit(functools.partial(case.module.init, **case.kwargs))(rngs, *case.args)
         chex.assert_trees_all_equal(got, want)
-    call = linen_call.make_call(models.RematMLP(), jax.random.key(0), (X,), {})
-    assert materialize_lib.make_plan(call).counts() == {"flax": 12}  # static_argnums too
+    plan = plan_of(models.RematMLP(), jax.random.key(0), X)
+    assert plan.counts() == {"flax": 12}  # static_argnums too

@@ -10,10 +10,9 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
+from plans import plan_of
 
 import flaxlazy
-from flaxlazy._src import materialize as materialize_lib
-from flaxlazy._src.linen import call as linen_call
 
 X = flaxlazy.spec("f32[4,12]")
 
@@ -57,9 +56,8 @@ def test_partial_restore_keeps_pretrained_and_inits_the_rest(pretrained):
     chex.assert_trees_all_equal(got["params"]["backbone"], saved["params"]["backbone"])
     plain = flaxlazy.materialize(Classifier(10), key, X)
     chex.assert_trees_all_equal(got["params"]["head"], plain["params"]["head"])
-    call = linen_call.make_call(Classifier(10), key, (X,), {})
     with pytest.warns(UserWarning, match="not used"):  # plans are never cached: warned again
-        plan = materialize_lib.make_plan(call, initializers=initializers)
+        plan = plan_of(Classifier(10), key, X, initializers=initializers)
     sources = {leaf.path: leaf.source for leaf in plan.leaves}
     assert sources["params/backbone/Dense_0/kernel"] == "checkpoint"  # nothing drawn for it
     assert sources["params/head/kernel"] == "flax"

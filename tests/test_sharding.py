@@ -18,16 +18,15 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from plans import plan_of
 
 import flaxlazy
 from flaxlazy._src import engine
-from flaxlazy._src import materialize as materialize_lib
 from flaxlazy._src import paths
 from flaxlazy._src import programs
 from flaxlazy._src import sharding as sharding_lib
 from flaxlazy._src import summary as summary_lib
 from flaxlazy._src.compiles import count_compiles
-from flaxlazy._src.linen import call as linen_call
 
 X = flaxlazy.spec("f32[4,16]")
 
@@ -129,10 +128,7 @@ def shapes_of(model, spec=X):
 
 def materialize_sharded(model, key, spec, shardings_by_path):
     """The plan/engine path with one requested sharding per collection-qualified path."""
-    call = linen_call.make_call(model, key, (spec,), {})
-    plan = materialize_lib.make_plan(
-        call, shardings=lambda path, leaf: shardings_by_path[path],
-    )
+    plan = plan_of(model, key, spec, shardings=lambda path, leaf: shardings_by_path[path])
     return plan, engine.execute(plan, key, [spec])
 
 

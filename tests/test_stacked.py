@@ -17,12 +17,11 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
+from plans import plan_of
 
 import flaxlazy
-from flaxlazy._src import materialize as materialize_lib
 from flaxlazy._src.compiles import count_compiles
 from flaxlazy._src.draw import flat
-from flaxlazy._src.linen import call as linen_call
 
 X = jax.ShapeDtypeStruct((2, 48), jnp.float32)
 KEYS = pytest.mark.parametrize("make_key", [jax.random.key, jax.random.PRNGKey],
@@ -97,8 +96,7 @@ class Ensemble(nn.Module):
 
 
 def _plan(module, key, x):
-    call = linen_call.make_call(module, key, (x,), {})
-    return materialize_lib.make_plan(call)
+    return plan_of(module, key, x)
 
 
 def _layers(module, key=None):

@@ -15,14 +15,6 @@ from flaxlazy._src import plan as plan_lib
 from flaxlazy._src.linen import call as linen_call
 
 
-def make_plan(
-    call: linen_call.InitCall, *, initializers: Any = None, shardings: Callable | None = None
-) -> plan_lib.Plan:
-    """Traces ``call`` and builds its plan (never cached: see ``abstract.trace``)."""
-    return plan_lib.build(linen_call.trace(call), initializers=initializers,
-                          shardings=shardings)
-
-
 def materialize(
     module: nn.Module | Callable[..., Any],
     *args: Any,
