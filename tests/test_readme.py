@@ -260,6 +260,7 @@ def test_readme_pipeline_table_names_every_field_of_the_interfaces():
     # removed must show there too.
     from flaxlazy._src import entrances
     from flaxlazy._src import placement
+    from flaxlazy._src import traced_call
     from flaxlazy._src.sources import kinds
     from flaxlazy._src.sources import registry
 
@@ -269,6 +270,7 @@ def test_readme_pipeline_table_names_every_field_of_the_interfaces():
             if line.startswith("| `")}
     expected = {
         "`Entrance` (`entrances.py`)": set(entrances.Entrance._fields) - {"name", "describes"},
+        "`TracedCall` (`traced_call.py`)": set(traced_call.TracedCall._fields),
         "`Placement` (`placement.py`)": {"device", "shardings", "mesh"},
         "`Source` (`sources/kinds.py`)": set(kinds.Source._fields) - {"kind"},
     }
