@@ -31,8 +31,11 @@ def place(value: Any, sharding: Any) -> jax.Array:
 
 
 def execute(plan: Any, indices: list[int], context: kinds.Context) -> dict[int, Any]:
-    del context
-    return {i: place(plan.leaves[i].value, plan.leaves[i].sharding) for i in indices}
+    """Each array where the plan places it; unplaced, where every other leaf goes (the
+    device the keys are committed to: ``Context.home``)."""
+    default = context.home()
+    return {i: place(plan.leaves[i].value, plan.leaves[i].sharding or default)
+            for i in indices}
 
 
 def describe(leaf: Any, found: kinds.Found) -> str:

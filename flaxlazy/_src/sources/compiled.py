@@ -100,19 +100,6 @@ def _cost(consts: Sequence[Any], baked: Sequence[bool]) -> int:
     )
 
 
-def home(context: kinds.Context) -> Any:
-    """Where a leaf with no placement of its own goes, as ``jax.jit(init)`` would put it:
-    on the one device every root key is committed to, else None (the default device,
-    uncommitted)."""
-    roots = list(context.roots.values())
-    if roots and all(isinstance(r, jax.Array) and not isinstance(r, jax.core.Tracer)
-                     and r.committed for r in roots):
-        devices = {d for r in roots for d in r.devices()}
-        if len(devices) == 1:
-            return jax.sharding.SingleDeviceSharding(devices.pop())
-    return None
-
-
 def _filled(leaf: Any, value: Any, default: Any) -> jax.Array:
     """A leaf filled with one scalar, built shard by shard on the host: no compilation
     (``jnp.zeros`` would compile a broadcast per shape) and no full copy on any device."""
@@ -215,7 +202,7 @@ def execute(plan: Any, indices: list[int], context: kinds.Context) -> dict[int, 
         root = context.roots[leaf.stream] if key_hash is not None else None
         return root, key_hash, leaf.program.runtime_consts
 
-    default = home(context)
+    default = context.home()
     roots: dict = {}  # (stream, layers, pre-fold) -> the data each layer's key folds from
     drawn: dict[int, flat.Job] = {}
     for i in indices:

@@ -84,13 +84,15 @@ def describe(leaf: Any, found: kinds.Found) -> str:
 
 
 def execute(plan: Any, indices: list[int], context: kinds.Context) -> dict[int, Any]:
-    """Every checkpoint leaf, one batched read per checkpoint."""
-    del context
+    """Every checkpoint leaf, one batched read per checkpoint; an unplaced leaf is read
+    where every other leaf goes (``Context.home``)."""
+    default = context.home()
     reads: dict[str, dict[str, tuple[int, jax.ShapeDtypeStruct]]] = {}
     for i in indices:
         leaf = plan.leaves[i]
         source, entry = leaf.value
-        target = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+        target = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                      sharding=leaf.sharding or default)
         reads.setdefault(source.path, {})[entry] = (i, target)
     out = {}
     for path, wanted in reads.items():

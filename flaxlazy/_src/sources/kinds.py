@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from typing import Any
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -64,6 +65,18 @@ class Context(NamedTuple):
     rngs: Any
     roots: dict
     inputs: list
+
+    def home(self) -> Any:
+        """Where a leaf with no placement of its own goes, as ``jax.jit(init)`` would put
+        it: on the one device every root key is committed to, else None (the default
+        device, uncommitted). Every source places such leaves there."""
+        roots = list(self.roots.values())
+        if roots and all(isinstance(r, jax.Array) and not isinstance(r, jax.core.Tracer)
+                         and r.committed for r in roots):
+            devices = {d for r in roots for d in r.devices()}
+            if len(devices) == 1:
+                return jax.sharding.SingleDeviceSharding(devices.pop())
+        return None
 
 
 class Query(NamedTuple):

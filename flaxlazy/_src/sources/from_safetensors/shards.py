@@ -19,7 +19,6 @@ import jax
 import numpy as np
 
 from flaxlazy._src.draw import host
-from flaxlazy._src.sources import compiled
 from flaxlazy._src.sources import kinds
 from flaxlazy._src.sources.from_safetensors import files
 from flaxlazy._src.sources.from_safetensors import mapping
@@ -165,7 +164,7 @@ def execute(plan: Any, indices: list[int], context: kinds.Context) -> dict[int, 
     keys are, as ``jax.jit(init)`` would put it, else uncommitted on the caller's default
     device), the largest first, side by side on the host threads (``host.share_out``:
     copies into device buffers release the GIL)."""
-    default = compiled.home(context)
+    default = context.home()
     device = jax.config.jax_default_device  # the caller's: each thread has its own
     opened = files.Opened()
     out: dict[int, Any] = {}
