@@ -89,6 +89,11 @@ def eval_jaxpr(jaxpr: Any, consts: list, *args: Any) -> list:
     return jax.core.eval_jaxpr(jaxpr, consts, *args)
 
 
+def inner_jaxprs(eqn: Any) -> list:
+    """The jaxprs an equation runs (a ``jit``'s, a ``scan``'s body...), not recursively."""
+    return list(jex_core.jaxprs_in_params(eqn.params))
+
+
 def is_jaxpr(x: Any) -> bool:
     return isinstance(x, jex_core.Jaxpr)
 

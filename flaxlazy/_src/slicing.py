@@ -74,6 +74,16 @@ class Slice:
         return ()
 
 
+def _small(eqn: Any) -> bool:
+    """Whether an equation computes small values only: its outputs, and every value inside
+    the jaxprs it runs (a ``jit`` of a large draw summed to a scalar is not small), have at
+    most ``FOLD_ELEMENTS`` elements. Only such work is done at trace time."""
+    if any(not hasattr(v.aval, "shape") or np.prod(v.aval.shape, dtype=int) > FOLD_ELEMENTS
+           for v in eqn.outvars):
+        return False
+    return all(_small(inner) for jaxpr in _compat.inner_jaxprs(eqn) for inner in jaxpr.eqns)
+
+
 class Analysis:
     """The slices of every output of a closed jaxpr with ``n_roots`` root-key inputs first.
 
@@ -105,9 +115,8 @@ class Analysis:
                 _compat.is_literal(v) or v in known for v in eqn.invars
             ):
                 continue
-            if (_compat.needs_mesh_devices(eqn) and not programs.in_numpy(eqn)) or any(
-                    not hasattr(v.aval, "shape")
-                    or np.prod(v.aval.shape, dtype=int) > FOLD_ELEMENTS for v in eqn.outvars):
+            if not _small(eqn) or (_compat.needs_mesh_devices(eqn)
+                                   and not programs.in_numpy(eqn)):
                 continue
             foldable.append(eqn)
             for v in eqn.outvars:
