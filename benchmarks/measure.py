@@ -120,18 +120,22 @@ def _is_nnx(model) -> bool:
 
 
 def _plan(model, key):
-    """The materialization plan of ``model`` (internal API; traces it again, untimed)."""
+    """The materialization plan of ``model`` (internal API; traces it again, untimed),
+    through its entrance as ``materialize`` builds it."""
+    from flaxlazy._src import entrances
+    from flaxlazy._src import placement
+    from flaxlazy._src import plan as plan_lib
+
     if _is_nnx(model):
-        from flaxlazy._src.nnx import api as nnx_api
-
-        args, kwargs = model.call()
-        traced = nnx_api.traced(model.ctor, args, kwargs, fn="materialize")
-        return nnx_api.plan(traced, initializers=None, placement_args={})
-    from flaxlazy._src import materialize as materialize_lib
-    from flaxlazy._src.linen import call as linen_call
-
-    call = linen_call.make_call(model.module, key, model.inputs, model.kwargs)
-    return materialize_lib.make_plan(call)
+        module, (args, kwargs) = model.ctor, model.call()
+    else:
+        module, args, kwargs = model.module, (key, *model.inputs), model.kwargs
+    entrance = entrances.find(module, fn="materialize")
+    with entrance.session(False):
+        traced = entrance.trace(module, args, dict(kwargs), fn="materialize",
+                                placement=placement.Placement.from_args(fn="materialize"),
+                                options={}, abstract=False)
+        return plan_lib.build(traced.records, initializers=None)
 
 
 def _plan_counts(model, key) -> dict | None:

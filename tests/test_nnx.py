@@ -21,12 +21,12 @@ from nnx_models import TwoRngs
 from nnx_models import TwoStacks
 from nnx_models import WithState
 from nnx_models import values
+from plans import plan_of
 
 import flaxlazy
 from flaxlazy._src import summary as summary_lib
 from flaxlazy._src.compiles import count_compiles
 from flaxlazy._src.draw import flat
-from flaxlazy._src.nnx import api as nnx_api
 from flaxlazy._src.sources import initializer
 
 
@@ -41,9 +41,7 @@ def _same_structure(a, b):
 
 
 def _sources(ctor, *args, **kwargs):
-    traced = nnx_api.traced(ctor, args, kwargs, fn="test")
-    plan = nnx_api.plan(traced, initializers=None, placement_args={})
-    return {leaf.path: leaf.source for leaf in plan.leaves}
+    return {leaf.path: leaf.source for leaf in plan_of(ctor, *args, **kwargs).leaves}
 
 
 @pytest.mark.parametrize("layers", [2, pytest.param(24, marks=pytest.mark.slow)])

@@ -10,7 +10,6 @@ import flax.linen as nn
 from flax import nnx
 
 from flaxlazy._src import placement as placement_lib
-from flaxlazy._src import plan as plan_lib
 from flaxlazy._src import traced_call
 from flaxlazy._src.nnx import call as call_lib
 from flaxlazy._src.nnx import optimizer as optimizer_lib
@@ -29,15 +28,6 @@ def traced(ctor: Any, args: tuple, kwargs: dict, *, fn: str, logical_axis_rules:
     call = call_lib.make_call(ctor, args, kwargs, fn=fn)
     return trace_lib.trace(call, logical=_logical(logical_axis_rules), record=record, fn=fn,
                            update=update)
-
-
-def plan(t: trace_lib.Traced, *, initializers: Any, placement_args: dict) -> plan_lib.Plan:
-    """The plan of a traced constructor, placed as ``placement_args`` say."""
-    return plan_lib.build(
-        t, initializers=initializers,
-        shardings=placement_lib.Placement.from_args(fn=None, **placement_args).for_plan(
-            t.variables),
-    )
 
 
 def trace_call(
