@@ -357,20 +357,25 @@ def eager_outside_abstract_mesh() -> Any:
     traces on a mesh it may not have), JAX refuses to compute anything eagerly; inside
     this context the abstract mesh is set aside, and everything else is as it was.
     """
-    mesh = concrete_mesh()
-    if jax.sharding.get_abstract_mesh().empty or (mesh is not None and not mesh.empty):
+    if not devices_lacking():
         return contextlib.nullcontext()
     return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ()))
 
 
-def needs_mesh_devices(eqn: Any) -> bool:
-    """Whether evaluating a jaxpr equation traced under a mesh needs that mesh's devices,
-    which this context lacks (traced under an ``AbstractMesh`` alone): JAX would not run
-    it. Its outputs are laid out on the mesh, or JAX recorded the mesh with it (its
-    ``ctx``, a ``jit``'s ``ctx_mesh``)."""
-    concrete = concrete_mesh()
-    if concrete is not None and not concrete.empty:
+def devices_lacking() -> bool:
+    """Whether this context has a mesh but not its devices (an ``AbstractMesh`` alone,
+    ``jax.sharding.use_abstract_mesh``, as ``inspect`` traces on a mesh it may not have):
+    then an equation traced under that mesh may not be evaluated (``names_a_mesh``)."""
+    if jax.sharding.get_abstract_mesh().empty:
         return False
+    concrete = concrete_mesh()
+    return concrete is None or concrete.empty
+
+
+def names_a_mesh(eqn: Any) -> bool:
+    """Whether evaluating a jaxpr equation needs the mesh it was traced under: its outputs
+    are laid out on the mesh, or JAX recorded the mesh with it (its ``ctx``, a ``jit``'s
+    ``ctx_mesh``)."""
     meshes = [getattr(getattr(v.aval, "sharding", None), "mesh", None) for v in eqn.outvars]
     meshes += [eqn.params.get("ctx_mesh"), getattr(eqn.ctx, "cur_abstract_mesh", None)]
     return any(mesh is not None and not mesh.empty for mesh in meshes)

@@ -22,6 +22,7 @@ known number at every cut.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -78,7 +79,7 @@ def _small(eqn: Any) -> bool:
     """Whether an equation computes small values only: its outputs, and every value inside
     the jaxprs it runs (a ``jit`` of a large draw summed to a scalar is not small), have at
     most ``FOLD_ELEMENTS`` elements. Only such work is done at trace time."""
-    if any(not hasattr(v.aval, "shape") or np.prod(v.aval.shape, dtype=int) > FOLD_ELEMENTS
+    if any(not hasattr(v.aval, "shape") or math.prod(v.aval.shape) > FOLD_ELEMENTS
            for v in eqn.outvars):
         return False
     return all(_small(inner) for jaxpr in _compat.inner_jaxprs(eqn) for inner in jaxpr.eqns)
@@ -110,12 +111,13 @@ class Analysis:
             if not isinstance(c, jax.core.Tracer) and np.size(c) <= FOLD_ELEMENTS
         }
         foldable, outs = [], []
+        lacking = _compat.devices_lacking()  # only what needs no devices is evaluated
         for eqn in jaxpr.eqns:
             if eqn.effects or not all(
                 _compat.is_literal(v) or v in known for v in eqn.invars
             ):
                 continue
-            if not _small(eqn) or (_compat.needs_mesh_devices(eqn)
+            if not _small(eqn) or (lacking and _compat.names_a_mesh(eqn)
                                    and not programs.in_numpy(eqn)):
                 continue
             foldable.append(eqn)
