@@ -61,7 +61,7 @@ def test_spec_string_round_trips_what_flaxlazy_prints():
     from flaxlazy._src import sharding_checks
 
     for dtype in (jnp.float32, jnp.bfloat16, jnp.int32, jnp.uint8, jnp.bool_):
-        text = sharding_checks._fmt((2, 3), dtype)  # how flaxlazy's messages print a leaf
+        text = sharding_checks.shape_dtype((2, 3), dtype)  # how flaxlazy's messages print a leaf
         assert flaxlazy.spec(text) == jax.ShapeDtypeStruct((2, 3), dtype), text
 
 

@@ -68,12 +68,8 @@ def optimizer_for(optimizer: Any) -> tuple[optax.GradientTransformation, str]:
     return optimizer, "optax transformation"
 
 
-def _fmt(shape: tuple[int, ...], dtype: Any) -> str:
-    return sharding_checks._fmt(shape, dtype)
-
-
 def _nbytes(shape: tuple[int, ...], dtype: Any) -> int:
-    return math.prod(shape) * summary_lib._itemsize(jax.ShapeDtypeStruct(shape, dtype))
+    return math.prod(shape) * summary_lib.itemsize(jax.ShapeDtypeStruct(shape, dtype))
 
 
 def _unused_rules(rules: list, names: list[str]) -> list[Problem]:
@@ -281,7 +277,7 @@ def inspect(
         problems = [p for stage in train_state_lib.PROBLEM_ORDER for p in found[stage]]
     return Report(
         model=model_name(module),
-        inputs=tuple(_fmt(tuple(x.shape), x.dtype) for x in inputs),
+        inputs=tuple(sharding_checks.shape_dtype(tuple(x.shape), x.dtype) for x in inputs),
         mesh=tuple((str(k), int(v)) for k, v in mesh.shape.items()) if mesh else None,
         optimizer=tx_name, dtype=None if cast is None else cast.name,
         leaves=tuple(leaves),

@@ -130,7 +130,13 @@ def check_logical_axis_rules(rules: Any) -> tuple[tuple[str, Any], ...] | None:
     return tuple(out)
 
 
-def _fmt(shape: Sequence[int], dtype: Any) -> str:
+def shape_dtype(shape: Sequence[int], dtype: Any) -> str:
+    """A leaf's dtype and shape as flaxlazy's messages write them.
+
+    Examples:
+      >>> shape_dtype((2, 3), "float32")
+      'float32[2,3]'
+    """
     try:
         name = np.dtype(dtype).name
     except TypeError:  # extended dtypes (PRNG keys)
@@ -183,7 +189,7 @@ def check_spec(
 
     def fail(reason: str, fix: str) -> ValueError:
         return ValueError(BAD_SPEC.format(
-            source=source, path=path, shape=_fmt(shape, dtype), spec=spec, reason=reason,
+            source=source, path=path, shape=shape_dtype(shape, dtype), spec=spec, reason=reason,
             sizes=sizes, fix=fix,
         ))
 

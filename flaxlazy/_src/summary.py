@@ -44,7 +44,9 @@ def _size(x: Any) -> int:
     return int(np.prod(np.shape(x), dtype=np.int64))
 
 
-def _itemsize(x: Any) -> int:
+def itemsize(x: Any) -> int:
+    """Bytes per element of an array or ``ShapeDtypeStruct`` (0 for an extended dtype
+    that states none)."""
     dtype = getattr(x, "dtype", None)
     if dtype is None:
         return np.asarray(x).dtype.itemsize
@@ -147,7 +149,7 @@ def nbytes(tree: Any) -> int:
       >>> flaxlazy.nbytes(shapes)
       72
     """
-    return sum(_size(x) * _itemsize(x) for _, x in _arrays(tree, "nbytes"))
+    return sum(_size(x) * itemsize(x) for _, x in _arrays(tree, "nbytes"))
 
 
 def _natural(path: str) -> list:
@@ -359,7 +361,7 @@ def summary(
     grouped = _grouped(tree)
     rows, totals, by_default = [], {}, []
     for (path, leaf, array), sh, default in zip(leaves, shardings, defaulted, strict=True):
-        count, size = _size(array), _size(array) * _itemsize(array)
+        count, size = _size(array), _size(array) * itemsize(array)
         per_device = size
         spec = ""
         if sharded:

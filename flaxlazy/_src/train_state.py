@@ -133,7 +133,7 @@ class Layout:
             leaves = dict(flat)
             listing = ", ".join(
                 f"{OPT_STATE + paths.SEP + p!r} "
-                f"({sharding_checks._fmt(leaves[p].shape, leaves[p].dtype)})"
+                f"({sharding_checks.shape_dtype(leaves[p].shape, leaves[p].dtype)})"
                 for p in missing[:5]
             )
             if len(missing) > 5:
