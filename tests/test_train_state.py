@@ -271,3 +271,19 @@ def test_a_train_state_traces_the_model_once(entrance):
         calls.clear()
         fn(module, optax.adam(1e-3), *args, **kwargs)
         assert len(calls) == 1, fn.__name__
+
+
+@pytest.mark.parametrize("entrance", list(ORDER_CASES))
+def test_materialize_meets_an_unused_rule_before_an_uncovered_variable(entrance, mesh):
+    """materialize's order (sharding.PROBLEM_ORDER), for both entrances, as inspect lists
+    it without an optimizer."""
+    module, args, kwargs = ORDER_CASES[entrance]
+    rules = [("params/**", P()), ("nothere/kernel", P())]  # batch stats uncovered
+    with pytest.raises(ValueError, match=r"nothere/kernel.* matches no"):
+        flaxlazy.materialize(module, *args, mesh=mesh, partition_rules=rules, **kwargs)
+    with pytest.raises(ValueError, match=r"no partition rule matches .batch_stats/"):
+        flaxlazy.materialize(module, *args, mesh=mesh, partition_rules=rules,
+                             allow_unused_rules=True, **kwargs)
+    report = flaxlazy.inspect(module, *args, mesh=mesh.abstract_mesh, partition_rules=rules,
+                              **kwargs)
+    assert [p.kind for p in report.problems][:2] == ["unused_rule", "uncovered"]

@@ -269,12 +269,10 @@ def inspect(
         leaves += opt_leaves
         unused_names += [leaf.path for leaf in opt_leaves if leaf.source == OPTIMIZER]
     unused = [] if allow_unused_rules or mesh is None else _unused_rules(rules, unused_names)
-    # materialize checks unused rules first; init_train_state, in its own order.
-    if tx is None:
-        problems = unused + leaf_problems
-    else:
-        found = {"variables": leaf_problems, "unused": unused, "optimizer": opt_problems}
-        problems = [p for stage in train_state_lib.PROBLEM_ORDER for p in found[stage]]
+    # In the order materialize (or, with an optimizer, init_train_state) meets them.
+    found = {"variables": leaf_problems, "unused": unused, "optimizer": opt_problems}
+    order = sharding_lib.PROBLEM_ORDER if tx is None else train_state_lib.PROBLEM_ORDER
+    problems = [p for stage in order for p in found[stage]]
     return Report(
         model=model_name(module),
         inputs=tuple(sharding_checks.shape_dtype(tuple(x.shape), x.dtype) for x in inputs),

@@ -262,6 +262,11 @@ def _unpartitioned(missing: Sequence[str], annotated: bool) -> str:
     return message
 
 
+# The order in which ``choose`` (so ``materialize``) meets placement problems (``inspect``
+# lists them so): partition rules that match no variable, then each variable's placement.
+PROBLEM_ORDER = ("unused", "variables")
+
+
 def choose(
     abstract_tree: Any,
     mesh: Mesh | AbstractMesh,
