@@ -7,7 +7,7 @@ in a module: a file is imported as ``python FILE.py`` would run it (its folder f
 ``sys.modules`` lasts while the command runs (``loading``) and is taken away after; a
 loaded file is kept, so naming it again gives the same module. ``build_model`` turns the
 object named into a ``Model``: a Linen module and its inputs, or an NNX constructor and
-its arguments. Problems are ``cli_args.UsageError``s in one line.
+its arguments. Problems are ``cli.args.UsageError``s in one line.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from typing import Any
 from typing import NamedTuple
 
-from flaxlazy._src import cli_args
+from flaxlazy._src.cli import args as cli_args
 
 UsageError = cli_args.UsageError
 

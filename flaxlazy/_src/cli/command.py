@@ -1,7 +1,7 @@
 """The ``flaxlazy`` command: ``flaxlazy inspect TARGET [options]`` (also ``python -m flaxlazy``).
 
 Everything the command does is ``flaxlazy.inspect``; this module only turns the command
-line (parsed by ``cli_args``) into its arguments (a factory to call, specs or an NNX
+line (parsed by ``cli.args``) into its arguments (a factory to call, specs or an NNX
 constructor's arguments, a mesh, names of objects to import) and its result into text,
 JSON and an exit status: 0 (the report), 1 (``--strict`` and something ``materialize``
 would stop on, or "does not fit"), 2 (a usage error: a bad TARGET, a factory that raises
@@ -21,9 +21,8 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from flaxlazy._src import cli_args
-from flaxlazy._src import cli_target
-from flaxlazy._src.cli_target import load_module  # noqa: F401 - cli.load_module, as before
+from flaxlazy._src.cli import args as cli_args
+from flaxlazy._src.cli import target as cli_target
 
 PROG = cli_args.PROG
 UsageError = cli_args.UsageError

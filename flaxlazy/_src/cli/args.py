@@ -141,7 +141,7 @@ def parse_argv(argv: Sequence[str]) -> argparse.Namespace:
       >>> parse_argv(["inspect", "m.py:f", "--bogus"])
       Traceback (most recent call last):
       ...
-      flaxlazy._src.cli_args.UsageError: unrecognized arguments: --bogus (see flaxlazy inspect ...)
+      flaxlazy._src.cli.args.UsageError: unrecognized arguments: --bogus (see flaxlazy inspect ...)
     """
     top, commands = _parsers()
     argv = list(argv)
@@ -186,7 +186,7 @@ def parse_mesh(text: str) -> dict[str, int]:
       >>> parse_mesh("data=2,model")
       Traceback (most recent call last):
       ...
-      flaxlazy._src.cli_args.UsageError: --mesh 'data=2,model': 'model' is not NAME=SIZE; ...
+      flaxlazy._src.cli.args.UsageError: --mesh 'data=2,model': 'model' is not NAME=SIZE; ...
     """
     out: dict[str, int] = {}
     for part in text.split(","):
@@ -225,7 +225,7 @@ def parse_size(text: str, flag: str) -> int:
       >>> parse_size("-1GiB", "--device-memory")
       Traceback (most recent call last):
       ...
-      flaxlazy._src.cli_args.UsageError: --device-memory '-1GiB': a negative size; ...
+      flaxlazy._src.cli.args.UsageError: --device-memory '-1GiB': a negative size; ...
     """
     if text.strip().startswith("-"):
         raise UsageError(f"{flag} {text!r}: a negative size; expected one device's memory, "
@@ -276,7 +276,7 @@ def parse_value(text: str, flag: str) -> Any:
       >>> parse_value("f32[2,", "--arg")
       Traceback (most recent call last):
       ...
-      flaxlazy._src.cli_args.UsageError: --arg 'f32[2,': Malformed spec 'f32[2,': ...
+      flaxlazy._src.cli.args.UsageError: --arg 'f32[2,': Malformed spec 'f32[2,': ...
     """
     from flaxlazy._src import specs
 
