@@ -94,11 +94,10 @@ def _opt_shardings(layout, opt, params) -> tuple[list, list[Problem]]:
     out = []
     for inner, leaf in flat:
         try:
-            sh = layout._opt_spec(f"{OPT_STATE}{paths.SEP}{inner}", inner, leaf, by_param)
+            sh = layout.leaf_sharding(inner, leaf, by_param)
         except ValueError:
             sh = None
-        out.append((sh, "") if sh is not None else
-                   (NamedSharding(layout.mesh, PartitionSpec()), FAIL_MARK))
+        out.append((sh, "") if sh is not None else (layout.replicated, FAIL_MARK))
     return out, [problem]
 
 

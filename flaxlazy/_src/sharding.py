@@ -537,10 +537,24 @@ def with_shardings(
         logical_axis_rules=logical_axis_rules, allow_unused_rules=allow_unused_rules,
         require_rules=require_rules,
     )
+    return placed(abstract_tree, {path: NamedSharding(mesh, spec) for path, spec in specs.items()})
+
+
+def placed(abstract_tree: Any, by_path: Mapping[str, Any]) -> Any:
+    """``abstract_tree`` with each leaf a ``ShapeDtypeStruct`` carrying its sharding,
+    ``by_path[path]`` (Flax boxes kept around them).
+
+    Examples:
+      >>> import jax
+      >>> tree = {"params": {"w": jax.numpy.zeros((4, 2))}}
+      >>> one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      >>> placed(tree, {"params/w": one})["params"]["w"].sharding == one
+      True
+    """
     flat, treedef = paths.flatten(abstract_tree)
     out = []
     for path, leaf in flat:
         shape, dtype = _shape_dtype(leaf)
-        sds = jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, specs[path]))
+        sds = jax.ShapeDtypeStruct(shape, dtype, sharding=by_path[path])
         out.append(leaf.replace_boxed(sds) if paths.is_box(leaf) else sds)
     return jax.tree_util.tree_unflatten(treedef, out)

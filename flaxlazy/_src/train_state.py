@@ -32,7 +32,6 @@ from flaxlazy._src import sharding as sharding_lib
 from flaxlazy._src import sharding_checks
 from flaxlazy._src.linen import optimizer as linen_optimizer
 
-PARAMS = paths.PARAMS
 OPT_STATE = "opt_state"
 WHAT = sharding_lib.WHAT
 
@@ -101,7 +100,6 @@ class Layout:
     def __init__(self, place: placement_lib.Placement):
         """The layout of a call's ``Placement`` (its given mesh; rules normalized)."""
         self.mesh = place.given_mesh
-        self.logical_axis_rules = place.logical_axis_rules
         self.allow_unused = place.allow_unused_rules
         self.require = sharding_lib.strict(place.require_rules, place.partition_rules)
         self.rules = place.partition_rules or []
@@ -124,8 +122,7 @@ class Layout:
         params = dict(paths.flatten(abstract_params)[0])
         out, missing = [], []
         for inner, leaf in flat:
-            path = f"{OPT_STATE}{paths.SEP}{inner}"
-            spec = self._opt_spec(path, inner, leaf, params)
+            spec = self.leaf_sharding(inner, leaf, params)
             if spec is None:
                 missing.append(inner)
             out.append(spec)
@@ -145,9 +142,17 @@ class Layout:
             ))
         return jax.tree_util.tree_unflatten(treedef, out)
 
-    def _opt_spec(self, path: str, inner: str, leaf: Any, params: dict) -> Any:
+    def leaf_sharding(self, inner: str, leaf: Any, params: dict) -> NamedSharding | None:
+        """The sharding of the optimizer-state leaf at ``opt_state/<inner>``: replicated
+        for a scalar, its mirror's, or its first matching rule's; None where nothing
+        covers it and rules are required.
+
+        Raises:
+          ValueError: the matching rule's spec does not fit the leaf.
+        """
         if leaf.ndim == 0:
-            return NamedSharding(self.mesh, PartitionSpec())
+            return self.replicated
+        path = f"{OPT_STATE}{paths.SEP}{inner}"
         mirror = _mirror(inner, leaf.shape, params)
         if mirror is not None:
             return params[mirror].sharding
@@ -163,7 +168,7 @@ class Layout:
                 return NamedSharding(self.mesh, rule.value)
         if self.require:
             return None
-        return NamedSharding(self.mesh, PartitionSpec())
+        return self.replicated
 
 
 # The order in which a train state meets placement problems (``inspect`` lists them so):
@@ -174,18 +179,6 @@ PROBLEM_ORDER = ("variables", "unused", "optimizer")
 
 def _with_sharding(leaf: jax.ShapeDtypeStruct, sharding: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
-
-
-def _placed(variables: Any, by_path: dict[str, Any] | None) -> Any:
-    """The abstract ``variables`` with each leaf carrying its sharding (boxes kept)."""
-    if by_path is None:
-        return variables
-    flat, treedef = paths.flatten(variables)
-    out = []
-    for path, leaf in flat:
-        sds = _with_sharding(paths.unbox(leaf), by_path[path])
-        out.append(leaf.replace_boxed(sds) if paths.is_box(leaf) else sds)
-    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def run(fn: str, module: Any, tx: Any, args: tuple, kwargs: dict, *, abstract: bool,
@@ -229,7 +222,8 @@ def run(fn: str, module: Any, tx: Any, args: tuple, kwargs: dict, *, abstract: b
                                      layout.opt_state(opt_state, params))
             step = _with_sharding(step, layout.replicated)
         if abstract:
-            variables = _placed(traced.variables, by_path)
+            variables = (traced.variables if by_path is None
+                         else sharding_lib.placed(traced.variables, by_path))
         else:
             plan = plan_lib.build(traced.records, initializers=initializers,
                                   shardings=None if by_path is None else sharding_of)
