@@ -11,7 +11,6 @@ stay around the arrays; a second key, or a changed module, is never served stale
 and data-dependent leaves need concrete inputs, not specs.
 """
 
-import contextlib
 import functools
 
 import chex
@@ -24,10 +23,10 @@ from flax import nnx
 from flax import traverse_util
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from plans import traced_call
 
 import flaxlazy
 from flaxlazy._src import engine
-from flaxlazy._src import entrances
 from flaxlazy._src import placement as placement_lib
 from flaxlazy._src import plan as plan_lib
 from flaxlazy._src.sources import initializer
@@ -121,17 +120,6 @@ def expected(framework, seed=0):
     want["params/down/kernel"] = overridden("params/down/kernel", seed, (64, 8))
     want["params/down/bias"] = BIAS
     return want
-
-
-@contextlib.contextmanager
-def traced_call(target, args, kwargs, placement=None):
-    """The call traced by its entrance, inside the entrance's session (NNX's update
-    context), where ``materialize`` runs trace, execute and build."""
-    entrance = entrances.find(target, fn="materialize")
-    place = placement or placement_lib.Placement.from_args(fn="materialize")
-    with entrance.session(False):
-        yield entrance.trace(target, args, dict(kwargs), fn="materialize", placement=place,
-                             options={}, abstract=False)
 
 
 @pytest.fixture(params=["linen", "nnx"])

@@ -6,13 +6,13 @@ The same two-layer model is written once in Linen and once in NNX; every test ru
 both through the entrances' table, as the public functions do.
 """
 
-import contextlib
 
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import plans
 import pytest
 from flax import nnx
 from jax.sharding import Mesh
@@ -61,17 +61,11 @@ def reference(framework):
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-@contextlib.contextmanager
 def traced_call(framework, placement=None):
-    """The model's call traced by its entrance, inside the entrance's session (NNX's
-    update context), as ``materialize`` runs the stages."""
+    """The model's call traced by its entrance, as ``materialize`` runs the stages."""
     module, args, kwargs = CALLS[framework]
-    entrance = entrances.find(module, fn="materialize")
-    assert entrance.name == framework
-    place = placement or placement_lib.Placement.from_args(fn="materialize")
-    with entrance.session(False):
-        yield entrance.trace(module, args, dict(kwargs), fn="materialize", placement=place,
-                             options={}, abstract=False)
+    assert entrances.find(module, fn="materialize").name == framework
+    return plans.traced_call(module, args, kwargs, placement=placement)
 
 
 def by_path(plan):
