@@ -298,3 +298,22 @@ def test_inspect_traces_a_model_naming_mesh_axes_under_its_mesh(entrance):
         assert NamedSharding(mesh, leaf.spec).is_equivalent_to(placed[leaf.path], 2), leaf.path
         assert leaf.source == "flax", leaf.path
     assert reports[1].problems == ()
+
+
+@pytest.mark.parametrize("entrance", ["linen", "nnx"])
+def test_inspect_names_a_mesh_axis_the_mesh_lacks_as_materialize_does(entrance):
+    """A model naming an axis (``out_sharding=P(None, "model")``) on a mesh without it:
+    inspect, on the mesh or its AbstractMesh, raises the ValueError materialize raises."""
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices")
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+    if entrance == "nnx":
+        module, args, kwargs = _OutSharded, (), {"rngs": nnx.Rngs(0)}
+    else:
+        module, kwargs = _LinenOutSharded(), {}
+        args = (jax.random.key(0), flaxlazy.spec("f32[2,16]"))
+    with pytest.raises(ValueError, match=r"model of P\(None, 'model'\) is not found in mesh"):
+        flaxlazy.materialize(module, *args, mesh=mesh, **kwargs)
+    for m in (mesh, mesh.abstract_mesh):
+        with pytest.raises(ValueError, match=r"model of P\(None, 'model'\) is not found"):
+            flaxlazy.inspect(module, *args, mesh=m, **kwargs)

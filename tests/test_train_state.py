@@ -287,3 +287,27 @@ def test_materialize_meets_an_unused_rule_before_an_uncovered_variable(entrance,
     report = flaxlazy.inspect(module, *args, mesh=mesh.abstract_mesh, partition_rules=rules,
                               **kwargs)
     assert [p.kind for p in report.problems][:2] == ["unused_rule", "uncovered"]
+
+
+@pytest.mark.parametrize("entrance", list(ORDER_CASES))
+@pytest.mark.parametrize("fn", [flaxlazy.init_train_state, flaxlazy.abstract_train_state])
+def test_malformed_rules_fail_before_the_model_is_traced(entrance, fn, mesh):
+    """Rules are normalized once, with the placement arguments: a form no rule takes is
+    a TypeError naming `partition_rules`, and the model is never traced."""
+    module, args, kwargs = ORDER_CASES[entrance]
+    traced = []
+    if entrance == "nnx":
+        def module(*, rngs):  # noqa: F811 - the NNX constructor, counted
+            traced.append(1)
+            return NNXNet(rngs=rngs)
+    else:
+        class Counted(nn.Module):
+            @nn.compact
+            def __call__(self, x):
+                traced.append(1)
+                return Net()(x)
+        module = Counted()
+    with pytest.raises(TypeError, match=r"^`partition_rules` must be a mapping or list .*"
+                                        r"got str; for one rule write \[\('\*\*', value\)\]"):
+        fn(module, optax.adam(1e-3), *args, mesh=mesh, partition_rules="**", **kwargs)
+    assert traced == []
